@@ -1,0 +1,1 @@
+"""Experiment configs: one ``get_config(arg)`` per file (ml_collections), shared builders in ``common``."""

@@ -1,0 +1,341 @@
+"""What the Query-Kontext stage configs share, at three scales.
+
+A stage file (``stage1.py`` ... ``stage3b.py``) calls ``base(variant)`` and sets only what its row of paper
+table 3 changes. The variant is the first word of the config argument (``--config configs/stage3.py:shapes``):
+
+- ``paper`` (the default): the paper's sizes and recipe (section 3.3, tables 3 and 11, appendix D).
+- ``shapes``: ShapesWorld on 2 CPU cores: 64x64 images, a model of a few million parameters.
+- ``tiny``: the tests: the smallest dims that still exercise every code path.
+
+ShapesWorld's model, counted with transformers/diffusers: VLM 1.23M, MMDiT 2.52M (stage 1's light head 0.36M),
+VAE 0.98M, connector 33K: about 5M parameters in all.
+
+Names that the rest of qk_jax relies on:
+
+- The params pytree has four top-level entries: ``vlm`` (Qwen2.5-VL; the kontext queries are its leaf
+  ``.../kontext_queries``), ``connector``, ``mmdit`` (stage 1: the light head; from stage 2 on the large MMDiT
+  under the same name) and ``vae`` (always frozen). A leaf is named by its '/'-joined path
+  (``mmdit/transformer_blocks_3/attn/to_q/kernel``); LoRA leaves ``lora_a``/``lora_b`` sit beside ``kernel``.
+- ``config.trainable`` (set by each stage) and LoRA ``targets`` are regexes, ``re.search``-ed over those paths
+  (LoRA: over module paths, without the leaf name).
+- ``config.vlm.vision``/``config.vlm.text`` use transformers' ``Qwen2_5_VLConfig`` field names, ``config.mmdit``
+  diffusers' ``FluxTransformer2DModel`` ones and ``config.vae`` diffusers' ``AutoencoderKL`` ones, so the reference
+  models are built from them directly. Keys of ours beside them: ``VLM_TEXT_EXTRA_KEYS``, ``MMDIT_EXTRA_KEYS``.
+- Sequences are tuples, not lists: ml_collections can override a tuple from the command line
+  (``--config.trainable='("^connector/",)'``) but not a list.
+"""
+
+import ml_collections
+
+VARIANTS = ("paper", "shapes", "tiny")
+
+# The sweepable arguments of every stage file (``stage3.py:shapes,batch=8``); 0 keeps the variant's value.
+STAGE_ARGS = dict(res=0, batch=0, steps=0)
+
+# Transformers derives the LLM's head dim (hidden / heads) and, since v5, nests the rope settings in
+# ``rope_parameters``; the released config.json has them flat, as here.
+VLM_TEXT_EXTRA_KEYS = ("head_dim", "rope_theta", "mrope_section")
+# diffusers hard-codes RoPE theta 1e4 and the FFN ratio 4 in FLUX; LoRA is ours.
+MMDIT_EXTRA_KEYS = ("lora", "mlp_ratio", "rope_theta")
+
+# LoRA on the LLM's attention and MLP projections (transformers names). ``layers_N`` are the LLM's decoder
+# layers; the ViT's ``blocks_N`` also have an ``mlp/gate_proj`` and must not match.
+VLM_LORA_TARGETS = (
+    r"layers_\d+/self_attn/(q_proj|k_proj|v_proj|o_proj)$",
+    r"layers_\d+/mlp/(gate_proj|up_proj|down_proj)$",
+)
+# LoRA on the MMDiT's attention and FFN projections (diffusers FLUX names), both streams. Single-stream
+# blocks (none at paper scale) get it on their attention only.
+MMDIT_LORA_TARGETS = (
+    r"attn/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",
+    r"ff/net_0/proj$",
+    r"ff/net_2$",
+    r"ff_context/net_0/proj$",
+    r"ff_context/net_2$",
+)
+
+# Appendix D's aspect-ratio buckets as (w, h): 1:1, 1:2, 2:3, 3:4, 3:5, 4:5, 9:16 and their transposes.
+# 1:1 is its own transpose, so there are 13 buckets.
+ASPECT_RATIOS = ((1, 1), (1, 2), (2, 1), (2, 3), (3, 2), (3, 4), (4, 3), (3, 5), (5, 3), (4, 5), (5, 4),
+                 (9, 16), (16, 9))
+
+# Logical axis names of the parameters (``nn.with_logical_partitioning``) and of the activations.
+PARAM_AXES = ("embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "lora_rank", "norm", "conv_in", "conv_out",
+              "layers")
+# Appendix D: tensor parallelism on the VLM: attention heads, MLP hidden units and the vocabulary are split
+# Megatron-style over 'tensor'; everything else is replicated.
+VLM_TENSOR_AXES = ("heads", "kv_heads", "mlp", "vocab")
+
+
+def parse_arg(arg, *, variants=VARIANTS, **defaults):
+    """Parses a big_vision-style config argument: ``'shapes,batch=8'`` -> ``{variant: 'shapes', batch: 8, ...}``.
+
+    The one bare word is the variant (absent: ``variants[0]``); ``key=value`` pairs set the keys of ``defaults``,
+    typed by their default's type. An unknown variant or key raises ValueError naming it and the valid ones.
+    """
+    parsed = ml_collections.ConfigDict(dict(variant=variants[0], **defaults))
+    variant_given = False
+    for word in (w.strip() for w in (arg or "").split(",")):
+        if not word:
+            continue
+        key, has_value, value = word.partition("=")
+        key = key.strip()
+        if not has_value:
+            if word not in variants:
+                raise ValueError(f"unknown variant {word!r} in config argument {arg!r}; valid: {', '.join(variants)}")
+            if variant_given:
+                raise ValueError(f"config argument {arg!r} names two variants; give one of {', '.join(variants)}")
+            parsed.variant, variant_given = word, True
+        elif key not in defaults:
+            valid = ", ".join(sorted(defaults)) or "none"
+            raise ValueError(f"unknown key {key!r} in config argument {arg!r}; valid keys: {valid}")
+        else:
+            parsed[key] = _typed(key, value.strip(), defaults[key])
+    return parsed
+
+
+def _typed(key, value, default):
+    """``value`` (a string) as the type of ``default``."""
+    kind = type(default)
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"config argument {key}={value!r}: expected true or false")
+        return value.lower() in ("true", "1")
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"config argument {key}={value!r}: expected {kind.__name__}") from None
+
+
+def pick(variant, **values):
+    """The value for ``variant``: ``pick(v, paper=512, shapes=16, tiny=2)``."""
+    if variant not in values:
+        raise ValueError(f"no value for variant {variant!r}; this setting has {', '.join(values)}")
+    return values[variant]
+
+
+def override(config, arg):
+    """Applies the ``STAGE_ARGS`` given in ``arg`` (non-zero) to a stage config; returns it."""
+    if arg.res:
+        config.resolution = arg.res  # a reference: data.resolution (and ShapesWorld's canvas) follow
+    if arg.batch:
+        config.batch_size = arg.batch
+    if arg.steps:
+        config.total_steps = arg.steps
+    return config
+
+
+def base(variant):
+    """Everything a stage config has before the stage sets its own rows of table 3.
+
+    The defaults here are stage 2's model (the large MMDiT, no LoRA anywhere, no in-context images), with
+    ``stage``, ``trainable``, ``tasks``, ``batch_size``, ``total_steps`` and ``optim`` left to the stage file.
+    """
+    config = ml_collections.ConfigDict()
+    # One value, several readers: the trainer, the bucketer (data.resolution) and ShapesWorld's canvas.
+    config.resolution = ml_collections.FieldReference(pick(variant, paper=512, shapes=64, tiny=32))
+    # Section 3.3: N = 2 reference images at most (the reference bucketer and sRoPE's n = 1..N).
+    config.max_references = ml_collections.FieldReference(2)
+    config.init_from = ml_collections.config_dict.placeholder(str)  # a previous stage's workdir
+    config.in_context = False  # VAE latents of source/reference images in the MMDiT's image stream (stage 3)
+
+    config.vlm = vlm(variant)
+    config.connector = connector(variant)
+    config.vae = vae(variant)
+    config.mmdit = mmdit(variant)
+
+    config.data = ml_collections.ConfigDict()
+    config.data.resolution = config.get_ref("resolution")  # the bucket area is resolution**2
+    config.data.aspect_ratios = ASPECT_RATIOS
+    # Bucket sides are multiples of the VAE's downsampling times the 2x2 latent packing (paper: 8 * 2 = 16).
+    config.data.side_multiple = 2 * 2 ** (len(config.vae.block_out_channels) - 1)
+    config.data.max_references = config.get_ref("max_references")
+    if variant != "paper":
+        config.data.world = shapes_world()
+
+    # Appendix D: bf16 mixed precision (float32 params, bf16 compute). The CPU scales stay in float32.
+    config.compute_dtype = pick(variant, paper="bfloat16", shapes="float32", tiny="float32")
+    config.ema_decay = ml_collections.config_dict.placeholder(float)  # the paper mentions no EMA
+    # Classifier-free guidance needs the model to see missing conditions. The paper gives no rates: 10% each,
+    # drawn independently, so 1% of samples lose both (the unconditional branch).
+    config.cfg_dropout = ml_collections.ConfigDict(dict(text=0.1, image=0.1))
+    # FLUX's flow matching (DESIGN.md): logit-normal t, shifted by mu linear in the number of image tokens
+    # (256 tokens -> 0.5, 4096 -> 1.15; a 512x512 image has 1024 tokens).
+    config.flow = ml_collections.ConfigDict(dict(
+        t_sampling="logit_normal", mean=0.0, std=1.0,
+        base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15))
+    # Euler sampling with three-branch guidance; FLUX-dev-like step count, guidance scales our choice.
+    config.sample = ml_collections.ConfigDict(dict(steps=28, cfg_text=4.0, cfg_image=1.5, negative_prompt=""))
+
+    config.mesh = mesh(variant)
+    config.sharding = sharding()
+    return config
+
+
+def vlm(variant):
+    """Qwen2.5-VL-7B (paper table 11; the released config.json) plus the kontext queries. LoRA off."""
+    vision = dict(in_channels=3, hidden_act="silu", temporal_patch_size=2, spatial_merge_size=2,
+                  tokens_per_second=2)
+    vision.update(pick(
+        variant,
+        # Table 11 says MLP 3456; the released weights have 3420. window_size is in pixels (4x4 merged tokens).
+        paper=dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, patch_size=14,
+                   window_size=112, fullatt_block_indexes=(7, 15, 23, 31), out_hidden_size=3584),
+        # 64 px / patch 8 = 8x8 patches -> 4x4 merged tokens per image; 32 px windows hold 2x2 of them.
+        shapes=dict(depth=4, hidden_size=64, num_heads=4, intermediate_size=160, patch_size=8,
+                    window_size=32, fullatt_block_indexes=(1, 3), out_hidden_size=128),
+        # 32 px / 8 = 4x4 patches -> 2x2 merged tokens; 16 px windows hold one: layer 0 windowed, layer 1 full.
+        tiny=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=8,
+                  window_size=16, fullatt_block_indexes=(1,), out_hidden_size=32),
+    ))
+    text = dict(hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=128000,
+                tie_word_embeddings=False)
+    text.update(pick(
+        variant,
+        # 28 query / 4 KV heads x 128 (GQA); M-RoPE splits the 64 rotary frequencies (t, h, w) = (16, 24, 24).
+        paper=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                   head_dim=128, intermediate_size=18944, vocab_size=152064, mrope_section=(16, 24, 24)),
+        # ShapesWorld's word-level tokenizer: ~60 words plus Qwen's special tokens, in a 512-row table.
+        shapes=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=32, intermediate_size=384, vocab_size=512, mrope_section=(4, 6, 6)),
+        tiny=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                  head_dim=16, intermediate_size=64, vocab_size=128, mrope_section=(2, 3, 3)),
+    ))
+    # Qwen's special tokens keep their offsets from the first one (151643 in the released vocabulary); the
+    # small vocabularies put them at the end of the table.
+    first_special = pick(variant, paper=151643, shapes=480, tiny=96)
+    text.update(bos_token_id=first_special, eos_token_id=first_special + 2)
+    config = ml_collections.ConfigDict(dict(
+        vision=vision, text=text,
+        vision_start_token_id=first_special + 9, vision_end_token_id=first_special + 10,
+        image_token_id=first_special + 12, video_token_id=first_special + 13))
+    config.num_queries = pick(variant, paper=128, shapes=32, tiny=4)  # K, section 3.3
+    # The LLM is causal; queries appended after the prompt keep that mask ('bidirectional' among the queries
+    # is the alternative). The paper does not say.
+    config.query_attention = "causal"
+    # Table 9: "Text (512) & query (128)". ShapesWorld prompts are <= 40 words plus 18 tokens per image
+    # (16 merged patches and the vision start/end tokens), 3 images at most.
+    config.max_text_tokens = pick(variant, paper=512, shapes=128, tiny=32)
+    config.frozen_dtype = pick(variant, paper="bfloat16", shapes="float32", tiny="float32")
+    config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0, targets=VLM_LORA_TARGETS))
+    return config
+
+
+def connector(variant):
+    """Two-layer MLP from the VLM's hidden states to the MMDiT's text stream (appendix D).
+
+    Paper: 3584 -> 960 -> 2560 with biases = 3,441,600 + 2,460,160 = 5,901,760 parameters, table 11's 5.9M.
+    The output width is the MMDiT's context width (``joint_attention_dim``) for both the light and the large
+    head, so the connector carries over from stage 1 to stage 2.
+    """
+    dims = pick(variant, paper=(3584, 960, 2560), shapes=(128, 128, 128), tiny=(32, 16, 32))
+    return ml_collections.ConfigDict(dict(
+        in_features=dims[0], hidden_features=dims[1], out_features=dims[2], act="gelu"))
+
+
+def mmdit(variant, *, light=False):
+    """A FLUX-layout MMDiT (diffusers field names): the large model, or stage 1's light head of the same family.
+
+    Counted with diffusers on the meta device (tests/test_configs.py):
+    - paper, large: 42 double-stream layers, 40 heads x 64 = 2560 wide: 9,952,604,736 parameters (~10B).
+    - paper, light: 10 layers, 24 heads x 64 = 1536 wide: 867,713,600 (section 3.3: ~870M).
+    """
+    config = ml_collections.ConfigDict(dict(
+        # The VAE latents are packed 2x2 into tokens, FLUX's "patch 2" (table 11): the transformer's own patch is 1.
+        patch_size=1, in_channels=4 * vae(variant).latent_channels, out_channels=None,
+        guidance_embeds=False,  # no distilled guidance: the model is trained with real CFG dropout
+        rope_theta=10000, mlp_ratio=4.0))
+    layers, single_layers, heads, head_dim = pick(
+        variant,
+        paper=(10, 0, 24, 64) if light else (42, 0, 40, 64),
+        shapes=(2, 0, 2, 32) if light else (4, 0, 4, 32),
+        # The tiny large model has one single-stream block, a path of the code the paper's config leaves unused.
+        tiny=(1, 0, 2, 16) if light else (2, 1, 2, 16),
+    )
+    config.update(num_layers=layers, num_single_layers=single_layers, num_attention_heads=heads,
+                  attention_head_dim=head_dim)
+    # sRoPE's (axis0, row, col) rotary axes sum to the head dim, row and col with equal shares.
+    config.axes_dims_rope = pick(variant, paper=(16, 24, 24), shapes=(8, 12, 12), tiny=(4, 6, 6))
+    # The connector's output is the text stream (context) and, mean-pooled over the queries, the pooled vector.
+    context = connector(variant).out_features
+    config.update(joint_attention_dim=context, pooled_projection_dim=context)
+    config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0, targets=MMDIT_LORA_TARGETS))
+    return config
+
+
+def vae(variant):
+    """The FLUX.1 autoencoder (diffusers AutoencoderKL names), frozen in every stage.
+
+    Paper (table 11): 16 latent channels, 8x down; encoder 34,274,208 and decoder 49,545,475 parameters. The
+    small variants keep its layout with fewer blocks: diffusers downsamples len(block_out_channels) - 1 times.
+    No pretrained autoencoder exists at their sizes: one must be trained on ShapesWorld before stage 1.
+    """
+    config = ml_collections.ConfigDict(dict(
+        in_channels=3, out_channels=3, act_fn="silu", use_quant_conv=False, use_post_quant_conv=False,
+        mid_block_add_attention=True))
+    blocks, layers, latent, groups = pick(
+        variant,
+        paper=((128, 256, 512, 512), 2, 16, 32),
+        # 4x down: a 64 px image is a 16x16 latent, 8x8 tokens after packing; 8x would leave 4x4 tokens for a
+        # 3x3 grid of objects.
+        shapes=((32, 64, 64), 1, 16, 16),
+        tiny=((8, 16), 1, 4, 4),
+    )
+    config.update(block_out_channels=blocks, layers_per_block=layers, latent_channels=latent,
+                  norm_num_groups=groups, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                  up_block_types=("UpDecoderBlock2D",) * len(blocks))
+    # FLUX.1's latent normalisation: z = (latent - shift) * scale. A ShapesWorld VAE measures its own.
+    config.update(scaling_factor=0.3611, shift_factor=0.1159)
+    return config
+
+
+def shapes_world():
+    """ShapesWorld (DESIGN.md): 1-3 flat shapes on a white canvas of ``config.data.resolution`` pixels.
+
+    Colors are far apart in RGB so that the evaluator can segment them; sizes are the object's side as a
+    fraction of a grid cell (a third of the canvas).
+    """
+    return ml_collections.ConfigDict(dict(
+        background=(255, 255, 255),
+        min_objects=1, max_objects=3,
+        shapes=("circle", "square", "triangle"),
+        colors=dict(red=(220, 30, 30), green=(30, 160, 50), blue=(30, 70, 220), yellow=(240, 210, 20),
+                    purple=(140, 50, 170), orange=(245, 130, 20)),
+        sizes=dict(small=0.5, large=0.9),
+        grid=3,  # 3x3 positions, "top left" ... "bottom right"
+        textures=("stripes", "checker"),  # the two-color "subjects" of the custom/multi/subject_edit tasks
+    ))
+
+
+def mesh(variant):
+    """The device mesh as big_vision ``(axis, size)`` pairs; -1 takes the remaining devices.
+
+    Appendix D gives no tensor-parallel degree; 4 is the largest that divides the LLM's 4 KV heads (and its
+    28 query heads, the ViT's 16 heads, both MLP widths and the vocabulary).
+    """
+    return (("data", -1), ("fsdp", 1), ("tensor", pick(variant, paper=4, shapes=1, tiny=1)))
+
+
+def sharding():
+    """Logical-axis rules per component (logical name -> mesh axis or None), the same at every scale.
+
+    VLM: tensor parallelism. MMDiT: ZeRO-2 (appendix D): parameters replicated, gradients and optimizer state
+    sharded over the data axes. The connector and the VAE are small and follow the MMDiT's rules.
+    """
+    return ml_collections.ConfigDict(dict(
+        vlm_rules=tuple((name, "tensor" if name in VLM_TENSOR_AXES else None) for name in PARAM_AXES),
+        mmdit_rules=tuple((name, None) for name in PARAM_AXES),
+        activation_rules=(("batch", ("data", "fsdp")), ("length", None), ("act_embed", None)),
+        mmdit_zero_stage=2,
+        opt_state_axes=("data", "fsdp"),
+    ))
+
+
+def optim(lr, warmup_steps):
+    """AdamW with a linear warmup to a constant ``lr``.
+
+    The paper gives only the learning rate (table 3); the rest are the usual diffusion-transformer settings.
+    """
+    return ml_collections.ConfigDict(dict(
+        name="adamw", lr=lr, schedule="constant", warmup_steps=warmup_steps,
+        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0))

@@ -1,0 +1,127 @@
+"""Reading and writing Hugging Face checkpoint folders: safetensors only, one tensor at a time.
+
+Shared by every converter (``hf_qwen_vl``, ``diffusers_mmdit``, ``diffusers_vae``); the name tables live in
+those modules, the file handling here. Untrusted files stay data: a folder with only pickle-based weights
+(``.bin``, ``.pt``, ``.pth``, ``.ckpt``) is refused with the command that converts it, because unpickling can
+run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be converted; the message names the file or tensor and the fix."""
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """``config.json`` of a transformers/diffusers folder."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json; expected a save_pretrained() folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+class SafetensorsReader:
+    """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint in ``folder``.
+
+    ``weights_name`` is the file stem: ``"model"`` (transformers) or ``"diffusion_pytorch_model"`` (diffusers).
+    Tensors are read one at a time as NumPy arrays (bf16 via ml_dtypes), never a whole shard at once.
+    """
+
+    def __init__(self, folder: str | os.PathLike, weights_name: str):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{folder}: not a directory")
+        single = self.folder / f"{weights_name}.safetensors"
+        index = self.folder / f"{weights_name}.safetensors.index.json"
+        if index.is_file():
+            with open(index) as f:
+                self._file_of = {k: self.folder / v for k, v in json.load(f)["weight_map"].items()}
+        elif single.is_file():
+            with safe_open(single, "np") as f:
+                self._file_of = {k: single for k in f.keys()}
+        else:
+            pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise CheckpointError(
+                    f"{folder}: found only pickle-based weights ({', '.join(pickles)}); qk_jax reads safetensors only"
+                    " because unpickling can run code. Convert it once where you trust the file: "
+                    "`Model.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`."
+                )
+            raise CheckpointError(f"{folder}: no {single.name} or {index.name}")
+        self._handles: dict[Path, object] = {}
+
+    def keys(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def _handle(self, name: str):
+        if name not in self._file_of:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing")
+        path = self._file_of[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, "np")
+        return self._handles[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Tensor ``name``; with ``expected_shape``, a mismatch raises naming the tensor and both shapes."""
+        if expected_shape is not None and self.shape(name) != tuple(expected_shape):
+            raise CheckpointError(
+                f"{self.folder}: tensor {name!r} has shape {self.shape(name)} but the model expects"
+                f" {tuple(expected_shape)}; is the config.json the one these weights were saved with?"
+            )
+        return self._handle(name).get_tensor(name)
+
+
+def write_safetensors(
+    tensors: Mapping[str, np.ndarray] | Iterator[tuple[str, np.ndarray]],
+    folder: str | os.PathLike,
+    weights_name: str,
+    max_shard_bytes: int = 5 * 2**30,
+) -> list[Path]:
+    """Write tensors (a mapping or a stream of ``(name, array)``) as ``weights_name.safetensors``, sharded with
+    an ``.index.json`` once they pass ``max_shard_bytes``, the layout ``from_pretrained`` reads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in items:
+        array = np.ascontiguousarray(array)
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    if len(shards) == 1:
+        path = folder / f"{weights_name}.safetensors"
+        save_file(shards[0], path, metadata={"format": "pt"})
+        return [path]
+    paths, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards, 1):
+        path = folder / f"{weights_name}-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path, metadata={"format": "pt"})
+        paths.append(path)
+        for name, array in shard.items():
+            weight_map[name] = path.name
+            total += array.nbytes
+    with open(folder / f"{weights_name}.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return paths

@@ -1,0 +1,1 @@
+"""Stateless, jittable kernels: ``rope`` (N-axis RoPE and sRoPE ids), ``flow`` (flow matching), ``attention``."""

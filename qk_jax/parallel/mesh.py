@@ -1,0 +1,64 @@
+"""The device mesh and logical-axis shardings: the one place that turns config rules into ``NamedSharding``s.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``: 'embed', 'heads', 'mlp', ...).
+A config holds the mesh as big_vision-style ``(axis, size)`` pairs over ('data', 'fsdp', 'tensor') and, per
+model component, a list of ``(logical name, mesh axis or None)`` rules. Changing the parallelism is a config
+change: the VLM's rules map heads/MLP to 'tensor' (tensor parallelism), the MMDiT's rules keep parameters
+replicated (ZeRO-2 shards its gradients and optimizer state instead).
+
+Flow for a model that is too big for one host: ``jax.eval_shape(model.init, ...)`` -> ``logical_shardings``
+-> ``jax.jit(model.init, out_shardings=...)``; no host ever holds the full model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+
+def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Resolve big_vision-style ``[(name, size), ...]`` with at most one ``-1`` against ``num_devices``."""
+    names = tuple(name for name, _ in axes)
+    sizes = [int(size) for _, size in axes]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {list(axes)}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh {list(axes)}: {num_devices} devices are not divisible by the fixed axes ({known})")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh {list(axes)} needs {math.prod(sizes)} devices but {num_devices} are available")
+    return names, tuple(sizes)
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``Mesh`` from ``config.mesh``, e.g. ``[('data', -1), ('fsdp', 1), ('tensor', 4)]``."""
+    devices = list(jax.devices() if devices is None else devices)
+    names, sizes = mesh_shape(axes, len(devices))
+    if devices == list(jax.devices()):
+        return jax.make_mesh(sizes, names, devices=devices)
+    return Mesh(np.asarray(devices).reshape(sizes), names)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """``NamedSharding`` for every leaf of a tree of ``nn.LogicallyPartitioned`` boxes (or their abstract shapes).
+
+    Leaves without logical names are replicated.
+    """
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, [tuple(r) for r in rules])
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,43 @@
+"""Parameter paths: the one way qk_jax names a leaf of a params pytree.
+
+A leaf's path is its dict keys joined by ``/`` (``mmdit/transformer_blocks_0/attn/to_q/kernel``). Trainable
+sets, LoRA targets and sharding rules are regexes over these strings (``re.search``), as in big_vision.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+
+PyTree = Any
+
+
+def path_str(key_path: tuple[Any, ...]) -> str:
+    """``('mmdit', 'proj_out', 'kernel')`` or a jax key path -> ``'mmdit/proj_out/kernel'``."""
+    parts = []
+    for k in key_path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                k = getattr(k, attr)
+                break
+        parts.append(str(k))
+    return "/".join(parts)
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+    """The path of every leaf, in ``jax.tree.leaves`` order."""
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def match_any(path: str, regexes: Iterable[str]) -> bool:
+    """True when any regex ``re.search``-matches ``path``."""
+    return any(re.search(r, path) for r in regexes)
+
+
+def regex_mask(tree: PyTree, regexes: Iterable[str]) -> PyTree:
+    """A pytree of bools like ``tree``: True where the leaf's path matches one of ``regexes``."""
+    regexes = tuple(regexes)
+    return jax.tree_util.tree_map_with_path(lambda p, _: match_any(path_str(p), regexes), tree)

@@ -1,0 +1,38 @@
+"""Checkpoint folder I/O: sharded round trip, pickle refusal, errors that name the tensor."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from qk_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_config, write_safetensors
+
+
+def test_sharded_round_trip_keeps_values_and_dtypes(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {f"layer.{i}.weight": rng.standard_normal((8, 8)).astype(np.float32) for i in range(5)}
+    tensors["emb"] = rng.standard_normal((4, 3)).astype(ml_dtypes.bfloat16)
+    paths = write_safetensors(iter(tensors.items()), tmp_path, "model", max_shard_bytes=600)
+    assert len(paths) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    reader = SafetensorsReader(tmp_path, "model")
+    assert reader.keys() == sorted(tensors)
+    for name, value in tensors.items():
+        got = reader.get(name, value.shape)
+        assert got.dtype == value.dtype
+        np.testing.assert_array_equal(got, value)
+
+
+def test_errors_name_the_file_or_tensor(tmp_path):
+    write_safetensors({"a": np.zeros((2, 3), np.float32)}, tmp_path, "diffusion_pytorch_model")
+    reader = SafetensorsReader(tmp_path, "diffusion_pytorch_model")
+    with pytest.raises(CheckpointError, match=r"'a' has shape \(2, 3\) but the model expects \(3, 2\)"):
+        reader.get("a", (3, 2))
+    with pytest.raises(CheckpointError, match="'b' is missing"):
+        reader.get("b")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        read_config(tmp_path)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(CheckpointError, match="safetensors only.*save_pretrained"):
+        SafetensorsReader(tmp_path, "model")
