@@ -1,0 +1,159 @@
+"""Train state: params split into trainable and frozen pytrees, the optimizer, and an EMA of the trainable part.
+
+Freezing is data (big_vision): ``config.trainable`` is a list of regexes over '/'-joined parameter paths. The
+split is structural: ``partition`` returns two pruned nested dicts, the optimizer is initialised on the
+trainable one only (frozen leaves get no moments) and the step differentiates with respect to it only (frozen
+leaves get no gradient computation). ``combine`` puts the halves back together for the forward pass.
+
+The optimizer is optax throughout: AdamW with a warmup + constant/cosine schedule, global-norm clipping, a
+weight-decay mask (no decay on biases, norms, embeddings and kontext queries), optional gradient accumulation
+(``optax.MultiSteps``) and a non-finite guard (``optax.apply_if_finite``) that skips an update whose gradients
+hold a NaN/inf and counts it; the trainer stops with a message once ``optim.max_nonfinite`` are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from qk_jax.pytree import match_any, path_str
+
+Params = dict[str, Any]
+
+# Leaves that are not weight matrices (AdamW's usual exclusions), as '/'-joined path regexes.
+NO_WEIGHT_DECAY = (r"/bias$", r"/scale$", r"norm[^/]*/(weight|kernel)$", r"/embedding$", r"kontext_queries$")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes. ``ema`` is ``None`` when ``config.ema_decay`` is unset."""
+
+    step: jax.Array
+    trainable: Params
+    frozen: Params
+    opt_state: optax.OptState
+    ema: Params | None
+    rng: jax.Array
+    ema_decay: float | None = flax.struct.field(pytree_node=False, default=None)
+
+
+def partition(params: Mapping[str, Any], trainable: Iterable[str]) -> tuple[Params, Params]:
+    """Split ``params`` by path regexes into ``(trainable, frozen)`` nested dicts, empty branches pruned."""
+    regexes = tuple(trainable)
+
+    def split(node: Mapping[str, Any], prefix: tuple[str, ...]) -> tuple[Params, Params]:
+        train, frozen = {}, {}
+        for key, value in node.items():
+            path = prefix + (str(key),)
+            if isinstance(value, Mapping):
+                t, f = split(value, path)
+                if t:
+                    train[key] = t
+                if f:
+                    frozen[key] = f
+            elif match_any(path_str(path), regexes):
+                train[key] = value
+            else:
+                frozen[key] = value
+        return train, frozen
+
+    return split(params, ())
+
+
+def combine(a: Mapping[str, Any], b: Mapping[str, Any]) -> Params:
+    """The union of two pruned nested dicts (``combine(*partition(p, r)) == p``); a leaf in both is an error."""
+    out = dict(a)
+    for key, value in b.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], Mapping) and isinstance(value, Mapping):
+            out[key] = combine(out[key], value)
+        else:
+            raise ValueError(f"leaf {key!r} is in both trees; trainable and frozen params must be disjoint")
+    return out
+
+
+def learning_rate_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``optim.lr`` over ``optim.warmup_steps``, then constant or cosine to 0."""
+    lr, warmup = float(optim["lr"]), int(optim["warmup_steps"])
+    kind = optim.get("schedule", "constant")
+    if kind == "constant":
+        return optax.warmup_constant_schedule(0.0, lr, max(warmup, 1))
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total_steps, warmup + 1))
+    raise ValueError(f"unknown optim.schedule {kind!r}; use 'constant' or 'cosine'")
+
+
+def weight_decay_mask(params: Params, no_decay: Iterable[str] = NO_WEIGHT_DECAY) -> Any:
+    """True for leaves AdamW should decay: matrices whose path matches none of ``no_decay``."""
+    no_decay = tuple(no_decay)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.ndim(x) >= 2 and not match_any(path_str(p), no_decay), params
+    )
+
+
+def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
+    """The optax chain described in the module docstring, from ``config.optim``."""
+    if optim.get("name", "adamw") != "adamw":
+        raise ValueError(f"unknown optim.name {optim['name']!r}; only 'adamw' is implemented")
+    inner = optax.chain(
+        optax.clip_by_global_norm(float(optim["grad_clip_norm"])) if optim.get("grad_clip_norm") else optax.identity(),
+        optax.adamw(
+            learning_rate_schedule(optim, total_steps),
+            b1=float(optim["b1"]),
+            b2=float(optim["b2"]),
+            eps=float(optim["eps"]),
+            weight_decay=float(optim["weight_decay"]),
+            mask=lambda params: weight_decay_mask(params, optim.get("no_weight_decay", NO_WEIGHT_DECAY)),
+        ),
+    )
+    accumulate = int(optim.get("grad_accum_steps", 1))
+    if accumulate > 1:
+        inner = optax.MultiSteps(inner, every_k_schedule=accumulate)
+    # The guard is outermost, so a non-finite gradient never reaches the moments or the accumulator. Its own
+    # "give up after N" is disabled (int32 max): the trainer stops the run instead (``nonfinite_count``).
+    return optax.apply_if_finite(inner, max_consecutive_errors=2**31 - 1)
+
+
+def nonfinite_count(opt_state: optax.OptState) -> jax.Array:
+    """How many updates the non-finite guard has skipped since the optimizer was initialised."""
+    return opt_state.total_notfinite
+
+
+def init_state(
+    params: Mapping[str, Any],
+    trainable: Iterable[str],
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    ema_decay: float | None = None,
+) -> TrainState:
+    """A fresh state: split params, optimizer state for the trainable half only, an EMA copy when asked."""
+    train, frozen = partition(params, trainable)
+    if not train:
+        raise ValueError(f"config.trainable {tuple(trainable)} matches no parameter; check the regexes")
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=train,
+        frozen=frozen,
+        opt_state=optimizer.init(train),
+        ema=jax.tree.map(jnp.copy, train) if ema_decay else None,
+        rng=rng,
+        ema_decay=float(ema_decay) if ema_decay else None,
+    )
+
+
+def apply_gradients(state: TrainState, grads: Params, optimizer: optax.GradientTransformation) -> TrainState:
+    """One optimizer update of the trainable half (and its EMA); skipped updates leave params and EMA as they are."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    ema = state.ema
+    if ema is not None:
+        # A skipped (non-finite) update gives zero updates: the EMA then decays towards unchanged params.
+        decay = state.ema_decay
+        ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, trainable)
+    return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema)
