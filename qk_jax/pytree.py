@@ -7,7 +7,7 @@ sets, LoRA targets and sharding rules are regexes over these strings (``re.searc
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -41,3 +41,18 @@ def regex_mask(tree: PyTree, regexes: Iterable[str]) -> PyTree:
     """A pytree of bools like ``tree``: True where the leaf's path matches one of ``regexes``."""
     regexes = tuple(regexes)
     return jax.tree_util.tree_map_with_path(lambda p, _: match_any(path_str(p), regexes), tree)
+
+
+def get_path(tree: Mapping[str, Any], path: str) -> Any:
+    """The node at a '/'-joined path of a nested dict."""
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    """Set the node at a '/'-joined path of a nested dict, creating the dicts on the way."""
+    *parents, leaf = path.split("/")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value

@@ -33,7 +33,7 @@ import numpy as np
 
 from qk_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_config, write_safetensors
 from qk_jax.models.vae import AutoencoderKL, VAEConfig
-from qk_jax.pytree import path_str
+from qk_jax.pytree import get_path, path_str, set_path
 
 logger = logging.getLogger(__name__)
 
@@ -100,18 +100,6 @@ def name_table(config: VAEConfig) -> list[Row]:
     return rows
 
 
-def _set(tree: dict, path: str, value: Any) -> None:
-    *parents, leaf = path.split("/")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-    tree[leaf] = value
-
-
-def _get(tree: Mapping, path: str) -> Any:
-    for p in path.split("/"):
-        tree = tree[p]
-    return tree
-
 
 def config_from_folder(path: str | os.PathLike) -> VAEConfig:
     """The ``VAEConfig`` of a diffusers ``AutoencoderKL`` folder (its config.json)."""
@@ -147,7 +135,7 @@ def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[VAEConfig, 
     params: dict[str, Any] = {}
     for row in table:
         array = reader.get(row.theirs, _their_shape(row))
-        _set(params, row.ours, jnp.asarray(_permute(array, row.layout, to_diffusers=False), dtype=dtype))
+        set_path(params, row.ours, jnp.asarray(_permute(array, row.layout, to_diffusers=False), dtype=dtype))
     unused = sorted(set(reader.keys()) - {row.theirs for row in table})
     if unused:
         logger.warning("%s: %d tensors not used by the VAE: %s", path, len(unused), ", ".join(unused))
@@ -178,13 +166,13 @@ def export(config: VAEConfig, params: Mapping[str, Any], path: str | os.PathLike
             "export the params of AutoencoderKL(config)"
         )
     for row in table:
-        shape = tuple(_get(params, row.ours).shape)
+        shape = tuple(get_path(params, row.ours).shape)
         if shape != row.shape:
             raise ValueError(f"VAE param {row.ours!r} has shape {shape} but the config implies {row.shape}")
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for row in table:
-            yield row.theirs, _permute(np.asarray(_get(params, row.ours)), row.layout, to_diffusers=True)
+            yield row.theirs, _permute(np.asarray(get_path(params, row.ours)), row.layout, to_diffusers=True)
 
     folder = Path(path)
     write_safetensors(tensors(), folder, WEIGHTS_NAME)

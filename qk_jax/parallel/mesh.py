@@ -19,7 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -43,12 +43,18 @@ def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> tuple[tuple
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``Mesh`` from ``config.mesh``, e.g. ``[('data', -1), ('fsdp', 1), ('tensor', 4)]``."""
+    """A ``Mesh`` from ``config.mesh``, e.g. ``[('data', -1), ('fsdp', 1), ('tensor', 4)]``.
+
+    Axes are ``Auto``: XLA's SPMD partitioner propagates shardings from the jit in/out shardings, so a
+    contraction over an fsdp-sharded dim becomes an all-gather or reduce-scatter without annotations in the
+    model code (``Explicit`` axes, the default of ``jax.make_mesh`` in recent JAX, would refuse it).
+    """
     devices = list(jax.devices() if devices is None else devices)
     names, sizes = mesh_shape(axes, len(devices))
+    axis_types = (AxisType.Auto,) * len(names)
     if devices == list(jax.devices()):
-        return jax.make_mesh(sizes, names, devices=devices)
-    return Mesh(np.asarray(devices).reshape(sizes), names)
+        return jax.make_mesh(sizes, names, axis_types=axis_types, devices=devices)
+    return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=axis_types)
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
