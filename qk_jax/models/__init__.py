@@ -1,2 +1,8 @@
-"""Linen modules. Today: ``lora``. The Qwen2.5-VL (``qwen_vl``), the MMDiT, VAE and connector (``mmdit``, ``vae``,
-``connector``) and the assembled ``query_kontext`` model land with their issues (see README's status table)."""
+"""Linen modules, each mirroring its reference implementation's names:
+
+- ``lora``: ``LoRADense`` and the pure merge/split functions over params pytrees;
+- ``mmdit``: diffusers' ``FluxTransformer2DModel`` (the paper's MMDiT and stage 1's light head);
+- ``vae``: diffusers' ``AutoencoderKL`` (the FLUX.1 VAE layout), latent scaling and 2x2 packing;
+- ``connector``: the two-layer MLP from the VLM's text/kontext states to the MMDiT's text stream;
+- ``qwen_vl``: transformers' ``Qwen2_5_VLForConditionalGeneration`` plus the kontext queries.
+"""
