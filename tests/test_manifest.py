@@ -1,0 +1,157 @@
+"""Record schema, validation messages, path safety, JSONL manifests and the ArrayRecord converter."""
+
+import json
+import os
+
+import pytest
+
+from qk_jax.data import manifest
+from qk_jax.data.manifest import RecordError
+
+
+def _record(**over):
+    base = dict(id="r1", task="subject_edit", prompt="add <image 2> at the top of <image 1>", target="t.png",
+                inputs=[dict(path="s.png", role="source"), dict(path="refs/a.png", role="reference")])
+    base.update(over)
+    return base
+
+
+def _write(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)
+
+
+def test_parse_record_and_prompt_segments():
+    record = manifest.parse_record(_record(meta=dict(scene=[1])), record_id="m:1", root="/data")
+    assert record.id == "r1" and record.roles == ("source", "reference") and record.meta == dict(scene=[1])
+    assert record.segments() == ["add ", 1, " at the top of ", 0]
+    # Unplaced inputs come first, in order.
+    assert manifest.prompt_segments("make it <image 2> colored", 3) == [0, 2, "make it ", 1, " colored"]
+    assert manifest.prompt_segments("", 1) == [0]
+
+
+@pytest.mark.parametrize("over,kind,field", [
+    (dict(task="paint"), "unknown_task", "task"),
+    (dict(prompt=3), "invalid", "prompt"),
+    (dict(target=None), "invalid", "target"),
+    (dict(promt="typo"), "invalid", "promt"),
+    (dict(inputs=[dict(path="s.png", role="mask")]), "invalid", "inputs[0].role"),
+    (dict(inputs=[dict(path="s.png")]), "invalid", "inputs[0]"),
+    (dict(target="/etc/passwd"), "unsafe_path", "target"),
+    (dict(target="C:\\x.png"), "unsafe_path", "target"),
+    (dict(target="a/../../x.png"), "unsafe_path", "target"),
+    (dict(inputs=[dict(path="../s.png", role="source"), dict(path="r.png", role="reference")]), "unsafe_path",
+     "inputs[0].path"),
+    (dict(prompt="<image 3> here"), "invalid", "prompt"),
+    (dict(prompt="<image 1> and <image 1>"), "invalid", "prompt"),
+    (dict(inputs=[dict(path="r.png", role="reference")] * 3), "too_many_references", "inputs"),
+    (dict(task="edit"), "invalid", "inputs"),  # edit takes no reference
+    (dict(task="t2i"), "invalid", "inputs"),
+    (dict(task="multi", inputs=[dict(path="r.png", role="reference")], prompt="x"), "invalid", "inputs"),
+    (dict(meta=[1]), "invalid", "meta"),
+])
+def test_validation_names_record_and_field(over, kind, field):
+    with pytest.raises(RecordError) as info:
+        manifest.parse_record(_record(**over), record_id="m:1", max_references=2)
+    err = info.value
+    assert (err.kind, err.record_id, err.field) == (kind, "r1", field)
+    assert "'r1'" in str(err) and repr(field) in str(err)
+
+
+def test_paths_are_normalised_inside_the_root():
+    record = manifest.parse_record(_record(target="a/./b/../t.png"), record_id="m:1")
+    assert record.target == "a/t.png"
+
+
+def test_jsonl_manifest_counts_bad_rows(tmp_path):
+    good = [_record(id=f"g{i}") for i in range(4)]
+    rows = good[:2] + ["{not json", "[1, 2]", _record(id="u", task="paint"), "", _record(id="e", target="../x")] + \
+        good[2:] + [{"task": "t2i", "prompt": "x"}]
+    m = manifest.JsonlManifest(_write(tmp_path / "m.jsonl", rows), max_references=2)
+    assert len(m) == 4 and [m[i].id for i in range(4)] == ["g0", "g1", "g2", "g3"]
+    assert dict(m.problems) == dict(unparsable=2, unknown_task=1, unsafe_path=1, invalid=1)
+    assert "'m.jsonl:3'" in m.examples["unparsable"]  # no id: named by file and line
+    assert "'m.jsonl:10'" in m.examples["invalid"] and "'target'" in m.examples["invalid"]
+    assert m.tasks() == ["subject_edit"] * 4
+    assert m[2].index == 7 and m[0].root == str(tmp_path)
+
+
+def test_read_refuses_missing_files_and_symlinks_out_of_root(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "t.png").write_bytes(b"abc")
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    os.symlink(tmp_path / "secret.png", root / "link.png")
+    record = manifest.parse_record(_record(), record_id="m:1", root=str(root))
+    assert record.read(record.target) == b"abc"
+    with pytest.raises(RecordError) as info:
+        record.read(record.inputs[0].image, "inputs[0].path")
+    assert info.value.kind == "missing_file" and info.value.field == "inputs[0].path"
+    linked = manifest.parse_record(_record(target="link.png"), record_id="m:1", root=str(root))
+    with pytest.raises(RecordError, match="outside the dataset root") as info:
+        linked.read(linked.target)
+    assert info.value.kind == "unsafe_path"
+
+
+def _dataset(tmp_path):
+    images = {"t.png": b"T" * 10, "s.png": b"S" * 7, "refs/a.png": b"A" * 5, "u.png": b"U"}
+    for name, data in images.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    rows = [
+        _record(id="se"),
+        dict(id="t2i", task="t2i", prompt="a red circle", target="u.png", negative_prompt="blurry"),
+        dict(id="rec", task="recon", prompt="redraw <image 1>", target="t.png",
+             inputs=[dict(path="t.png", role="vlm")]),
+        dict(id="gone", task="t2i", prompt="x", target="missing.png"),
+        "garbage",
+        dict(id="t2i-b", task="t2i", prompt="b", target="t.png", meta=dict(k=[1, 2])),
+    ]
+    return _write(tmp_path / "m.jsonl", rows), images
+
+
+def test_arrayrecord_roundtrip(tmp_path):
+    path, images = _dataset(tmp_path)
+    index = manifest.to_arrayrecord(path, str(tmp_path / "ar"), records_per_shard=2)
+    assert index["num_records"] == 4 and len(index["shards"]) == 2
+    assert index["skipped"] == dict(unparsable=1, missing_file=1)
+    assert index["tasks"] == dict(t2i=[0, 2], recon=[2, 3], subject_edit=[3, 4])
+    m = manifest.open_manifest(str(tmp_path / "ar"), max_references=2)
+    assert len(m) == 4 and m.tasks() == ["t2i", "t2i", "recon", "subject_edit"]
+    by_id = {m[i].id: m[i] for i in range(len(m))}
+    assert by_id["t2i"].target == images["u.png"] and by_id["t2i"].negative_prompt == "blurry"
+    assert by_id["t2i-b"].meta == dict(k=[1, 2])
+    se = by_id["se"]
+    assert se.read(se.target) == images["t.png"] and se.prompt == _record()["prompt"]
+    assert [i.image for i in se.inputs] == [images["s.png"], images["refs/a.png"]]
+    assert se.roles == ("source", "reference")
+    rec = by_id["rec"]
+    assert rec.inputs[0].image == rec.target == images["t.png"]
+    raw = manifest.encode_record(rec)
+    assert raw.count(images["t.png"]) == 1  # stored once
+
+
+def test_decode_record_rejects_malformed_bytes():
+    with pytest.raises(RecordError, match="bad magic"):
+        manifest.decode_record(b"\x80junk", index=3)
+    good = manifest.encode_record(manifest.Record(id="x", task="t2i", prompt="p", target=b"img"))
+    with pytest.raises(RecordError, match="add up") as info:
+        manifest.decode_record(good + b"extra", index=3)
+    assert info.value.record_id == "arrayrecord:3"
+    assert manifest.decode_record(good).target == b"img"
+
+
+def test_command_line(tmp_path, capsys):
+    path, _ = _dataset(tmp_path)
+    manifest.main(["validate", path])
+    out = capsys.readouterr().out
+    assert "5 good records" in out and "skipped 1 x unparsable" in out
+    manifest.main(["to-arrayrecord", path, str(tmp_path / "ar"), "--records-per-shard", "3"])
+    out = capsys.readouterr().out
+    assert "4 records in 2 shards" in out and "missing_file" in out
+    manifest.main(["validate", str(tmp_path / "ar")])
+    assert "4 good records" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="to-arrayrecord"):
+        manifest.open_manifest(str(tmp_path))
