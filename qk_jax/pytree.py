@@ -32,6 +32,20 @@ def leaf_paths(tree: PyTree) -> list[str]:
     return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def flatten(tree: PyTree) -> dict[str, Any]:
+    """``{path: leaf}`` for every leaf, in ``jax.tree.leaves`` order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {path_str(p): leaf for p, leaf in flat}
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The nested dict of ``{path: leaf}`` (the inverse of ``flatten`` for nested dicts)."""
+    tree: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        set_path(tree, path, leaf)
+    return tree
+
+
 def match_any(path: str, regexes: Iterable[str]) -> bool:
     """True when any regex ``re.search``-matches ``path``."""
     return any(re.search(r, path) for r in regexes)
