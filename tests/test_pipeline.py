@@ -318,7 +318,8 @@ def test_byte_processor_matches_transformers_image_processor():
                                          size={"shortest_edge": 16 * 16, "longest_edge": 128 * 128})
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8) for _ in range(2)]
-    want = reference(images=images, return_tensors="np")
+    # The patches come in prompt order (image 2 first here): the order the VLM fills its image tokens.
+    want = reference(images=images[::-1], return_tensors="np")
     got = ours("put <image 2> left of <image 1>", images)
     np.testing.assert_allclose(got["pixel_values"], want["pixel_values"], atol=1e-5)
     np.testing.assert_array_equal(got["image_grid_thw"], want["image_grid_thw"])

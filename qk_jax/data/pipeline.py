@@ -34,7 +34,9 @@ key                   dtype, shape        meaning
 ``image_present``     bool [B,M]          the VLM sees slot m (False: dropped for guidance)
 ``input_ids``         int32 [B,L]         prompt tokens with the kept images' tokens interleaved, right-padded
 ``attention_mask``    int32 [B,L]         1 on real tokens
-``pixel_values``      float32 [B,M,P,D]   each slot's pixel patches (zeros where dropped), the processor's order
+``pixel_values``      float32 [B,M,P,D]   pixel patches per image in the order the prompt places them (the
+                                          VLM's order; may differ from the slot order of ``roles``/``inputs``),
+                                          zeros where dropped
 ``image_grid_thw``    int32 [B,M,3]       each slot's (t, h, w) patch grid (the bucket's, dropped slots too)
 ``task``              int32 [B]           index into ``manifest.TASKS``
 ``record_index``      int64 [B]           the record's position in its manifest
@@ -178,12 +180,13 @@ class ByteProcessor:
             grids.append((piece, grid))
             n = grid[0] * grid[1] * grid[2] // self.merge_size**2
             ids.extend([self.vision_start_token_id] + [self.image_token_id] * n + [self.vision_end_token_id])
-        patches = [self._patches(image) for image in images]
+        # Patches in the order the images' tokens appear in the prompt: the VLM fills its <|image_pad|> tokens
+        # with image features in that order ("<image 2> ... <image 1>" sends image 2 first).
+        patches = [self._patches(images[index]) for index, _ in grids]
         return dict(
             input_ids=np.asarray(ids, np.int32),
             pixel_values=(np.concatenate(patches) if patches else np.zeros((0, self.patch_dim), np.float32)),
-            image_grid_thw=np.asarray([self.image_grid_thw(*image.shape[:2]) for image in images], np.int32
-                                      ).reshape(len(images), 3),
+            image_grid_thw=np.asarray([grid for _, grid in grids], np.int32).reshape(len(grids), 3),
         )
 
 
