@@ -1,0 +1,302 @@
+"""The assembled Query-Kontext model (paper section 3.1, figure 2): pure functions over one params pytree.
+
+``params = {'vlm': ..., 'connector': ..., 'mmdit': ..., 'vae': ...}``; each entry is the params of one linen
+module (``QwenVL``, ``Connector``, ``MMDiT``, ``AutoencoderKL``), so freezing, LoRA merging, sharding and
+conversion work per component on plain pytrees. ``QueryKontext`` holds the module definitions and wires them:
+
+::
+
+    prompt + images ─► QwenVL ─► T (text states), Q (K kontext states) ─► Connector ─► context [T'; Q'], pooled
+    target ─► VAE ─► x_0 ─► x_t = (1 - t) x_0 + t noise ─┐
+    source / reference images ─► VAE (stage 3) ──────────┴► image stream, sRoPE order and ids ─► MMDiT ─► v(x_t)
+
+The image stream of a sample is its noisy target plus ``M`` in-context slots (``roles`` ``[B, M]``, the codes of
+``qk_jax.ops.rope``), ordered as the paper does: ``concat(src, noise)`` for editing, ``concat(noise, ref_1..N)``
+for customization and multi-subject, ``concat(src, noise, ref_1..N)`` for subject editing; empty slots (no
+input, or an image dropped for guidance) are padding that attention masks out. One compiled step serves a batch
+that mixes tasks: the order and ids are computed per sample (``rope.in_context_layout``).
+
+Stage switches come from the config (``QueryKontextConfig.from_config``): the MMDiT config (stage 1's light head
+or the large one) and its LoRA, the VLM's LoRA, ``in_context`` (stage 3: VAE latents of input images enter the
+image stream; before, input images reach the VLM only). Ablations: ``conditioning`` (table 9: text + queries,
+text only, queries only) and ``placement`` (table 8: every in-context image as the task says, all as
+references, or all as sources).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qk_jax.data.manifest import TASKS
+from qk_jax.models import vae as vae_lib
+from qk_jax.models.connector import CONDITIONING_MODES, Connector, ConnectorConfig, ConnectorOutput
+from qk_jax.models.lora import LoRAConfig
+from qk_jax.models.mmdit import MMDiT, MMDiTConfig
+from qk_jax.models.mmdit import init_inputs as mmdit_init_inputs
+from qk_jax.models.qwen_vl import QwenVL, QwenVLConfig
+from qk_jax.models.qwen_vl import init_inputs as vlm_init_inputs
+from qk_jax.ops import flow, rope
+
+PLACEMENTS = ("task", "reference", "source")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowConfig:
+    """``config.flow``: logit-normal timesteps shifted by FLUX's resolution-dependent ``mu``."""
+
+    mean: float = 0.0
+    std: float = 1.0
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+    def shift_kwargs(self) -> dict[str, Any]:
+        return dict(base_seq_len=self.base_seq_len, max_seq_len=self.max_seq_len, base_shift=self.base_shift,
+                    max_shift=self.max_shift)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryKontextConfig:
+    """Everything the model needs from a stage config."""
+
+    vlm: QwenVLConfig
+    connector: ConnectorConfig
+    mmdit: MMDiTConfig
+    mmdit_lora: LoRAConfig
+    vae: vae_lib.VAEConfig
+    in_context: bool = False
+    max_references: int = 2
+    conditioning: str = "text_and_queries"
+    placement: str = "task"
+    flow: FlowConfig = FlowConfig()
+    compute_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.conditioning not in CONDITIONING_MODES:
+            raise ValueError(f"config.conditioning={self.conditioning!r}; expected one of {CONDITIONING_MODES}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"config.placement={self.placement!r}; expected one of {PLACEMENTS}")
+        if self.connector.in_features != self.vlm.text.hidden_size:
+            raise ValueError(f"connector.in_features={self.connector.in_features} but the VLM is"
+                             f" {self.vlm.text.hidden_size} wide")
+        if self.connector.out_features != self.mmdit.joint_attention_dim:
+            raise ValueError(f"connector.out_features={self.connector.out_features} but the MMDiT's context is"
+                             f" {self.mmdit.joint_attention_dim} wide (joint_attention_dim)")
+        if self.mmdit.in_channels != 4 * self.vae.latent_channels:
+            raise ValueError(f"mmdit.in_channels={self.mmdit.in_channels} but 2x2-packed VAE latents have"
+                             f" {4 * self.vae.latent_channels} channels")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> QueryKontextConfig:
+        """From a stage config (``configs/stageN.py``)."""
+        compute = jnp.dtype(config.get("compute_dtype", "float32"))
+        mmdit = dict(config["mmdit"])
+        lora_block = mmdit.pop("lora", None)
+        mmdit_lora = LoRAConfig.from_config(lora_block) if lora_block and lora_block["rank"] else LoRAConfig()
+        return cls(
+            vlm=QwenVLConfig.from_config(config["vlm"], dtype=compute),
+            connector=ConnectorConfig.from_config(config["connector"]),
+            mmdit=MMDiTConfig.from_config(mmdit),
+            mmdit_lora=mmdit_lora,
+            vae=vae_lib.VAEConfig.from_config(config["vae"]),
+            in_context=bool(config.get("in_context", False)),
+            max_references=int(config.get("max_references", 2)),
+            conditioning=str(config.get("conditioning", "text_and_queries")),
+            placement=str(config.get("placement", "task")),
+            flow=FlowConfig(**{k: v for k, v in dict(config.get("flow", {})).items()
+                               if k in {f.name for f in dataclasses.fields(FlowConfig)}}),
+            compute_dtype=compute,
+        )
+
+
+class LossAux(NamedTuple):
+    """Per-step diagnostics: summed per-sample losses and sample counts per task (index into ``TASKS``)."""
+
+    task_loss_sum: jax.Array  # float32 [len(TASKS)]
+    task_count: jax.Array  # float32 [len(TASKS)]
+
+
+def vlm_image_grid(batch: Mapping[str, Any], patch_dim: int | None = None) -> tuple[tuple[int, int, int], ...]:
+    """The static ``image_grid_thw`` of one row of a bucketed batch (every sample's ``M`` image slots share
+    the bucket's grid), read on the host: jit the step with it as a static argument, one compile per bucket."""
+    grid = np.asarray(batch["image_grid_thw"])
+    if grid.size == 0:
+        return ()
+    if not (grid == grid[:1]).all():
+        raise ValueError("image_grid_thw differs between samples of one batch: batches must come from one bucket")
+    return tuple(tuple(int(v) for v in g) for g in grid[0])
+
+
+class QueryKontext:
+    """VLM -> connector -> MMDiT, with VAE latents of the target and the in-context images; see the module doc."""
+
+    def __init__(self, config: QueryKontextConfig):
+        self.config = config
+        dtype = config.compute_dtype
+        self.vlm = QwenVL(config.vlm)
+        self.connector = Connector(config.connector, dtype=dtype)
+        self.mmdit = MMDiT(config.mmdit, lora=config.mmdit_lora, dtype=dtype)
+        self.vae = vae_lib.AutoencoderKL(config.vae)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Parameters
+    # ------------------------------------------------------------------------------------------------------
+
+    def _inits(self):
+        """``{component: (module, init kwargs)}`` with the smallest inputs that create every parameter."""
+        f = self.config.vae.downsample_factor
+        return dict(
+            vlm=(self.vlm, vlm_init_inputs(self.config.vlm)),
+            connector=(self.connector, dict(text=jnp.zeros((1, 1, self.config.connector.in_features)),
+                                            queries=jnp.zeros((1, 1, self.config.connector.in_features)))),
+            mmdit=(self.mmdit, mmdit_init_inputs(self.config.mmdit)),
+            vae=(self.vae, dict(images=jnp.zeros((1, f, f, self.config.vae.in_channels)))),
+        )
+
+    def abstract_params(self) -> dict[str, Any]:
+        """Boxed ``ShapeDtypeStruct`` params of every component (logical axis names kept); allocates nothing."""
+        return {name: jax.eval_shape(lambda m=m, kw=kw: m.init(jax.random.key(0), **kw))["params"]
+                for name, (m, kw) in self._inits().items()}
+
+    def init(self, rng: jax.Array, components: tuple[str, ...] = ("vlm", "connector", "mmdit", "vae")
+             ) -> dict[str, Any]:
+        """Random (unboxed) params of the named components; a stage replaces some by imported weights."""
+        inits = self._inits()
+        keys = dict(zip(inits, jax.random.split(rng, len(inits))))
+        return {name: nn.meta.unbox(jax.jit(lambda k, m=inits[name][0], kw=inits[name][1]: m.init(k, **kw))(
+            keys[name])["params"]) for name in components}
+
+    # ------------------------------------------------------------------------------------------------------
+    # The pieces of a forward pass
+    # ------------------------------------------------------------------------------------------------------
+
+    def condition(
+        self,
+        params: Mapping[str, Any],
+        input_ids: jax.Array,  # int32 [B, S]
+        attention_mask: jax.Array,  # [B, S]
+        pixel_values: jax.Array | None = None,  # [B, M, P, D] in prompt order
+        image_grid: tuple[tuple[int, int, int], ...] = (),  # static: one row's M grids
+        image_present: jax.Array | None = None,  # bool [B, M]
+    ) -> ConnectorOutput:
+        """VLM (once per sample) -> T, Q -> connector: the MMDiT's context, its mask and the pooled vector."""
+        if pixel_values is not None and pixel_values.shape[1] == 0:
+            pixel_values = None
+        if pixel_values is not None:
+            b, m, p, d = pixel_values.shape
+            pixel_values = pixel_values.reshape(b, m * p, d)  # one row per sample, M images each
+        out = self.vlm.apply({"params": params["vlm"]}, input_ids, attention_mask, pixel_values,
+                             image_grid if pixel_values is not None else None,
+                             image_present=image_present if pixel_values is not None else None)
+        prompt_len = input_ids.shape[1]
+        text = out.hidden_states[:, :prompt_len]
+        queries = out.hidden_states[:, prompt_len:]
+        return self.connector.apply({"params": params["connector"]}, text, queries,
+                                    out.text_mask[:, :prompt_len], self.config.conditioning)
+
+    def encode(self, params: Mapping[str, Any], images: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """Images ``[N, H, W, 3]`` in [-1, 1] -> packed, normalised latent tokens ``[N, (h/2)(w/2), 4C]``.
+
+        With ``key`` the latent is a posterior sample (the training target), else the posterior mean
+        (in-context images, and every input at sampling time).
+        """
+        mean, logvar = self.vae.apply({"params": params["vae"]}, images, method=self.vae.encode)
+        latents = vae_lib.latents_from_posterior(mean, logvar, key)
+        return vae_lib.pack_latents(vae_lib.scale_latents(latents, self.config.vae))
+
+    def place(self, roles: jax.Array) -> jax.Array:
+        """Table 8's placement ablation applied to slot roles: ``'task'`` keeps them; ``'reference'`` /
+        ``'source'`` place every in-context image as a reference / a source (one per sample at most)."""
+        roles = jnp.asarray(roles, jnp.int32)
+        if self.config.placement == "task":
+            return roles
+        new = rope.REFERENCE if self.config.placement == "reference" else rope.SOURCE
+        return jnp.where(roles == rope.NONE, rope.NONE, new)
+
+    def velocity(
+        self,
+        params: Mapping[str, Any],
+        cond: ConnectorOutput,
+        noisy: jax.Array,  # [B, T, 4C] packed noisy target tokens
+        t: jax.Array,  # [B] in [0, 1]
+        latent_hw: tuple[int, int],  # static (h, w) of the packed token grid
+        in_context: jax.Array | None = None,  # [B, M, T, 4C] packed in-context latents
+        roles: jax.Array | None = None,  # int32 [B, M]
+    ) -> jax.Array:
+        """The MMDiT's velocity for the target tokens only, ``[B, T, 4C]``."""
+        batch, tokens, channels = noisy.shape
+        h, w = latent_hw
+        if h * w != tokens:
+            raise ValueError(f"latent grid {h}x{w} does not hold the {tokens} target tokens")
+        if in_context is None or in_context.shape[1] == 0:
+            in_context = jnp.zeros((batch, 0, tokens, channels), noisy.dtype)
+            roles = jnp.zeros((batch, 0), jnp.int32)
+        roles = self.place(roles)
+        layout = rope.in_context_layout(h, w, roles)
+        blocks = jnp.concatenate([noisy[:, None].astype(in_context.dtype), in_context], axis=1)
+        stream = rope.gather_blocks(blocks.reshape(batch, -1, channels), layout.order)
+        target_start = jnp.argmax(layout.order == 0, axis=1).astype(jnp.int32) * tokens
+        return self.mmdit.apply(
+            {"params": params["mmdit"]}, stream, layout.ids, cond.context, rope.text_position_ids(cond.context.shape[1]),
+            t, cond.pooled, text_mask=cond.context_mask, image_mask=layout.kind != rope.KIND_PAD,
+            target_start=target_start, target_len=tokens)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Training loss
+    # ------------------------------------------------------------------------------------------------------
+
+    def loss(
+        self, params: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array,
+        image_grid: tuple[tuple[int, int, int], ...] = (),
+    ) -> tuple[jax.Array, LossAux]:
+        """Flow-matching loss of a bucketed batch (``qk_jax.data.pipeline``'s schema), and per-task sums.
+
+        The VLM runs once per sample; the VAE encodes the target (a posterior sample) and, when the stage has
+        in-context inputs, every slot (the posterior mean; empty slots are masked out of attention). Padding
+        rows of a partial batch (``valid`` False) carry no loss.
+        """
+        key_t, key_noise, key_vae = jax.random.split(rng, 3)
+        target = batch["target"]  # [B, H, W, 3]
+        batch_size = target.shape[0]
+        cond = self.condition(params, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                              image_grid, batch.get("image_present"))
+
+        x0 = self.encode(params, target, key_vae)  # [B, T, 4C]
+        f = 2 * self.config.vae.downsample_factor
+        latent_hw = (target.shape[1] // f, target.shape[2] // f)
+        in_context, roles = None, None
+        if self.config.in_context and "inputs" in batch and batch["inputs"].shape[1]:
+            inputs = batch["inputs"]  # [B, M, H, W, 3]
+            m = inputs.shape[1]
+            in_context = self.encode(params, inputs.reshape((-1,) + inputs.shape[2:])).reshape(
+                (batch_size, m) + x0.shape[1:])
+            roles = batch["roles"]
+
+        tokens = x0.shape[1]
+        t = flow.sample_training_timesteps(key_t, batch_size, tokens, mean=self.config.flow.mean,
+                                           std=self.config.flow.std, **self.config.flow.shift_kwargs())
+        noise = jax.random.normal(key_noise, x0.shape, jnp.float32).astype(x0.dtype)
+        x_t = flow.interpolate(x0, noise, t)
+        v = self.velocity(params, cond, x_t, t, latent_hw, in_context, roles)
+
+        valid = jnp.asarray(batch.get("valid", jnp.ones((batch_size,), bool)), bool)
+        mask = jnp.broadcast_to(valid[:, None], (batch_size, tokens))
+        loss, per_sample = flow.flow_matching_loss(v, x0, noise, mask)
+        task = jnp.asarray(batch["task"], jnp.int32)
+        weights = valid.astype(jnp.float32)
+        aux = LossAux(
+            task_loss_sum=jax.ops.segment_sum(per_sample * weights, task, num_segments=len(TASKS)),
+            task_count=jax.ops.segment_sum(weights, task, num_segments=len(TASKS)),
+        )
+        return loss, aux
+
+
+__all__ = ["QueryKontext", "QueryKontextConfig", "FlowConfig", "LossAux", "PLACEMENTS", "vlm_image_grid"]
