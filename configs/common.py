@@ -138,6 +138,11 @@ def base(variant):
     config.max_references = ml_collections.FieldReference(2)
     config.init_from = ml_collections.config_dict.placeholder(str)  # a previous stage's workdir
     config.in_context = False  # VAE latents of source/reference images in the MMDiT's image stream (stage 3)
+    # Ablations. Table 9: what conditions the MMDiT: 'text_and_queries' (the paper's model), 'text_only',
+    # 'queries_only'. Table 8: where in-context images sit in sRoPE: 'task' (sources negative, references
+    # shifted, as each task says), 'reference' or 'source' (every input image placed that way).
+    config.conditioning = "text_and_queries"
+    config.placement = "task"
 
     config.vlm = vlm(variant)
     config.connector = connector(variant)

@@ -114,3 +114,21 @@ def test_a_crash_during_an_async_save_leaves_the_previous_checkpoint(tmp_path):
     assert int(restored.step) == 1 and data == {"pos": 1}
     assert float(restored.trainable["big"]["kernel"][0, 0]) != 0.0
     c.close()
+
+
+def test_model_checkpoint_round_trip(tmp_path):
+    config = common.base("tiny")
+    config.stage = 3
+    params = {"connector": {"linear_1": {"kernel": jnp.arange(6.0).reshape(2, 3)}}, "vae": {"b": jnp.ones(2)}}
+    ckpt.save_model(tmp_path / "model", config, params, meta={"stage": 3, "step": 10})
+    loaded_config, loaded, meta = ckpt.load_model(tmp_path / "model")
+    chex.assert_trees_all_equal(loaded, params)
+    assert meta == {"stage": 3, "step": 10}
+    assert loaded_config.mmdit.num_layers == config.mmdit.num_layers
+    assert tuple(loaded_config.mesh[0]) == tuple(config.mesh[0])
+    _, like_loaded, _ = ckpt.load_model(tmp_path / "model", like=params)
+    chex.assert_trees_all_equal(like_loaded, params)
+    with pytest.raises(FileExistsError, match="not empty"):
+        ckpt.save_model(tmp_path / "model", config, params)
+    with pytest.raises(FileNotFoundError, match="not a qk_jax model checkpoint"):
+        ckpt.load_model(tmp_path)

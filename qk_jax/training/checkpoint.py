@@ -14,10 +14,12 @@ a save leaves the previous checkpoint intact), every ``save_every`` steps and at
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -118,6 +120,53 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Self-contained model checkpoints: a stage boundary, what the sampler and the exporter read
+# ----------------------------------------------------------------------------------------------------------
+
+MODEL_CONFIG_FILE = "config.json"
+
+
+def save_model(directory: str | os.PathLike, config: Any, params: Any, meta: dict | None = None) -> epath.Path:
+    """Write ``params`` (all components: ``vlm``, ``connector``, ``mmdit``, ``vae``) and the stage config.
+
+    Layout: ``directory/params`` (Orbax, sharded arrays welcome) and ``directory/config.json`` (the
+    ml_collections config as JSON, plus ``meta``: stage, step, what the run was). Synchronous: the directory
+    is complete when this returns.
+    """
+    directory = epath.Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} exists and is not empty; choose a new directory for the model")
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "params", params)
+    checkpointer.wait_until_finished()
+    document = dict(config=json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
+                    else dict(config), meta=meta or {})
+    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
+    return directory
+
+
+def load_model(directory: str | os.PathLike, like: Any | None = None) -> tuple[ml_collections.ConfigDict, Any, dict]:
+    """``(config, params, meta)`` of a ``save_model`` directory.
+
+    ``like`` (arrays or ``ShapeDtypeStruct``s with shardings) restores straight into that layout; without it
+    the params come back as saved, on the default device.
+    """
+    directory = epath.Path(directory)
+    config_file = directory / MODEL_CONFIG_FILE
+    if not config_file.exists() or not (directory / "params").exists():
+        raise FileNotFoundError(
+            f"{directory} is not a qk_jax model checkpoint (expected {MODEL_CONFIG_FILE} and params/ in it); pass"
+            " the directory save_model wrote (a stage's final checkpoint)"
+        )
+    document = json.loads(config_file.read_text())
+    config = ml_collections.ConfigDict(document["config"])
+    checkpointer = ocp.StandardCheckpointer()
+    params = checkpointer.restore(directory / "params", _abstract(like) if like is not None else None)
+    return config, params, document.get("meta", {})
 
 
 def check_compatible(meta: dict, *, stage: int, model: dict, what: str) -> None:
