@@ -174,6 +174,22 @@ def base(variant):
 
     config.mesh = mesh(variant)
     config.sharding = sharding()
+
+    # The run: seed (params, data order, noise), how often to print/log and to checkpoint, how many to keep.
+    config.seed = 0
+    config.log_every = pick(variant, paper=50, shapes=25, tiny=1)
+    config.checkpoint_every = pick(variant, paper=1000, shapes=250, tiny=2)
+    config.keep_checkpoints = 3
+    # Imported weights (``qk_jax.convert``): stage 1 starts the VLM from Qwen2.5-VL-7B and the VAE from FLUX.1's;
+    # stage 2 may start the MMDiT from a FLUX-layout checkpoint. Folders of transformers/diffusers safetensors.
+    config.pretrained = ml_collections.ConfigDict(dict(
+        vlm=ml_collections.config_dict.placeholder(str), vae=ml_collections.config_dict.placeholder(str),
+        mmdit=ml_collections.config_dict.placeholder(str)))
+    # A JSONL manifest (``qk_jax.data.manifest``). Unset on the ShapesWorld configs: the trainer generates
+    # ``data.num_samples`` samples into ``data.dir`` (default ``<workdir>/data``).
+    config.data.manifest = ml_collections.config_dict.placeholder(str)
+    config.data.dir = ml_collections.config_dict.placeholder(str)
+    config.data.num_samples = pick(variant, paper=0, shapes=4000, tiny=64)
     return config
 
 
@@ -218,9 +234,10 @@ def vlm(variant):
     # The LLM is causal; queries appended after the prompt keep that mask ('bidirectional' among the queries
     # is the alternative). The paper does not say.
     config.query_attention = "causal"
-    # Table 9: "Text (512) & query (128)". ShapesWorld prompts are <= 40 words plus 18 tokens per image
-    # (16 merged patches and the vision start/end tokens), 3 images at most.
-    config.max_text_tokens = pick(variant, paper=512, shapes=128, tiny=32)
+    # Table 9: "Text (512) & query (128)". ShapesWorld and the tests tokenize with the byte-level stand-in
+    # (``qk_jax.data.pipeline.ByteProcessor``): the longest prompt has 145 bytes, plus 18 tokens per 64-px image
+    # (16 merged patches and the vision start/end tokens; 6 at 32 px), two images at most.
+    config.max_text_tokens = pick(variant, paper=512, shapes=192, tiny=192)
     config.frozen_dtype = pick(variant, paper="bfloat16", shapes="float32", tiny="float32")
     config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0, targets=VLM_LORA_TARGETS))
     return config
@@ -343,4 +360,6 @@ def optim(lr, warmup_steps):
     """
     return ml_collections.ConfigDict(dict(
         name="adamw", lr=lr, schedule="constant", warmup_steps=warmup_steps,
-        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0))
+        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,
+        grad_accum_steps=1,
+        max_nonfinite=10))  # updates skipped for NaN/inf gradients before the run stops

@@ -20,7 +20,6 @@ from qk_jax.training import state as st
 
 def _config(module, **overrides):
     config = module.get_config("tiny")
-    config.vlm.max_text_tokens = 256  # the byte-level stand-in tokenizer spends one token per character
     for key, value in overrides.items():
         config[key] = value
     return config

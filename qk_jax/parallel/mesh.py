@@ -68,3 +68,37 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def data_axes_size(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> int:
+    return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+
+
+def zero_sharding(shape: Sequence[int], mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> NamedSharding:
+    """ZeRO sharding of one optimizer-state (or gradient) leaf: its largest dim divisible by the data-parallel
+    size is split over ``axes``; a leaf with no such dim (scalars, small biases) is replicated."""
+    size = data_axes_size(mesh, axes)
+    spec = [None] * len(shape)
+    if size > 1:
+        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[dim] % size == 0:
+                spec[dim] = tuple(a for a in axes if a in mesh.shape)
+                break
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def batch_sharding(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> NamedSharding:
+    """Leading (batch) dim split over the data-parallel axes, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(tuple(a for a in axes if a in mesh.shape)))
+
+
+def shard_batch(batch: Any, mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> Any:
+    """Put a host batch (dict of NumPy arrays) on the mesh, batch dim over the data-parallel axes.
+
+    Single-process: ``device_put``. Multi-process: each host holds its own rows (the data pipeline shards by
+    process), assembled into one global array.
+    """
+    sharding = batch_sharding(mesh, axes)
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -1,0 +1,237 @@
+r"""Train Query-Kontext: one stage, or a whole curriculum.
+
+``python -m qk_jax.train --config configs/stage3.py:shapes --workdir /tmp/qk_stage3 [--config.optim.lr=1e-4]``
+``python -m qk_jax.train --config configs/shapes.py --workdir runs/shapes``  (stages 1 -> 2 -> 3 back to back)
+
+A stage, in order: set-up (mesh, model, the stage's starting params from ``config.init_from`` or random/imported,
+shardings, train state, data pipeline, resume from the latest checkpoint), the jitted step, the loop (progress
+line, metrics JSONL/TensorBoard, periodic asynchronous checkpoints with the data iterator's state), and the end
+(a final checkpoint and a self-contained model in ``<workdir>/final``, which the next stage and the sampler
+read). Rerunning the same command resumes where the last checkpoint left off; a finished stage is skipped.
+
+The ShapesWorld configs generate their data under ``<workdir>/data`` (curriculum) when ``config.data.manifest``
+is unset.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging as pylogging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from qk_jax.data import pipeline as pipeline_lib
+from qk_jax.data import shapes
+from qk_jax.data.manifest import TASKS
+from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig, vlm_image_grid
+from qk_jax.parallel import mesh as mesh_lib
+from qk_jax.pytree import leaf_paths
+from qk_jax.training import checkpoint as ckpt
+from qk_jax.training import metrics as metrics_lib
+from qk_jax.training import stages
+from qk_jax.training import state as state_lib
+from qk_jax.training.step import make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file: configs/stageN.py[:variant] or configs/shapes.py.",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the final model go.")
+
+# The batch entries the model reads (the rest of the pipeline's schema is bookkeeping for the host).
+MODEL_KEYS = ("target", "inputs", "roles", "image_present", "input_ids", "attention_mask", "pixel_values", "task",
+              "valid")
+# Step metrics summed between two log lines (divided by the step count for the line); lr and the non-finite
+# counter are read at the last step.
+SUMMED = ("loss", "grad_norm", "task_loss_sum", "task_count")
+
+
+def _param_shardings(model: QueryKontext, mesh, config) -> dict[str, Any]:
+    """Per component: the VLM by its tensor-parallel rules, the rest by the MMDiT's (replicated: ZeRO-2)."""
+    abstract = model.abstract_params()
+    rules = dict(vlm=config.sharding.vlm_rules)
+    return {name: mesh_lib.logical_shardings(tree, mesh, rules.get(name, config.sharding.mmdit_rules))
+            for name, tree in abstract.items()}
+
+
+def _subset(tree: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``tree`` with ``like``'s nested keys."""
+    return {k: _subset(tree[k], v) if isinstance(v, Mapping) else tree[k] for k, v in like.items()}
+
+
+def _state_shardings(state: state_lib.TrainState, params_sh: Mapping[str, Any], mesh, config
+                     ) -> state_lib.TrainState:
+    """Shardings of every field: params by the logical rules, optimizer moments ZeRO-sharded over data x fsdp."""
+    import flax.linen as nn
+
+    params_sh = nn.meta.unbox(params_sh)
+    axes = tuple(config.sharding.get("opt_state_axes", ("data", "fsdp")))
+    trainable_sh = _subset(params_sh, state.trainable)
+    return state.replace(
+        step=mesh_lib.replicated(mesh),
+        trainable=trainable_sh,
+        frozen=_subset(params_sh, state.frozen),
+        opt_state=jax.tree.map(lambda x: mesh_lib.zero_sharding(x.shape, mesh, axes), state.opt_state),
+        ema=None if state.ema is None else trainable_sh,
+        rng=mesh_lib.replicated(mesh),
+    )
+
+
+def _cast_frozen(frozen: dict[str, Any], config) -> dict[str, Any]:
+    """The frozen VLM in ``config.vlm.frozen_dtype`` (bf16 at paper scale: half the memory, no optimizer)."""
+    dtype = jnp.dtype(config.vlm.get("frozen_dtype", "float32"))
+    if "vlm" in frozen:
+        frozen = dict(frozen, vlm=jax.tree.map(lambda x: x.astype(dtype), frozen["vlm"]))
+    return frozen
+
+
+def _manifest(config, default_dir: str) -> str:
+    """``config.data.manifest``, or ShapesWorld generated once into ``config.data.dir`` (default ``default_dir``)."""
+    manifest = config.data.get("manifest")
+    if manifest:
+        return manifest
+    if "world" not in config.data:
+        raise ValueError("config.data.manifest is not set; give a manifest (qk_jax.data.manifest) for this config")
+    data_dir = config.data.get("dir") or default_dir
+    path = os.path.join(data_dir, "train", "manifest.jsonl")
+    if not os.path.exists(path):
+        world = shapes.World.from_config(config.data.world, size=int(config.data.resolution))
+        num = int(config.data.get("num_samples", 2000))
+        logging.info("generating ShapesWorld: %d samples at %d px in %s", num, world.size, data_dir)
+        shapes.write_split(data_dir + ".tmp", "train", num, int(config.get("seed", 0)), world, shapes.TASKS)
+        os.replace(data_dir + ".tmp", data_dir)  # complete or absent: a crash mid-generation leaves no manifest
+    return path
+
+
+def train_stage(config, workdir: str) -> str:
+    """Train one stage in ``workdir``; returns the final model directory."""
+    final_dir = os.path.join(workdir, stages.FINAL)
+    if os.path.exists(os.path.join(final_dir, ckpt.MODEL_CONFIG_FILE)):
+        logging.info("stage %s is complete (%s); skipping", config.stage, final_dir)
+        return final_dir
+    os.makedirs(workdir, exist_ok=True)
+
+    # --- set-up ---------------------------------------------------------------------------------------------
+    mesh = mesh_lib.make_mesh(config.mesh)
+    model = QueryKontext(QueryKontextConfig.from_config(config))
+    init_rng, state_rng = jax.random.split(jax.random.key(int(config.get("seed", 0))))
+    params = stages.initial_params(model, config, init_rng)
+    params_sh = _param_shardings(model, mesh, config)
+    optimizer = state_lib.make_optimizer(config.optim, int(config.total_steps))
+    schedule = state_lib.learning_rate_schedule(config.optim, int(config.total_steps))
+    state = state_lib.init_state(params, config.trainable, optimizer, state_rng, config.get("ema_decay"))
+    state = state.replace(frozen=_cast_frozen(state.frozen, config))
+    state_sh = _state_shardings(state, params_sh, mesh, config)
+    state = jax.device_put(state, state_sh)
+    del params
+
+    counts = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+              for name, tree in (("trainable", state.trainable), ("frozen", state.frozen))}
+    logging.info("stage %s | mesh %s | parameters: %s total, %s trainable, %s frozen", config.stage,
+                 dict(mesh.shape), f"{sum(counts.values()):,}", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+    logging.info("trainable leaves: %d (e.g. %s)", len(leaf_paths(state.trainable)), leaf_paths(state.trainable)[:3])
+
+    data = pipeline_lib.make_pipeline(config, manifest=_manifest(config, os.path.join(workdir, "data")))
+    iterator = iter(data)
+    checkpointer = ckpt.Checkpointer(workdir, save_every=int(config.get("checkpoint_every", 500)),
+                                     keep=int(config.get("keep_checkpoints", 3)))
+    if checkpointer.latest_step() is not None:
+        state, data_state, _ = checkpointer.restore(state)
+        iterator.set_state(data_state)
+        logging.info("resumed from step %d", int(state.step))
+    meta = dict(stage=int(config.stage))
+
+    # --- the step ---------------------------------------------------------------------------------------------
+    step_fn = make_train_step(model, optimizer, schedule, state_sh)
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    total = int(config.total_steps)
+    log_every = int(config.get("log_every", 10))
+    start = int(state.step)
+    writer = metrics_lib.MetricsWriter(workdir, start_step=start) if jax.process_index() == 0 else None
+    progress = metrics_lib.Progress(total, start_step=start, every=log_every)
+    acc, last_logged = None, start
+    max_nonfinite = int(config.optim.get("max_nonfinite", 10))
+    for step in range(start + 1, total + 1):
+        host_batch = next(iterator)
+        grid = vlm_image_grid(host_batch)
+        batch = mesh_lib.shard_batch({k: host_batch[k] for k in MODEL_KEYS if k in host_batch}, mesh)
+        state, metrics = step_fn(state, batch, grid)
+        summed = {k: metrics[k] for k in SUMMED}
+        acc = summed if acc is None else jax.tree.map(jnp.add, acc, summed)
+        if step % log_every == 0 or step == total:
+            host, latest = jax.device_get((acc, {k: metrics[k] for k in ("lr", "nonfinite")}))
+            n = step - last_logged
+            scalars = dict(loss=float(host["loss"]) / n, grad_norm=float(host["grad_norm"]) / n,
+                           lr=float(latest["lr"]), nonfinite=int(latest["nonfinite"]))
+            scalars.update(metrics_lib.task_losses(host["task_loss_sum"], host["task_count"], TASKS))
+            if writer is not None:
+                writer.write(step, scalars)
+                progress.update(step, scalars, images_in_step=int(config.batch_size) * n)
+            if scalars["nonfinite"] > max_nonfinite:
+                raise FloatingPointError(
+                    f"{scalars['nonfinite']} updates skipped for NaN/inf gradients (optim.max_nonfinite="
+                    f"{max_nonfinite}); lower optim.lr or check the data. The last good checkpoint is in {workdir}")
+            acc, last_logged = None, step
+        checkpointer.save(state, iterator.get_state(), meta)
+
+    # --- the end ----------------------------------------------------------------------------------------------
+    if checkpointer.latest_step() != int(state.step):
+        checkpointer.save(state, iterator.get_state(), meta, force=True)
+    checkpointer.close()
+    if writer is not None:
+        writer.close()
+    trained = state.ema if state.ema is not None else state.trainable
+    ckpt.save_model(final_dir, config, state_lib.combine(jax.device_get(trained), jax.device_get(state.frozen)),
+                    meta=dict(meta, step=int(state.step), ema=state.ema is not None))
+    if writer is not None:
+        metrics_lib.plot(os.path.join(workdir, metrics_lib.JSONL), os.path.join(workdir, "loss.png"),
+                         keys=("loss", "loss/.*"))
+    logging.info("stage %s done: %s", config.stage, final_dir)
+    return final_dir
+
+
+def run_curriculum(config, workdir: str) -> None:
+    """Every stage of ``config.stages`` in ``workdir/<name>``, each starting from the one before."""
+    data_dir = os.path.join(workdir, "data")
+    for stage_config in config.stages:
+        stage_config = copy.deepcopy(stage_config)
+        if stage_config.get("init_from") and not os.path.isabs(stage_config.init_from):
+            stage_config.init_from = os.path.join(workdir, stage_config.init_from)
+        stage_config.data.dir = data_dir
+        started = time.time()
+        train_stage(stage_config, os.path.join(workdir, stage_config.name))
+        logging.info("%s took %s", stage_config.name, metrics_lib.format_duration(time.time() - started))
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Keep Orbax's per-save INFO chatter out of the progress log (warnings and errors still show)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if config is None or not workdir:
+        raise app.UsageError("give --config configs/stageN.py[:variant] (or configs/shapes.py) and --workdir DIR")
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
+        jax.distributed.initialize()  # multi-host: TPU pod workers or one process per GPU node
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.info("config:\n%s", config)
+    if "stages" in config:
+        run_curriculum(config, workdir)
+    else:
+        train_stage(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,120 @@
+"""Where a stage's parameters come from (paper table 3, section 3.2).
+
+- stage 1: random components at the CPU scales; at paper scale the VLM and the VAE come from imported
+  Qwen2.5-VL / FLUX.1 weights (``config.pretrained.vlm`` / ``.vae``: folders for ``qk_jax.convert``).
+- 1 -> 2: the VLM's LoRA is merged into its weights (then frozen), stage 1's light head is dropped and the
+  large MMDiT comes in (``config.pretrained.mmdit``, a diffusers FLUX-layout folder, or random).
+- 2 -> 3: the MMDiT gains LoRA adapters (fresh: A random, B zero, so the model's output is unchanged).
+- 3 -> 3 (3b, the 1024 upscale): the same parameters; resolution and lr change in the config.
+
+Each stage reads the previous stage's final model checkpoint (``<init_from>/final``, written by
+``checkpoint.save_model``) and refuses one from the wrong stage or with other component dims.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from qk_jax.models import lora as lora_lib
+from qk_jax.models.query_kontext import QueryKontext
+from qk_jax.training import checkpoint as ckpt
+
+FINAL = "final"  # a stage's self-contained model checkpoint: <workdir>/final
+
+# Which components must be identical between the previous stage's model and this one.
+_KEPT = {2: ("vlm", "connector", "vae"), 3: ("vlm", "connector", "vae", "mmdit")}
+
+
+def model_signature(config: Mapping[str, Any], component: str) -> dict:
+    """A component's config as plain JSON-like data (tuples as lists), LoRA excluded: transitions change it."""
+    block = config[component]
+    block = dict(block.to_dict() if hasattr(block, "to_dict") else block)
+    block.pop("lora", None)
+    return _plain(block)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check(saved: Mapping[str, Any], saved_stage: int, config: Mapping[str, Any], source: str) -> None:
+    stage = int(config["stage"])
+    allowed = {2: (1,), 3: (2, 3)}[stage]
+    if saved_stage not in allowed:
+        raise ckpt.CheckpointMismatchError(
+            f"{source} is a stage {saved_stage} model, but stage {stage} starts from stage"
+            f" {' or '.join(map(str, allowed))}; point config.init_from at the previous stage's workdir")
+    for component in _KEPT[stage]:
+        ours, theirs = model_signature(config, component), model_signature(saved, component)
+        if ours != theirs:
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            raise ckpt.CheckpointMismatchError(
+                f"{source}: its {component} differs from config.{component} in {diff[:6]}; the stages of one"
+                " curriculum must share these dims")
+
+
+def initial_params(model: QueryKontext, config: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
+    """The parameters a stage starts from (see the module docstring)."""
+    init_from = config.get("init_from")
+    pretrained = dict(config.get("pretrained") or {})
+    if not init_from:
+        if int(config["stage"]) != 1:
+            raise ValueError(f"stage {config['stage']} needs config.init_from (the previous stage's workdir)")
+        params = model.init(rng)
+        return _load_pretrained(params, pretrained, ("vlm", "vae", "mmdit"))
+
+    source = os.path.join(init_from, FINAL)
+    saved_config, params, meta = ckpt.load_model(source)
+    stage, previous = int(config["stage"]), int(saved_config["stage"])
+    _check(saved_config, previous, config, source)
+    params = dict(params)
+    if stage == 2 and previous == 1:
+        params["vlm"] = lora_lib.merge_lora(params["vlm"], float(saved_config["vlm"]["lora"]["alpha"]))
+        params["mmdit"] = model.init(rng, components=("mmdit",))["mmdit"]  # the large MMDiT replaces the head
+        params = _load_pretrained(params, pretrained, ("mmdit",))
+    elif stage == 3 and previous == 2:
+        fresh = model.init(rng, components=("mmdit",))["mmdit"]
+        params["mmdit"] = _graft(params["mmdit"], lora_lib.lora_params(fresh))
+    return params
+
+
+def _graft(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with the leaves of ``extra`` added (nested dicts)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _graft(out.get(key, {}), value) if isinstance(value, Mapping) else value
+    return out
+
+
+def _load_pretrained(params: dict[str, Any], pretrained: Mapping[str, Any], components: tuple[str, ...]
+                     ) -> dict[str, Any]:
+    """Replace components by imported weights where ``config.pretrained.<component>`` names a folder."""
+    for component in components:
+        folder = pretrained.get(component)
+        if not folder:
+            continue
+        if component == "vlm":
+            from qk_jax.convert import hf_qwen_vl
+
+            _, loaded = hf_qwen_vl.load(folder)
+            loaded = _graft(loaded, {k: v for k, v in params["vlm"].items() if k == "kontext_queries"})
+            params["vlm"] = _graft(loaded, lora_lib.lora_params(params["vlm"]))
+        elif component == "vae":
+            from qk_jax.convert import diffusers_vae
+
+            params["vae"] = diffusers_vae.load(folder)[1]
+        else:
+            from qk_jax.convert import diffusers_mmdit
+
+            params["mmdit"] = _graft(diffusers_mmdit.load(folder)[1], lora_lib.lora_params(params["mmdit"]))
+    return params
