@@ -20,11 +20,13 @@ import logging as pylogging
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -68,8 +70,6 @@ def _subset(tree: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
 def _state_shardings(state: state_lib.TrainState, params_sh: Mapping[str, Any], mesh, config
                      ) -> state_lib.TrainState:
     """Shardings of every field: params by the logical rules, optimizer moments ZeRO-sharded over data x fsdp."""
-    import flax.linen as nn
-
     params_sh = nn.meta.unbox(params_sh)
     axes = tuple(config.sharding.get("opt_state_axes", ("data", "fsdp")))
     trainable_sh = _subset(params_sh, state.trainable)
@@ -109,6 +109,29 @@ def _manifest(config, default_dir: str) -> str:
     return path
 
 
+class Setup(NamedTuple):
+    """What a stage trains with: the model, the optimizer and its schedule, the sharded state and its layout."""
+
+    model: QueryKontext
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    state: state_lib.TrainState
+    state_shardings: state_lib.TrainState
+
+
+def build(config, mesh) -> Setup:
+    """The model, the stage's starting params (``stages.initial_params``) split into a sharded train state."""
+    model = QueryKontext(QueryKontextConfig.from_config(config))
+    init_rng, state_rng = jax.random.split(jax.random.key(int(config.get("seed", 0))))
+    params = stages.initial_params(model, config, init_rng)
+    optimizer = state_lib.make_optimizer(config.optim, int(config.total_steps))
+    schedule = state_lib.learning_rate_schedule(config.optim, int(config.total_steps))
+    state = state_lib.init_state(params, config.trainable, optimizer, state_rng, config.get("ema_decay"))
+    state = state.replace(frozen=_cast_frozen(state.frozen, config))
+    state_sh = _state_shardings(state, _param_shardings(model, mesh, config), mesh, config)
+    return Setup(model, optimizer, schedule, jax.device_put(state, state_sh), state_sh)
+
+
 def train_stage(config, workdir: str) -> str:
     """Train one stage in ``workdir``; returns the final model directory."""
     final_dir = os.path.join(workdir, stages.FINAL)
@@ -119,17 +142,8 @@ def train_stage(config, workdir: str) -> str:
 
     # --- set-up ---------------------------------------------------------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
-    model = QueryKontext(QueryKontextConfig.from_config(config))
-    init_rng, state_rng = jax.random.split(jax.random.key(int(config.get("seed", 0))))
-    params = stages.initial_params(model, config, init_rng)
-    params_sh = _param_shardings(model, mesh, config)
-    optimizer = state_lib.make_optimizer(config.optim, int(config.total_steps))
-    schedule = state_lib.learning_rate_schedule(config.optim, int(config.total_steps))
-    state = state_lib.init_state(params, config.trainable, optimizer, state_rng, config.get("ema_decay"))
-    state = state.replace(frozen=_cast_frozen(state.frozen, config))
-    state_sh = _state_shardings(state, params_sh, mesh, config)
-    state = jax.device_put(state, state_sh)
-    del params
+    setup = build(config, mesh)
+    state = setup.state
 
     counts = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
               for name, tree in (("trainable", state.trainable), ("frozen", state.frozen))}
@@ -148,7 +162,7 @@ def train_stage(config, workdir: str) -> str:
     meta = dict(stage=int(config.stage))
 
     # --- the step ---------------------------------------------------------------------------------------------
-    step_fn = make_train_step(model, optimizer, schedule, state_sh)
+    step_fn = make_train_step(setup.model, setup.optimizer, setup.schedule, setup.state_shardings)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     total = int(config.total_steps)

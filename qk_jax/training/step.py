@@ -36,7 +36,7 @@ def train_step(
     new_state = apply_gradients(state.replace(rng=rng), grads, optimizer)
     metrics = dict(
         loss=loss,
-        grad_norm=optax.global_norm(grads),
+        grad_norm=optax.tree.norm(grads),
         lr=jnp.asarray(schedule(state.step), jnp.float32),
         task_loss_sum=aux.task_loss_sum,
         task_count=aux.task_count,
