@@ -155,8 +155,10 @@ def train_stage(config, workdir: str) -> str:
     iterator = iter(data)
     checkpointer = ckpt.Checkpointer(workdir, save_every=int(config.get("checkpoint_every", 500)),
                                      keep=int(config.get("keep_checkpoints", 3)))
+    checkpointer.save_frozen(state.frozen)  # once per stage: frozen weights never change
     if checkpointer.latest_step() is not None:
         state, data_state, _ = checkpointer.restore(state)
+        state = state.replace(frozen=checkpointer.restore_frozen(state.frozen))
         iterator.set_state(data_state)
         logging.info("resumed from step %d", int(state.step))
     meta = dict(stage=int(config.stage))

@@ -79,6 +79,21 @@ def test_stage_transitions(curriculum):
     assert any(k.endswith("lora_b") and np.any(v) for k, v in flat3.items())
 
 
+def test_a_stage_refuses_the_wrong_previous_stage(curriculum, tmp_path):
+    from configs import stage3
+    from qk_jax.training import stages
+
+    config = stage3.get_config("tiny")
+    config.init_from = os.path.join(curriculum, "stage1")  # stage 3 must start from stage 2
+    with pytest.raises(ckpt.CheckpointMismatchError, match="stage 1 model, but stage 3 starts from stage 2"):
+        train.build(config, mesh_lib.make_mesh(config.mesh))
+    config.init_from = os.path.join(curriculum, "stage2")
+    config.connector.hidden_features = 24  # another connector than the one stage 2 trained
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"connector differs .*hidden_features"):
+        stages.initial_params(None, config, jax.random.key(0))
+    assert os.path.isdir(os.path.join(curriculum, "stage3", "frozen"))  # frozen weights saved once per stage
+
+
 def _tiny_setup(tmp_path, **overrides):
     config = stage1.get_config("tiny")
     config.update(overrides)
