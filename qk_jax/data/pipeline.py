@@ -316,34 +316,14 @@ class MakeSample:
         num = len(inputs)
         kept = [] if drop_images else list(range(num))
 
-        # The processor's prompt: the kept images at their places (renumbered 1..), the text unless dropped.
-        parts = []
-        for piece in record.segments():
-            if isinstance(piece, int):
-                if piece in kept:
-                    parts.append(f"<image {kept.index(piece) + 1}>")
-            elif not drop_text:
-                parts.append(piece)
-        out = self.processor("".join(parts), [inputs[k] for k in kept])
-        ids = np.asarray(out["input_ids"], np.int32)
-        if ids.shape[0] > s.max_text_tokens:
-            raise RecordError("too_long", record.id, "prompt", f"{ids.shape[0]} tokens with its images, over "
-                              f"vlm.max_text_tokens={s.max_text_tokens}; shorten it or raise the limit")
-        input_ids = np.full((s.max_text_tokens,), s.pad_token_id, np.int32)
-        input_ids[: ids.shape[0]] = ids
-        attention_mask = (np.arange(s.max_text_tokens) < ids.shape[0]).astype(np.int32)
-
         grid = tuple(int(g) for g in self.processor.image_grid_thw(height, width))
-        patches = grid[0] * grid[1] * grid[2]
-        pixel_values = np.zeros((num, patches, self.processor.patch_dim), np.float32)
-        got = np.asarray(out["pixel_values"], np.float32)
-        if got.shape != (len(kept) * patches, self.processor.patch_dim):
-            raise ValueError(f"the VLM processor returned pixel_values of shape {got.shape} for {len(kept)} images of "
-                             f"{height}x{width}; its image_grid_thw and patch_dim promise "
-                             f"({len(kept) * patches}, {self.processor.patch_dim})")
-        pixel_values[kept] = got.reshape(len(kept), patches, self.processor.patch_dim)
-        present = np.zeros((num,), bool)
-        present[kept] = True
+        try:
+            row = vlm_inputs(self.processor, record.segments(), inputs, kept, drop_text=drop_text,
+                             patches=grid[0] * grid[1] * grid[2], max_tokens=s.max_text_tokens,
+                             pad_token_id=s.pad_token_id)
+        except PromptTooLong as e:
+            raise RecordError("too_long", record.id, "prompt", f"{e}; shorten it or raise the limit") from None
+        present = row["image_present"]
 
         codes = {"source": rope.SOURCE, "reference": rope.REFERENCE}
         roles = np.asarray([codes.get(inp.role, rope.NONE) if (s.in_context and present[k]) else rope.NONE
@@ -352,9 +332,9 @@ class MakeSample:
             target=target,
             roles=roles,
             image_present=present,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
+            input_ids=row["input_ids"],
+            attention_mask=row["attention_mask"],
+            pixel_values=row["pixel_values"],
             image_grid_thw=np.tile(np.asarray(grid, np.int32), (num, 1)),
             task=np.int32(manifest_lib.TASKS.index(record.task)),
             record_index=np.int64(record.index),
@@ -367,6 +347,51 @@ class MakeSample:
                 stacked[k] = inputs[k]
             sample["inputs"] = stacked
         return sample
+
+
+class PromptTooLong(ValueError):
+    """A prompt whose tokens (with its images') do not fit ``vlm.max_text_tokens``."""
+
+
+def vlm_inputs(processor: VLMProcessor, pieces: Sequence[str | int], images: Sequence[np.ndarray],
+               kept: Sequence[int], *, drop_text: bool, patches: int, max_tokens: int, pad_token_id: int,
+               extra_text: str = "") -> dict[str, np.ndarray]:
+    """One sample's VLM row, as training's guidance dropout builds it (and the sampler's guidance branches).
+
+    The prompt is ``pieces`` (text and 0-based image indices, ``manifest.prompt_segments``) with the ``kept``
+    images at their places (renumbered ``<image 1>``..), the text unless ``drop_text``, then ``extra_text`` (the
+    sampler's negative prompt). ``kept`` is every image or none: guidance drops the input images together.
+    Returns ``input_ids``/``attention_mask`` ``[max_tokens]`` (right-padded with
+    ``pad_token_id``), ``pixel_values`` ``[len(images), patches, D]`` (rows of dropped images are zeros; kept
+    rows in prompt order) and ``image_present`` ``[len(images)]``.
+    """
+    kept = list(kept)
+    if kept not in ([], list(range(len(images)))):
+        raise ValueError(f"kept={kept}: guidance keeps all {len(images)} input images or none")
+    parts = []
+    for piece in pieces:
+        if isinstance(piece, int):
+            if piece in kept:
+                parts.append(f"<image {kept.index(piece) + 1}>")
+        elif not drop_text:
+            parts.append(piece)
+    out = processor("".join(parts) + extra_text, [images[k] for k in kept])
+    ids = np.asarray(out["input_ids"], np.int32)
+    if ids.shape[0] > max_tokens:
+        raise PromptTooLong(f"{ids.shape[0]} tokens with its images, over vlm.max_text_tokens={max_tokens}")
+    input_ids = np.full((max_tokens,), pad_token_id, np.int32)
+    input_ids[: ids.shape[0]] = ids
+    num, dim = len(images), processor.patch_dim
+    pixel_values = np.zeros((num, patches, dim), np.float32)
+    got = np.asarray(out["pixel_values"], np.float32)
+    if got.shape != (len(kept) * patches, dim):
+        raise ValueError(f"the VLM processor returned pixel_values of shape {got.shape} for {len(kept)} images; its "
+                         f"image_grid_thw and patch_dim promise ({len(kept) * patches}, {dim})")
+    pixel_values[: len(kept)] = got.reshape(len(kept), patches, dim)
+    present = np.zeros((num,), bool)
+    present[kept] = True
+    return dict(input_ids=input_ids, attention_mask=(np.arange(max_tokens) < ids.shape[0]).astype(np.int32),
+                pixel_values=pixel_values, image_present=present)
 
 
 def collate(samples: Sequence[Mapping[str, np.ndarray]], batch_size: int) -> dict[str, np.ndarray]:
