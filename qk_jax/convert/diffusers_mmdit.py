@@ -128,13 +128,8 @@ def _our_shapes(config: MMDiTConfig) -> dict[str, tuple[int, ...]]:
 
 def load_config(path: str | os.PathLike) -> MMDiTConfig:
     """The ``MMDiTConfig`` of a diffusers folder; raises ``CheckpointError`` for another model's folder."""
-    raw = read_config(path)
-    found = raw.get("_class_name")
-    if found != CLASS_NAME:
-        raise CheckpointError(
-            f"{path}: config.json has _class_name={found!r}, expected {CLASS_NAME!r}. Point at the FLUX transformer"
-            " folder (the 'transformer' subfolder of a FLUX pipeline), not a pipeline, VAE or text encoder."
-        )
+    raw = read_config(path, CLASS_NAME, "Point at the FLUX transformer folder (the 'transformer' subfolder of a"
+                      " FLUX pipeline), not a pipeline, VAE or text encoder.")
     fields = {f.name for f in dataclasses.fields(MMDiTConfig)}
     ignored = sorted(k for k in raw if k not in fields and not k.startswith("_"))
     if ignored:

@@ -103,13 +103,8 @@ def name_table(config: VAEConfig) -> list[Row]:
 
 def config_from_folder(path: str | os.PathLike) -> VAEConfig:
     """The ``VAEConfig`` of a diffusers ``AutoencoderKL`` folder (its config.json)."""
-    raw = read_config(path)
-    class_name = raw.get("_class_name")
-    if class_name != CLASS_NAME:
-        raise CheckpointError(
-            f"{path}: config.json has _class_name={class_name!r}, expected {CLASS_NAME!r}; point at the VAE's own "
-            "folder (in a FLUX or SD repository that is the 'vae' subfolder)"
-        )
+    raw = read_config(path, CLASS_NAME, "Point at the VAE's own folder (in a FLUX or SD repository that is the"
+                      " 'vae' subfolder).")
     try:
         return VAEConfig.from_config(raw)
     except ValueError as e:

@@ -24,13 +24,18 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be converted; the message names the file or tensor and the fix."""
 
 
-def read_config(folder: str | os.PathLike) -> dict:
-    """``config.json`` of a transformers/diffusers folder."""
+def read_config(folder: str | os.PathLike, class_name: str | None = None, hint: str = "") -> dict:
+    """``config.json`` of a transformers/diffusers folder; with ``class_name``, a diffusers folder of that model
+    (``_class_name``), else a ``CheckpointError`` that names what was found and ``hint``s the right folder."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json; expected a save_pretrained() folder")
     with open(path) as f:
-        return json.load(f)
+        config = json.load(f)
+    found = config.get("_class_name")
+    if class_name is not None and found != class_name:
+        raise CheckpointError(f"{folder}: config.json has _class_name={found!r}, expected {class_name!r}. {hint}")
+    return config
 
 
 class SafetensorsReader:
