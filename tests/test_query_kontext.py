@@ -169,3 +169,25 @@ def test_real_batches_mix_tasks_and_bad_configs_raise(stage3_setup):
     with pytest.raises(ValueError, match="config.placement"):
         QueryKontextConfig.from_config(_config(stage3, placement="sideways"))
     assert lora_lib.LoRAConfig().rank == 0
+
+
+def test_paper_configs_assemble_at_full_size():
+    """jax.eval_shape only: the paper's stage 1 and stage 3 models, component by component."""
+    import math
+
+    import flax.linen as nn
+
+    def counts(module):
+        model = QueryKontext(QueryKontextConfig.from_config(module.get_config()))
+        return {k: sum(math.prod(x.shape) for x in jax.tree.leaves(v))
+                for k, v in nn.meta.unbox(model.abstract_params()).items()}
+
+    queries = 128 * 3584
+    vlm_lora = 322_961_408  # r = 128 on the 7 attention/MLP projections of 28 layers
+    assert counts(stage1) == dict(vlm=8_292_166_656 + queries + vlm_lora, connector=5_901_760,
+                                  mmdit=867_713_600, vae=34_274_208 + 49_545_475)
+    s3 = counts(stage3)
+    assert s3["vlm"] == 8_292_166_656 + queries and s3["mmdit"] > 9_952_604_736  # + r = 256 MMDiT LoRA
+    # Per double block: 8 attention projections 2560 -> 2560 and, per stream, FFN 2560 -> 10240 -> 2560.
+    lora_per_block = 8 * 256 * (2560 + 2560) + 2 * (256 * (2560 + 10240) + 256 * (10240 + 2560))
+    assert s3["mmdit"] - 9_952_604_736 == 42 * lora_per_block == 990_904_320
