@@ -1,0 +1,157 @@
+"""Parity of the exported model in torch (``qk_jax.convert.torch_reference``) with ``QueryKontext`` in JAX.
+
+A tiny stage-3 checkpoint (``configs/stage3.py:tiny``) with every parameter drawn at random, the MMDiT's LoRA
+adapters included (``lora_b`` non-zero: the LoRA is randomised, not trained), is saved with ``save_model``,
+exported with ``python -m qk_jax.convert export`` and loaded back with transformers/diffusers'
+``from_pretrained``. The same prompt, images and latents go through both sides: the VLM + connector output and
+the velocity of an edit sample (one source) and a customization sample (two references) in one batch must agree
+within 1e-4 in float32.
+"""
+
+import chex
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import stage3
+from qk_jax.convert import __main__ as cli
+from qk_jax.models import vae as vae_lib
+from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
+from qk_jax.ops import rope
+from qk_jax.pytree import flatten, unflatten
+from qk_jax.training import checkpoint as ckpt
+
+torch = pytest.importorskip("torch")
+from qk_jax.convert import torch_reference  # noqa: E402
+
+ATOL = 1e-4
+CONFIG = stage3.get_config("tiny")
+MODEL = QueryKontext(QueryKontextConfig.from_config(CONFIG))
+GRID = (1, 4, 4)  # one image in ViT patches: 2x2 merged tokens
+H = W = 2  # latent grid in tokens
+
+
+def random_params(seed=0):
+    """Every leaf random: kernels ~ N(0, 1/fan_in), norm scales 1 + N(0, 0.1^2), the rest N(0, 0.05^2) (LoRA's
+    ``lora_b`` too: the adapters change the output), queries N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, leaf in flatten(nn.meta.unbox(MODEL.abstract_params())).items():
+        shape = tuple(leaf.shape)
+        name = path.rsplit("/", 1)[-1]
+        if name == "scale":
+            value = 1 + 0.1 * rng.standard_normal(shape)
+        elif name in ("kernel", "lora_a") and len(shape) >= 2:
+            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+        elif name == "kontext_queries":
+            value = rng.standard_normal(shape)
+        else:
+            value = 0.05 * rng.standard_normal(shape)
+        out[path] = value.astype(np.float32)
+    return unflatten(out)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kontext")
+    params = random_params()
+    assert any(p.endswith("lora_b") for p in flatten(params["mmdit"]))
+    ckpt.save_model(root / "ckpt", CONFIG, params, meta=dict(stage=3))
+    cli.main(["export", "--checkpoint", str(root / "ckpt"), "--out", str(root / "export")])
+    return params, torch_reference.KontextPipeline.from_exported(root / "export")
+
+
+def prompts(seed=0):
+    """Two samples with two images each (vision start, 4 image pads, vision end), the second one padded."""
+    c = MODEL.config.vlm
+    rng = np.random.default_rng(seed)
+    image = [c.vision_start_token_id] + [c.image_token_id] * (np.prod(GRID) // 4) + [c.vision_end_token_id]
+    rows = [rng.integers(0, 90, 5).tolist() + image + rng.integers(0, 90, 3).tolist() + image + [7, 8],
+            rng.integers(0, 90, 2).tolist() + image + image + [9]]
+    length = max(map(len, rows))
+    ids = np.zeros((2, length), np.int32)
+    mask = np.zeros((2, length), np.int32)
+    for b, row in enumerate(rows):
+        ids[b, :len(row)], mask[b, :len(row)] = row, 1
+    pixels = rng.standard_normal((2, 2, int(np.prod(GRID)), c.vision.patch_dim)).astype(np.float32)  # [B, M, P, D]
+    return ids, mask, pixels
+
+
+def _torch_condition(pipe, ids, mask, pixels):
+    b, m, p, d = pixels.shape
+    return pipe.condition(torch.from_numpy(ids).long(), torch.from_numpy(mask).long(),
+                          torch.from_numpy(pixels.reshape(b * m * p, d)), torch.tensor([GRID] * (b * m)))
+
+
+@pytest.fixture(scope="module")
+def conditioned(exported):
+    """The conditioning of ``prompts()`` by JAX and by torch."""
+    params, pipe = exported
+    ids, mask, pixels = prompts()
+    return MODEL.condition(params, ids, mask, pixels, (GRID, GRID)), _torch_condition(pipe, ids, mask, pixels)
+
+
+def test_condition_matches_jax(conditioned):
+    ours, ref = conditioned
+    np.testing.assert_array_equal(np.asarray(ours.context_mask), ref.context_mask.numpy())
+    valid = np.asarray(ours.context_mask)
+    print("context max abs err:", np.abs(np.asarray(ours.context)[valid] - ref.context.numpy()[valid]).max())
+    chex.assert_trees_all_close(np.asarray(ours.context)[valid], ref.context.numpy()[valid], atol=ATOL, rtol=0)
+    chex.assert_trees_all_close(np.asarray(ours.pooled), ref.pooled.numpy(), atol=ATOL, rtol=0)
+
+
+def test_velocity_edit_and_customization_match_jax(exported, conditioned):
+    """Sample 0: editing (slot 0 a source, slot 1 empty); sample 1: customization with two references. Each side
+    uses its own conditioning (the joint VLM -> connector -> MMDiT path)."""
+    params, pipe = exported
+    cond, ref_cond = conditioned
+    rng = np.random.default_rng(1)
+    channels = MODEL.config.mmdit.in_channels
+    noisy = rng.standard_normal((2, H * W, channels)).astype(np.float32)
+    in_context = rng.standard_normal((2, 2, H * W, channels)).astype(np.float32)
+    roles = np.array([[rope.SOURCE, rope.NONE], [rope.REFERENCE, rope.REFERENCE]], np.int32)
+    t = np.array([0.3, 0.8], np.float32)
+
+    velocity = lambda p: np.asarray(MODEL.velocity(p, cond, jnp.asarray(noisy), jnp.asarray(t), (H, W),
+                                                   jnp.asarray(in_context), jnp.asarray(roles)))
+    ours = velocity(params)
+    ref = pipe.velocity(ref_cond, torch.from_numpy(noisy), torch.from_numpy(t), (H, W), torch.from_numpy(in_context),
+                        torch.from_numpy(roles)).numpy()
+    print("velocity max abs err:", np.abs(ours - ref).max(), "scale:", np.abs(ref).max())
+    chex.assert_trees_all_close(ours, ref, atol=ATOL, rtol=0)
+    # The randomised LoRA matters: without it the velocity is far off, so the export did merge it.
+    no_lora = unflatten({k: np.zeros_like(v) if k.endswith("lora_b") else v for k, v in flatten(params).items()})
+    assert np.abs(velocity(no_lora) - ref).max() > 100 * ATOL
+
+
+def test_srope_ids_match_jax():
+    roles = np.array([[rope.SOURCE, rope.REFERENCE, rope.REFERENCE]], np.int32)
+    layout = rope.in_context_layout(2, 3, jnp.asarray(roles))
+    tokens = np.arange(4 * 6, dtype=np.float32).reshape(4, 6, 1)  # target, slot 0, 1, 2
+    stream, ids, start = torch_reference.in_context_stream(torch.from_numpy(tokens[0]), torch.from_numpy(tokens[1:]),
+                                                           roles[0].tolist(), 2, 3)
+    np.testing.assert_array_equal(ids.numpy(), np.asarray(layout.ids[0]))
+    ours = np.asarray(rope.gather_blocks(jnp.asarray(tokens.reshape(1, -1, 1)), layout.order))[0]
+    np.testing.assert_array_equal(stream.numpy(), ours)
+    assert start == 6
+
+
+def test_euler_sampling_runs(exported, conditioned):
+    _, pipe = exported
+    cond = conditioned[1]
+    sigmas = pipe.sigmas(4, H * W)
+    assert sigmas[0] > sigmas[1] > sigmas[-2] > sigmas[-1] == 0
+    x = pipe.sample(cond, (H, W), num_steps=2, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, H * W, MODEL.config.mmdit.in_channels) and torch.isfinite(x).all()
+    images = pipe.decode(x, (H, W))
+    f = 2 * MODEL.config.vae.downsample_factor
+    assert images.shape == (2, 3, H * f, W * f)
+
+
+def test_decode_unpacks_as_qk_jax_packs():
+    """``decode``'s unpacking inverts ``qk_jax.models.vae.pack_latents`` (NHWC latents -> [B, h*w, 4C] tokens)."""
+    latents = np.random.default_rng(2).standard_normal((2, 2 * H, 2 * W, 3)).astype(np.float32)
+    tokens = torch.from_numpy(np.array(vae_lib.pack_latents(jnp.asarray(latents))))
+    z = torch_reference.unpack_latents(tokens, (H, W))
+    np.testing.assert_array_equal(z.numpy(), latents.transpose(0, 3, 1, 2))
