@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging as pylogging
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -104,6 +105,7 @@ def _manifest(config, default_dir: str) -> str:
         world = shapes.World.from_config(config.data.world, size=int(config.data.resolution))
         num = int(config.data.get("num_samples", 2000))
         logging.info("generating ShapesWorld: %d samples at %d px in %s", num, world.size, data_dir)
+        shutil.rmtree(data_dir + ".tmp", ignore_errors=True)  # a generation a crash cut short
         shapes.write_split(data_dir + ".tmp", "train", num, int(config.get("seed", 0)), world, shapes.TASKS)
         os.replace(data_dir + ".tmp", data_dir)  # complete or absent: a crash mid-generation leaves no manifest
     return path
