@@ -1,0 +1,315 @@
+r"""ShapesWorld evaluation: sample the held-out prompts of every task and score them with ``parse_scene``.
+
+::
+
+    python -m qk_jax.evaluate --checkpoint /tmp/qk_stage3/final --out /tmp/eval [--split test] [--num 200] \
+        [--seed 0] [--steps 28] [--batch 8] [--tasks t2i edit ...]
+
+Sample ``k`` of a task is ``shapes.generate_sample(world, [seed, k], task, split)`` (``split='test'``, the
+held-out one, by default), sampled with noise seed ``seed + k``: the same arguments give the same report. The
+generated image is read back with ``parse_scene`` and compared with the scene the prompt asks for (the sample's
+``target_scene``), GenEval-style:
+
+- ``t2i`` (``score_t2i``): ``single_object`` / ``two_objects`` (only samples whose target has 1 / 2 objects):
+  every asked object is drawn, shape and colour, anywhere; ``counting``: as many objects as asked;
+  ``colors``: every asked cell holds an object of the asked colour; ``position``: every asked cell holds an
+  object; ``attribute_binding``: every asked cell holds an object of the asked colour *and* shape;
+  ``overall``: the parsed scene is the asked scene exactly (sizes included, nothing extra).
+- ``edit`` (``score_edit``): ``success``: the parsed scene is the asked scene; ``preservation``: mean absolute
+  difference between output and source on [0, 1] pixels outside the edited cells (lower is better).
+  ShapesWorld keeps every cell an edit does not name pixel-identical, so the edited cells are the cells where
+  the target and the source differ (``changed_cells``).
+- ``custom`` / ``multi`` (``score_subjects``): ``identity``: each reference subject is drawn (shape, texture,
+  both colours), anywhere; ``placement``: each is drawn in the asked cell; ``overall``: exact scene.
+- ``subject_edit``: identity and placement of the subject, ``overall``, and preservation of the rest of the
+  source as for ``edit``.
+
+Every boolean category is a pass rate over the samples it applies to (``null`` when none does). Written to OUT:
+``report.json`` (rates, how many samples each category applies to, and every sample's prompt, seed, scenes
+and scores), ``report.md`` (a table per task) and ``TASK.png`` per task: one row per sample,
+``inputs | output | target`` under the prompt, the output framed green when the sample passes ``overall``
+(``success`` for edit) and red when it does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from qk_jax import sample as sample_lib
+from qk_jax.data import shapes
+
+TASKS = sample_lib.TASKS  # the tasks the sampler serves: t2i, edit, custom, multi, subject_edit
+T2I_CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "attribute_binding", "overall")
+EDIT_CATEGORIES = ("success",)
+SUBJECT_CATEGORIES = ("identity", "placement", "overall")
+CATEGORIES = dict(t2i=T2I_CATEGORIES, edit=EDIT_CATEGORIES, custom=SUBJECT_CATEGORIES, multi=SUBJECT_CATEGORIES,
+                  subject_edit=SUBJECT_CATEGORIES)
+PRESERVATION_TASKS = ("edit", "subject_edit")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring (pure functions on scenes and images)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _by_cell(scene: Sequence[Mapping]) -> dict[tuple[int, int], Mapping]:
+    return {tuple(o["cell"]): o for o in scene}
+
+
+def _color(obj: Mapping) -> tuple[str, ...]:
+    """A plain object's colour, or a subject's two colours."""
+    return tuple(obj["colors"]) if shapes.is_subject(obj) else (obj["color"],)
+
+
+def _look(obj: Mapping) -> tuple:
+    """What an object looks like, wherever it is: shape and colour(s), and texture for a subject."""
+    return (obj["shape"], obj.get("texture"), _color(obj))
+
+
+def score_t2i(pred_scene: Sequence[Mapping], target_scene: Sequence[Mapping]) -> dict[str, bool | None]:
+    """GenEval-style categories of one text-to-image sample (see the module docstring); ``None``: not applicable."""
+    pred, target = _by_cell(pred_scene), _by_cell(target_scene)
+    looks = [_look(o) for o in pred_scene]
+    drawn = all(_look(o) in looks for o in target_scene)
+    return dict(
+        single_object=drawn if len(target) == 1 else None,
+        two_objects=drawn if len(target) == 2 else None,
+        counting=len(pred_scene) == len(target_scene),
+        colors=all(c in pred and _color(pred[c]) == _color(o) for c, o in target.items()),
+        position=all(c in pred for c in target),
+        attribute_binding=all(c in pred and _look(pred[c]) == _look(o) for c, o in target.items()),
+        overall=shapes._canonical(pred_scene) == shapes._canonical(target_scene),
+    )
+
+
+def cell_mask(cells: Sequence[Sequence[int]], size: tuple[int, int], grid: int = 3) -> np.ndarray:
+    """Boolean ``[H, W]``: pixels whose centre lies in one of ``cells`` of the ``grid x grid`` layout."""
+    height, width = size
+    rows = np.minimum(((np.arange(height) + 0.5) * grid / height).astype(int), grid - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * grid / width).astype(int), grid - 1)
+    mask = np.zeros((height, width), bool)
+    for r, c in cells:
+        mask |= (rows[:, None] == r) & (cols[None, :] == c)
+    return mask
+
+
+def changed_cells(target: np.ndarray, source: np.ndarray, grid: int = 3) -> list[list[int]]:
+    """The cells where two images of one size differ: the cells an edit from ``source`` to ``target`` names."""
+    if target.shape != source.shape:
+        raise ValueError(f"target {target.shape} and source {source.shape} differ in shape")
+    diff = np.any(target != source, axis=-1)
+    return [[r, c] for r in range(grid) for c in range(grid)
+            if diff[cell_mask([[r, c]], diff.shape, grid)].any()]
+
+
+def preservation_error(pred_image: np.ndarray, source_image: np.ndarray, edited_cells: Sequence[Sequence[int]],
+                       grid: int = 3) -> float:
+    """Mean ``|pred - source|`` on [0, 1] pixels outside ``edited_cells`` (0: the rest is untouched)."""
+    pred, source = np.asarray(pred_image, np.float64), np.asarray(source_image, np.float64)
+    if pred.shape != source.shape:
+        raise ValueError(f"output {pred.shape} and source {source.shape} differ in shape; sample at the source's "
+                         "size")
+    keep = ~cell_mask(edited_cells, pred.shape[:2], grid)
+    if not keep.any():
+        return 0.0
+    return float(np.abs(pred - source)[keep].mean() / 255.0)
+
+
+def score_edit(pred_image: np.ndarray, pred_scene: Sequence[Mapping], target_scene: Sequence[Mapping],
+               source_image: np.ndarray, edited_cells: Sequence[Sequence[int]], grid: int = 3) -> dict[str, Any]:
+    """``success``: the parsed output is the asked scene; ``preservation``: ``preservation_error``."""
+    return dict(success=shapes._canonical(pred_scene) == shapes._canonical(target_scene),
+                preservation=preservation_error(pred_image, source_image, edited_cells, grid))
+
+
+def score_subjects(pred_scene: Sequence[Mapping], target_scene: Sequence[Mapping],
+                   subjects: Sequence[Mapping]) -> dict[str, bool]:
+    """custom / multi / subject_edit: ``identity`` (every subject drawn, anywhere), ``placement`` (every subject
+    drawn in the cell the target puts it in) and ``overall`` (exact scene). ``subjects``: the references'
+    ``{shape, texture, colors}``."""
+    keys = [shapes.subject_key(s) for s in subjects]
+    drawn = {shapes.subject_key(o): tuple(o["cell"]) for o in pred_scene if shapes.is_subject(o)}
+    drawn_cells = {tuple(o["cell"]): shapes.subject_key(o) for o in pred_scene if shapes.is_subject(o)}
+    asked = {shapes.subject_key(o): tuple(o["cell"]) for o in target_scene if shapes.is_subject(o)}
+    missing = [k for k in keys if k not in asked]
+    if missing:
+        raise ValueError(f"subjects {missing} are not in the target scene {target_scene}")
+    return dict(identity=all(k in drawn for k in keys),
+                placement=all(drawn_cells.get(asked[k]) == k for k in keys),
+                overall=shapes._canonical(pred_scene) == shapes._canonical(target_scene))
+
+
+def score_sample(item: Mapping[str, Any], pred_image: np.ndarray, world: shapes.World) -> dict[str, Any]:
+    """Scores one output against a ``generate_sample`` dict, by its task."""
+    task = item["task"]
+    pred_scene = shapes.parse_scene(pred_image, world)
+    if task == "t2i":
+        scores = score_t2i(pred_scene, item["target_scene"])
+    elif task == "edit":
+        source = item["inputs"][0]["image"]
+        scores = score_edit(pred_image, pred_scene, item["target_scene"], source,
+                            changed_cells(item["target"], source, world.grid), world.grid)
+    elif task in ("custom", "multi", "subject_edit"):
+        subjects = [i["subject"] for i in item["inputs"] if i["role"] == "reference"]
+        scores = score_subjects(pred_scene, item["target_scene"], subjects)
+        if task == "subject_edit":
+            source = item["inputs"][0]["image"]
+            scores["preservation"] = preservation_error(
+                pred_image, source, changed_cells(item["target"], source, world.grid), world.grid)
+    else:
+        raise ValueError(f"no evaluation for task {task!r}; choose from {', '.join(TASKS)}")
+    return dict(scores=scores, pred_scene=pred_scene)
+
+
+def summarize(task: str, scores: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Pass rates per category (over the samples it applies to) and the mean preservation error."""
+    out: dict[str, Any] = {}
+    for cat in CATEGORIES[task]:
+        values = [s[cat] for s in scores if s[cat] is not None]
+        out[cat] = float(np.mean(values)) if values else None
+    if task in PRESERVATION_TASKS:
+        out["preservation"] = float(np.mean([s["preservation"] for s in scores])) if scores else None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling and the report
+# ----------------------------------------------------------------------------------------------------------
+
+
+def evaluate(sampler: sample_lib.Sampler, num: int, seed: int, world: shapes.World,
+             tasks: Sequence[str] = TASKS, *, split: str = "test", steps: int | None = None,
+             batch: int = 8) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+    """Samples and scores ``num`` prompts per task.
+
+    Returns ``(report, rows)``: the JSON report ``{config: ..., tasks: {task: {num, metrics, samples}}}`` and,
+    per task, the samples with their images (``item`` from ``generate_sample``, ``output``, ``scores``) for
+    the grids.
+    """
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"no evaluation for tasks {unknown}; choose from {', '.join(TASKS)}")
+    if num < 1 or batch < 1:
+        raise ValueError(f"num={num}, batch={batch}: both must be >= 1")
+    report: dict[str, Any] = dict(config=dict(num=num, seed=seed, split=split, steps=steps, size=world.size,
+                                              meta=sampler.meta), tasks={})
+    rows: dict[str, list[dict]] = {}
+    for task in tasks:
+        items = [shapes.generate_sample(world, [seed, k], task, split) for k in range(num)]
+        outputs = []
+        for start in range(0, num, batch):
+            requests = [sample_lib.Request(task=task, prompt=it["prompt"],
+                                           images=tuple(i["image"] for i in it["inputs"]), seed=seed + k)
+                        for k, it in enumerate(items[start:start + batch], start=start)]
+            outputs.extend(sampler.sample(requests, size=(world.size, world.size), steps=steps))
+        rows[task] = []
+        samples = []
+        for k, (item, output) in enumerate(zip(items, outputs)):
+            scored = score_sample(item, output, world)
+            rows[task].append(dict(item=item, output=output, scores=scored["scores"]))
+            samples.append(dict(index=k, noise_seed=seed + k, prompt=item["prompt"], op=item["op"],
+                                target_scene=item["target_scene"], pred_scene=scored["pred_scene"],
+                                scores=scored["scores"]))
+        scores = [s["scores"] for s in samples]
+        report["tasks"][task] = dict(
+            num=num, metrics=summarize(task, scores),
+            applicable={cat: sum(s[cat] is not None for s in scores) for cat in CATEGORIES[task]}, samples=samples)
+    return report, rows
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """A table of the metrics per task."""
+    c = report["config"]
+    lines = [f"# ShapesWorld evaluation: split {c['split']}, {c['num']} samples per task, seed {c['seed']}", ""]
+    for task, block in report["tasks"].items():
+        metrics = block["metrics"]
+        lines += [f"## {task}", "", "| metric | value | samples |", "| --- | --- | --- |"]
+        for name, value in metrics.items():
+            shown = "n/a" if value is None else f"{value:.4f}" if name == "preservation" else f"{100 * value:.1f}%"
+            label = f"{name} (L1, lower is better)" if name == "preservation" else name
+            lines.append(f"| {label} | {shown} | {block['applicable'].get(name, block['num'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _tile(image: np.ndarray, scale: int, border: tuple[int, int, int] | None = None) -> Image.Image:
+    tile = Image.fromarray(np.asarray(image, np.uint8)).resize(
+        (image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+    framed = Image.new("RGB", (tile.width + 6, tile.height + 6), border or (200, 200, 200))
+    framed.paste(tile, (3, 3))
+    return framed
+
+
+def grid_image(rows: Sequence[Mapping[str, Any]], min_tile: int = 128) -> Image.Image:
+    """One row per sample under its prompt: ``inputs | output | target``, the output framed green (passes
+    ``overall``/``success``) or red."""
+    size = rows[0]["item"]["target"].shape[0]
+    scale = max(1, -(-min_tile // size))
+    cell = size * scale + 6
+    columns = max(len(r["item"]["inputs"]) for r in rows) + 2
+    caption = 14
+    passed = [row["scores"].get("overall", row["scores"].get("success")) for row in rows]
+    texts = [f"{'PASS' if ok else 'FAIL'}: {row['item']['prompt']}" for ok, row in zip(passed, rows)]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(columns * cell, *(int(measure.textlength(t)) + 4 for t in texts))
+    canvas = Image.new("RGB", (width, len(rows) * (cell + caption)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, (row, ok, text) in enumerate(zip(rows, passed, texts)):
+        y = i * (cell + caption)
+        draw.text((2, y + 1), text, fill=(0, 0, 0))
+        images = [inp["image"] for inp in row["item"]["inputs"]]
+        for j, image in enumerate(images):
+            canvas.paste(_tile(image, scale), (j * cell, y + caption))
+        canvas.paste(_tile(row["output"], scale, (30, 170, 30) if ok else (220, 30, 30)),
+                     ((columns - 2) * cell, y + caption))
+        canvas.paste(_tile(row["item"]["target"], scale), ((columns - 1) * cell, y + caption))
+    return canvas
+
+
+def write_report(out: str | os.PathLike, report: Mapping[str, Any], rows: Mapping[str, Sequence[Mapping]]) -> list[str]:
+    """``report.json``, ``report.md`` and ``TASK.png`` per task under ``out``; returns the paths."""
+    os.makedirs(out, exist_ok=True)
+    paths = [os.path.join(out, "report.json"), os.path.join(out, "report.md")]
+    with open(paths[0], "w") as f:
+        json.dump(report, f, indent=1)
+    with open(paths[1], "w") as f:
+        f.write(markdown(report))
+    for task, task_rows in rows.items():
+        paths.append(os.path.join(out, f"{task}.png"))
+        grid_image(task_rows).save(paths[-1])
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(prog="python -m qk_jax.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint.save_model directory")
+    parser.add_argument("--out", required=True, help="folder for report.json, report.md and the grids")
+    parser.add_argument("--split", default="test", choices=sorted(shapes.SPLITS), help="'test' is the held-out one")
+    parser.add_argument("--num", type=int, default=200, help="samples per task")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's sample.steps)")
+    parser.add_argument("--batch", type=int, default=8, help="requests per sampler call")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    args = parser.parse_args(argv)
+    sampler = sample_lib.Sampler.from_checkpoint(args.checkpoint)
+    data = sampler.config["data"]
+    if "world" not in data:
+        raise ValueError(f"checkpoint {args.checkpoint}: its config has no data.world; evaluate a ShapesWorld "
+                         "('shapes' or 'tiny') checkpoint")
+    world = shapes.World.from_config(data["world"], size=int(data["resolution"]))
+    report, rows = evaluate(sampler, args.num, args.seed, world, args.tasks, split=args.split, steps=args.steps,
+                            batch=args.batch)
+    paths = write_report(args.out, report, rows)
+    print(markdown(report))
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The evaluator: scoring on ground truth and corrupted images, and the CLI on a random tiny stage-3 checkpoint."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import stage3
+from qk_jax import evaluate
+from qk_jax.data import shapes
+from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
+from qk_jax.training import checkpoint as ckpt
+
+WORLD = shapes.default_world(64)
+NUM = 12
+
+
+def _samples(task):
+    return [shapes.generate_sample(WORLD, [0, k], task, "test") for k in range(NUM)]
+
+
+@pytest.mark.parametrize("task", evaluate.TASKS)
+def test_ground_truth_scores_perfectly(task):
+    scores = [evaluate.score_sample(item, item["target"], WORLD)["scores"] for item in _samples(task)]
+    metrics = evaluate.summarize(task, scores)
+    for cat in evaluate.CATEGORIES[task]:
+        assert metrics[cat] in (1.0, None), (cat, metrics)
+    assert metrics[evaluate.CATEGORIES[task][-1]] == 1.0
+    if task in evaluate.PRESERVATION_TASKS:
+        assert metrics["preservation"] == 0.0
+    if task == "t2i":
+        assert metrics["single_object"] is not None or metrics["two_objects"] is not None
+
+
+def _plain(color, shape, cell, size="large"):
+    return dict(shape=shape, color=color, size=size, cell=cell)
+
+
+def test_t2i_corruptions():
+    target = [_plain("red", "circle", [0, 0]), _plain("blue", "square", [1, 1])]
+    recolored = [_plain("green", "circle", [0, 0]), target[1]]
+    moved = [_plain("red", "circle", [2, 2]), target[1]]
+    swapped = [_plain("red", "square", [0, 0]), _plain("blue", "circle", [1, 1])]  # colours bound to wrong shapes
+    parse = lambda scene: shapes.parse_scene(shapes.render(scene, WORLD), WORLD)  # noqa: E731
+    s = evaluate.score_t2i(parse(recolored), target)
+    assert not s["colors"] and not s["attribute_binding"] and not s["overall"] and not s["two_objects"]
+    assert s["position"] and s["counting"] and s["single_object"] is None
+    s = evaluate.score_t2i(parse(moved), target)
+    assert not s["position"] and not s["overall"] and not s["attribute_binding"]
+    assert s["counting"] and s["two_objects"]  # both objects are drawn, one in the wrong place
+    s = evaluate.score_t2i(parse(swapped), target)
+    assert s["colors"] and s["position"] and not s["attribute_binding"] and not s["two_objects"]
+    s = evaluate.score_t2i(parse(target[:1]), target)
+    assert not s["counting"] and not s["position"] and not s["overall"]
+
+
+def test_edit_preservation_counts_only_unedited_cells():
+    item = next(it for it in _samples("edit") if len(it["inputs"][0]["scene"]) >= 2)
+    source = item["inputs"][0]["image"]
+    edited = evaluate.changed_cells(item["target"], source)
+    assert edited and len(edited) == 1
+    free = next([r, c] for r in range(3) for c in range(3) if [r, c] not in edited)
+    rng = np.random.default_rng(0)
+    noise_edited = item["target"].copy()
+    noise_unedited = item["target"].copy()
+    for image, cell in [(noise_edited, edited[0]), (noise_unedited, free)]:
+        mask = evaluate.cell_mask([cell], image.shape[:2])
+        image[mask] = rng.integers(0, 256, (int(mask.sum()), 3), dtype=np.uint8)
+    grid = WORLD.grid
+    assert evaluate.preservation_error(noise_edited, source, edited, grid) == 0.0
+    err = evaluate.preservation_error(noise_unedited, source, edited, grid)
+    assert 0.02 < err < 0.5
+    s = evaluate.score_edit(item["target"], item["target_scene"], item["target_scene"], source, edited)
+    assert s == dict(success=True, preservation=0.0)
+    s = evaluate.score_edit(source, item["inputs"][0]["scene"], item["target_scene"], source, edited)
+    assert s == dict(success=False, preservation=0.0)  # "do nothing" preserves but does not edit
+
+
+def test_subject_scores():
+    subject = WORLD.subjects[0]
+    other = next(s for s in WORLD.subjects if shapes.subject_key(s) != shapes.subject_key(subject))
+    target = [dict(subject, size="large", cell=[0, 2]), _plain("red", "circle", [2, 0], "small")]
+    moved = [dict(target[0], cell=[1, 1]), target[1]]
+    wrong = [dict(other, size="large", cell=[0, 2]), target[1]]
+    parse = lambda scene: shapes.parse_scene(shapes.render(scene, WORLD), WORLD)  # noqa: E731
+    assert evaluate.score_subjects(parse(target), target, [subject]) == dict(identity=True, placement=True,
+                                                                             overall=True)
+    assert evaluate.score_subjects(parse(moved), target, [subject]) == dict(identity=True, placement=False,
+                                                                            overall=False)
+    assert evaluate.score_subjects(parse(wrong), target, [subject]) == dict(identity=False, placement=False,
+                                                                            overall=False)
+    with pytest.raises(ValueError, match="not in the target"):
+        evaluate.score_subjects(parse(target), target, [other])
+
+
+def test_grid_frames_pass_green_and_fail_red(tmp_path):
+    items = _samples("subject_edit")[:2]
+    rows = [dict(item=items[0], output=items[0]["target"], scores=dict(overall=True)),
+            dict(item=items[1], output=items[1]["inputs"][0]["image"], scores=dict(overall=False))]
+    grid = np.asarray(evaluate.grid_image(rows))
+    tile = 2 * 64 + 6  # 64 px images scaled 2x to reach 128 px, in a 3 px frame
+    assert grid.shape[0] == 2 * (tile + 14) and grid.shape[1] >= 4 * tile
+    assert tuple(grid[14, 2 * tile]) == (30, 170, 30)  # the output column's frame, first row
+    assert tuple(grid[2 * 14 + tile, 2 * tile]) == (220, 30, 30)
+
+
+def test_cli_on_a_random_tiny_checkpoint(tmp_path):
+    config = stage3.get_config("tiny")
+    params = QueryKontext(QueryKontextConfig.from_config(config)).init(jax.random.key(0))
+    ckpt.save_model(tmp_path / "model", config, params, meta={"stage": 3, "step": 0})
+    out = tmp_path / "eval"
+    paths = evaluate.main(["--checkpoint", str(tmp_path / "model"), "--out", str(out), "--num", "2",
+                           "--steps", "1"])
+    assert all(os.path.exists(p) for p in paths)
+    assert sorted(os.listdir(out)) == sorted(["report.json", "report.md"] + [f"{t}.png" for t in evaluate.TASKS])
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["split"] == "test" and report["config"]["size"] == 32
+    assert set(report["tasks"]) == set(evaluate.TASKS)
+    for task, block in report["tasks"].items():
+        assert set(evaluate.CATEGORIES[task]) <= set(block["metrics"])
+        assert ("preservation" in block["metrics"]) == (task in evaluate.PRESERVATION_TASKS)
+        assert len(block["samples"]) == 2 and set(block["applicable"]) == set(evaluate.CATEGORIES[task])
+        assert all(set(evaluate.CATEGORIES[task]) <= set(s["scores"]) for s in block["samples"])
+    md = (out / "report.md").read_text()
+    assert all(f"## {t}" in md for t in evaluate.TASKS)
