@@ -120,13 +120,7 @@ def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[VAEConfig, 
     config = config_from_folder(path)
     reader = SafetensorsReader(path, WEIGHTS_NAME)
     table = name_table(config)
-    missing = [row.theirs for row in table if row.theirs not in reader]
-    if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise CheckpointError(
-            f"{path}: {len(missing)} tensors the config.json implies are missing: {shown}; is the config.json the"
-            " one these weights were saved with?"
-        )
+    reader.require([row.theirs for row in table])
     params: dict[str, Any] = {}
     for row in table:
         array = reader.get(row.theirs, _their_shape(row))

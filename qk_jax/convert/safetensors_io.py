@@ -82,6 +82,16 @@ class SafetensorsReader:
             self._handles[path] = safe_open(path, "np")
         return self._handles[path]
 
+    def require(self, names: list[str]) -> None:
+        """Raise one ``CheckpointError`` listing every name in ``names`` that the checkpoint lacks."""
+        missing = [n for n in names if n not in self._file_of]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise CheckpointError(
+                f"{self.folder}: {len(missing)} tensors the config.json implies are missing: {shown}; is the"
+                " config.json the one these weights were saved with?"
+            )
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
