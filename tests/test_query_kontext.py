@@ -11,7 +11,6 @@ from configs import stage2
 from configs import stage3
 from qk_jax.data import pipeline
 from qk_jax.data import shapes
-from qk_jax.models import lora as lora_lib
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig, vlm_image_grid
 from qk_jax.ops import rope
 from qk_jax.pytree import flatten
@@ -168,7 +167,6 @@ def test_real_batches_mix_tasks_and_bad_configs_raise(stage3_setup):
         QueryKontextConfig.from_config(bad)
     with pytest.raises(ValueError, match="config.placement"):
         QueryKontextConfig.from_config(_config(stage3, placement="sideways"))
-    assert lora_lib.LoRAConfig().rank == 0
 
 
 def test_paper_configs_assemble_at_full_size():
