@@ -19,7 +19,7 @@ from configs import stage1
 from qk_jax.convert import diffusers_mmdit
 from qk_jax.convert.safetensors_io import CheckpointError, SafetensorsReader
 from qk_jax.models.lora import LoRAConfig
-from qk_jax.models.mmdit import MMDiT, MMDiTConfig, abstract_params, param_count
+from qk_jax.models.mmdit import MMDiT, MMDiTConfig, abstract_params, param_count, with_layout
 from qk_jax.ops import rope
 from qk_jax.pytree import leaf_paths
 
@@ -93,9 +93,13 @@ def test_outputs_match_diffusers(flux):
         chex.assert_trees_all_close(ours[b], _torch_forward(model, inputs, b), atol=1e-4)
 
 
-def test_export_reproduces_the_state_dict(flux, tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scanned"])
+def test_export_reproduces_the_state_dict(flux, tmp_path, scan_layers):
+    """Per-layer params, or a scan_layers model's layer-stacked ones: the same diffusers state dict."""
     model, path = flux
     cfg, params = diffusers_mmdit.load(path)
+    params = with_layout(params, cfg, scan_layers)
+    assert ("transformer_blocks" in params) == scan_layers
     diffusers_mmdit.export(cfg, params, tmp_path / "out", max_shard_bytes=40_000)  # sharded, with an index
     assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     reloaded = FluxTransformer2DModel.from_pretrained(tmp_path / "out")

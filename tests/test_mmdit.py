@@ -19,7 +19,8 @@ import pytest
 
 from configs import common, stage1, stage2, stage3
 from qk_jax.models.lora import LoRAConfig, merge_lora, strip_lora
-from qk_jax.models.mmdit import MMDiT, MMDiTConfig, abstract_params, param_count
+from qk_jax.models.mmdit import (MMDiT, MMDiTConfig, abstract_params, param_count, stack_layers, unstack_layers,
+                                 with_layout)
 from qk_jax.ops import rope
 from qk_jax.pytree import leaf_paths
 
@@ -128,7 +129,8 @@ def test_lora_targets_and_merge(params):
     assert np.abs(unmerged - base).max() > 1e-3  # the randomised adapters do change the output
 
 
-def test_remat_gives_the_same_values_and_gradients():
+@pytest.mark.parametrize("policy", ["full", "attention"])
+def test_remat_gives_the_same_values_and_gradients(policy):
     cfg = dataclasses.replace(CFG, num_layers=1)  # one block of each kind keeps the two backward compiles short
     inputs, _ = _inputs([[rope.SOURCE], [rope.REFERENCE]])
     params = nn.meta.unbox(jax.jit(MMDiT(cfg).init)(jax.random.key(0), **inputs))["params"]
@@ -136,9 +138,43 @@ def test_remat_gives_the_same_values_and_gradients():
     def loss(model, p):
         return jnp.mean(jnp.square(model.apply({"params": p}, **inputs)))
 
-    value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, MMDiT(cfg))))(params)
-    value_r, grads_r = jax.jit(jax.value_and_grad(functools.partial(loss, MMDiT(cfg, remat=True))))(params)
+    def value_and_grad(remat):
+        fn = jax.value_and_grad(functools.partial(loss, MMDiT(cfg, remat=remat)))
+        return jax.jit(fn)(params), jax.jit(fn).lower(params).as_text()
+
+    (value, grads), plain = value_and_grad("none")
+    (value_r, grads_r), rematted = value_and_grad(policy)
     chex.assert_trees_all_close((value_r, grads_r), (value, grads), atol=1e-5)
+    # The policy really recomputes: the rematerialised program has more matmuls than the plain one.
+    assert rematted.count("dot_general") > plain.count("dot_general")
+
+
+def test_scan_layers_equals_the_per_layer_model(params):
+    """One scanned block per stack (with remat, as on a pod) = the unrolled layers: outputs and gradients, with
+    params moved between the layouts by stack_layers/unstack_layers; the stacked leaves carry a 'layers' axis."""
+    inputs, _ = _inputs([[rope.SOURCE], [rope.REFERENCE]])
+    scanned = MMDiT(CFG, scan_layers=True, remat="full")
+    boxed = jax.eval_shape(lambda: scanned.init(jax.random.key(0), **inputs))["params"]
+    assert boxed["transformer_blocks"]["attn"]["to_q"]["kernel"].names == ("layers", "embed", "heads")
+    stacked = stack_layers(params, CFG)
+    assert sorted(k for k in stacked if "blocks" in k) == ["single_transformer_blocks", "transformer_blocks"]
+    chex.assert_trees_all_equal_shapes_and_dtypes(stacked, nn.meta.unbox(boxed))
+    chex.assert_trees_all_equal(unstack_layers(stacked, CFG), params)
+
+    def loss(model, p):
+        return jnp.mean(jnp.square(model.apply({"params": p}, **inputs)))
+
+    value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, MMDiT(CFG))))(params)
+    value_s, grads_s = jax.jit(jax.value_and_grad(functools.partial(loss, scanned)))(stacked)
+    chex.assert_trees_all_close((value_s, unstack_layers(grads_s, CFG)), (value, grads), atol=1e-5)
+    chex.assert_trees_all_equal(with_layout(stacked, CFG, False), params)
+    chex.assert_trees_all_equal(with_layout(stacked, CFG, True), stacked)
+
+
+def test_unknown_remat_policy_is_refused():
+    with pytest.raises(ValueError, match="remat policy 'everything'"):
+        MMDiT(dataclasses.replace(CFG, num_layers=1), remat="everything").init(
+            jax.random.key(0), **_inputs([[rope.SOURCE], [rope.REFERENCE]])[0])
 
 
 def test_bf16_compute_keeps_fp32_params(params):

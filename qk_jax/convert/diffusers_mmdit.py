@@ -32,7 +32,7 @@ from absl import logging
 
 from qk_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_config, write_safetensors
 from qk_jax.models.lora import LORA_A, LORA_B, merge_lora
-from qk_jax.models.mmdit import MMDiTConfig, abstract_params
+from qk_jax.models.mmdit import MMDiTConfig, abstract_params, unstack_layers
 from qk_jax.pytree import get_path, leaf_paths, set_path
 
 CLASS_NAME = "FluxTransformer2DModel"
@@ -204,6 +204,7 @@ def export(
     params = nn.meta.unbox(params)
     if set(params) == {"params"}:
         params = params["params"]
+    params = unstack_layers(params, config)  # a scan_layers model's stacked blocks, one per layer
     if _has_lora(params):
         if lora_alpha is None:
             raise ValueError("the params hold LoRA adapters (lora_a/lora_b); pass lora_alpha= (the config's"

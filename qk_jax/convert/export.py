@@ -38,6 +38,7 @@ from qk_jax.convert import diffusers_mmdit, diffusers_vae, hf_qwen_vl
 from qk_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
 from qk_jax.models.lora import LORA_A, LORA_B
 from qk_jax.models.mmdit import init_inputs as mmdit_init_inputs
+from qk_jax.models.mmdit import with_layout
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
 from qk_jax.models.qwen_vl import init_inputs as vlm_init_inputs
 from qk_jax.pytree import flatten, unflatten
@@ -183,6 +184,7 @@ def import_model(
         log(f"reading the MMDiT from {mmdit}")
         mmdit_config, imported["mmdit"] = diffusers_mmdit.load(mmdit, dtype=dtype)
         _check_config(mmdit, "mmdit", mmdit_config, mc.mmdit)
+        imported["mmdit"] = with_layout(imported["mmdit"], mc.mmdit, mc.scan_layers)
         used = {t.diffusers for t in diffusers_mmdit.tensor_table(mmdit_config)}
         summary["mmdit"].update(source=str(mmdit), unused=_unused(mmdit, diffusers_mmdit.WEIGHTS_NAME, used))
     if vae is not None:

@@ -56,6 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from qk_jax.models.lora import LoRAConfig, LoRADense
 from qk_jax.ops.attention import attention
@@ -324,7 +325,7 @@ class Attention(nn.Module):
                                    ("norm_added_q", "norm_added_k"))
             q, k, v = (jnp.concatenate([c, i], axis=1) for c, i in ((cq, q), (ck, k), (cv, v)))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v, kv_mask=kv_mask)  # [B, L+S, H, Dh]
+        out = checkpoint_name(attention(q, k, v, kv_mask=kv_mask), "attention")  # [B, L+S, H, Dh]
         out = out.reshape(out.shape[:2] + (self.heads * self.head_dim,))
         if not self.joint:
             return out
@@ -389,6 +390,18 @@ class SingleStreamBlock(nn.Module):
         return h[:, text_len:], h[:, :text_len]
 
 
+def _scan(block: nn.Module, length: int, x, context, temb, cos, sin, kv_mask):
+    """``length`` applications of ``block`` (params stacked on a leading ``'layers'`` axis) via ``nn.scan``."""
+
+    def body(module, carry, temb, cos, sin, kv_mask):
+        return module(*carry, temb, cos, sin, kv_mask), None
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=length,
+                   in_axes=(nn.broadcast,) * 4, metadata_params={nn.PARTITION_NAME: "layers"})
+    (x, context), _ = scan(block, (x, context), temb, cos, sin, kv_mask)
+    return x, context
+
+
 def take_target(x: jax.Array, target_start: jax.Array, target_len: int) -> jax.Array:
     """Per-sample slice ``x[b, target_start[b] : target_start[b] + target_len]`` of ``[B, S, D]``.
 
@@ -408,6 +421,65 @@ def _batched_ids(ids: jax.Array, batch: int, length: int, what: str) -> jax.Arra
     return ids
 
 
+# What a rematerialised block saves for the backward pass (``jax.checkpoint`` policies); ``"none"`` is no remat.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attention": jax.checkpoint_policies.save_only_these_names("attention"),
+}
+
+
+def rematerialized(block: type[nn.Module], policy: str, *, scanned: bool = False) -> type[nn.Module]:
+    """``block`` wrapped in ``nn.remat`` with the named policy (``REMAT_POLICIES``), or as is for ``"none"``.
+    Inside a scan the loop already keeps XLA from merging the recomputation away, so ``prevent_cse`` is off."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r} is not one of {sorted(REMAT_POLICIES)} (config.remat)")
+    if policy == "none":
+        return block
+    return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=not scanned)
+
+
+# The two block stacks: (per-layer module name prefix, the config field that counts them).
+BLOCK_STACKS = (("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers"))
+
+
+def stack_layers(params: Mapping[str, Any], config: MMDiTConfig) -> dict[str, Any]:
+    """Per-layer params (``transformer_blocks_0 ... _{n-1}``, the diffusers layout every converter and checkpoint
+    of another layout uses) -> the ``scan_layers`` layout: one ``transformer_blocks`` subtree whose leaves carry
+    a leading layer axis. Same for the single-stream blocks. Other entries are kept."""
+    out = dict(params)
+    for prefix, field in BLOCK_STACKS:
+        n = getattr(config, field)
+        if n == 0:
+            continue
+        names = [f"{prefix}_{i}" for i in range(n)]
+        missing = [name for name in names if name not in out]
+        if missing:
+            raise ValueError(f"stack_layers: {missing[:3]} missing; expected per-layer params {names[0]}..{names[-1]}")
+        out[prefix] = jax.tree.map(lambda *xs: jnp.stack(xs), *(out.pop(name) for name in names))
+    return out
+
+
+def with_layout(params: Mapping[str, Any], config: MMDiTConfig, scan_layers: bool) -> dict[str, Any]:
+    """``params`` in either layout -> the layout of ``MMDiT(config, scan_layers=scan_layers)``."""
+    flat = unstack_layers(params, config)
+    return stack_layers(flat, config) if scan_layers else flat
+
+
+def unstack_layers(params: Mapping[str, Any], config: MMDiTConfig) -> dict[str, Any]:
+    """The inverse of ``stack_layers``; params already per layer are returned as they are."""
+    out = dict(params)
+    for prefix, field in BLOCK_STACKS:
+        if prefix not in out:
+            continue
+        stacked = out.pop(prefix)
+        for i in range(getattr(config, field)):
+            out[f"{prefix}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------
@@ -421,14 +493,22 @@ class MMDiT(nn.Module):
       lora: adapters on the linears whose module path matches ``lora.targets`` (``None``: no LoRA).
       dtype: compute dtype (``None``: from inputs/params; ``jnp.bfloat16`` for the paper's mixed precision).
       param_dtype: parameter dtype (float32).
-      remat: rematerialise each block in the backward pass (``nn.remat``).
+      remat: what each block keeps for the backward pass, a name in ``REMAT_POLICIES``: ``"none"`` (keep every
+        intermediate), ``"full"`` (keep the block's inputs, recompute the rest), ``"dots"``/``"dots_no_batch"``
+        (keep matmul outputs: all / those without batch dims, i.e. not the attention logits) or
+        ``"attention"`` (keep the attention output, recompute the projections and FFNs).
+      scan_layers: run each block stack as one ``nn.scan`` (one compiled block instead of ``num_layers``: compile
+        time independent of depth). Its params are layer-stacked under ``transformer_blocks`` /
+        ``single_transformer_blocks`` (logical axis ``'layers'`` first); ``stack_layers``/``unstack_layers``
+        convert from/to the per-layer layout of the converters.
     """
 
     config: MMDiTConfig
     lora: LoRAConfig | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -474,13 +554,14 @@ class MMDiT(nn.Module):
             im = jnp.ones((batch, img_len), bool) if image_mask is None else jnp.asarray(image_mask, bool)
             kv_mask = jnp.concatenate([tm, im], axis=1)
 
-        double_cls = nn.remat(DoubleStreamBlock) if self.remat else DoubleStreamBlock
-        single_cls = nn.remat(SingleStreamBlock) if self.remat else SingleStreamBlock
-        for i in range(cfg.num_layers):
-            x, context = double_cls(cfg, **kw, name=f"transformer_blocks_{i}")(x, context, temb, cos, sin, kv_mask)
-        for i in range(cfg.num_single_layers):
-            x, context = single_cls(cfg, **kw, name=f"single_transformer_blocks_{i}")(
-                x, context, temb, cos, sin, kv_mask)
+        for (prefix, field), block in zip(BLOCK_STACKS, (DoubleStreamBlock, SingleStreamBlock)):
+            n = getattr(cfg, field)
+            block = rematerialized(block, self.remat, scanned=self.scan_layers)
+            if self.scan_layers and n:
+                x, context = _scan(block(cfg, **kw, name=prefix), n, x, context, temb, cos, sin, kv_mask)
+                continue
+            for i in range(n):
+                x, context = block(cfg, **kw, name=f"{prefix}_{i}")(x, context, temb, cos, sin, kv_mask)
 
         if target_start is not None:
             x = take_target(x, target_start, target_len)
@@ -540,5 +621,6 @@ def param_count(config: MMDiTConfig, lora: LoRAConfig | None = None) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(abstract_params(config, lora))))
 
 
-__all__: Sequence[str] = ["MMDiTConfig", "MMDiT", "abstract_params", "param_count", "init_inputs",
+__all__: Sequence[str] = ["MMDiTConfig", "MMDiT", "REMAT_POLICIES", "rematerialized", "stack_layers", "unstack_layers",
+                          "with_layout", "abstract_params", "param_count", "init_inputs",
                           "timestep_embedding", "take_target"]

@@ -38,7 +38,7 @@ from qk_jax.data.manifest import TASKS
 from qk_jax.models import vae as vae_lib
 from qk_jax.models.connector import CONDITIONING_MODES, Connector, ConnectorConfig, ConnectorOutput
 from qk_jax.models.lora import LoRAConfig
-from qk_jax.models.mmdit import MMDiT, MMDiTConfig
+from qk_jax.models.mmdit import REMAT_POLICIES, MMDiT, MMDiTConfig
 from qk_jax.models.mmdit import init_inputs as mmdit_init_inputs
 from qk_jax.models.qwen_vl import QwenVL, QwenVLConfig
 from qk_jax.models.qwen_vl import init_inputs as vlm_init_inputs
@@ -78,10 +78,14 @@ class QueryKontextConfig:
     placement: str = "task"
     flow: FlowConfig = FlowConfig()
     compute_dtype: Any = jnp.float32
+    remat: str = "none"  # the MMDiT blocks' policy, ``mmdit.REMAT_POLICIES``
+    scan_layers: bool = False  # the MMDiT's blocks as one nn.scan each (layer-stacked params)
 
     def __post_init__(self):
         if self.conditioning not in CONDITIONING_MODES:
             raise ValueError(f"config.conditioning={self.conditioning!r}; expected one of {CONDITIONING_MODES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"config.remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"config.placement={self.placement!r}; expected one of {PLACEMENTS}")
         if self.connector.in_features != self.vlm.text.hidden_size:
@@ -114,6 +118,8 @@ class QueryKontextConfig:
             flow=FlowConfig(**{k: v for k, v in dict(config.get("flow", {})).items()
                                if k in {f.name for f in dataclasses.fields(FlowConfig)}}),
             compute_dtype=compute,
+            remat=str(config.get("remat", "none")),
+            scan_layers=bool(config.get("scan_layers", False)),
         )
 
 
@@ -143,7 +149,8 @@ class QueryKontext:
         dtype = config.compute_dtype
         self.vlm = QwenVL(config.vlm)
         self.connector = Connector(config.connector, dtype=dtype)
-        self.mmdit = MMDiT(config.mmdit, lora=config.mmdit_lora, dtype=dtype)
+        self.mmdit = MMDiT(config.mmdit, lora=config.mmdit_lora, dtype=dtype, remat=config.remat,
+                           scan_layers=config.scan_layers)
         self.vae = vae_lib.AutoencoderKL(config.vae)
 
     # ------------------------------------------------------------------------------------------------------

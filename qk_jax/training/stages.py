@@ -20,7 +20,8 @@ from typing import Any
 import jax
 
 from qk_jax.models import lora as lora_lib
-from qk_jax.models.query_kontext import QueryKontext
+from qk_jax.models.mmdit import with_layout
+from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
 from qk_jax.training import checkpoint as ckpt
 
 FINAL = "final"  # a stage's self-contained model checkpoint: <workdir>/final
@@ -71,7 +72,7 @@ def initial_params(model: QueryKontext, config: Mapping[str, Any], rng: jax.Arra
         if int(config["stage"]) != 1:
             raise ValueError(f"stage {config['stage']} needs config.init_from (the previous stage's workdir)")
         params = model.init(rng)
-        return _load_pretrained(params, pretrained, ("vlm", "vae", "mmdit"))
+        return _load_pretrained(params, pretrained, ("vlm", "vae", "mmdit"), model.config)
 
     source = os.path.join(init_from, FINAL)
     saved_config, params, meta = ckpt.load_model(source)
@@ -81,10 +82,13 @@ def initial_params(model: QueryKontext, config: Mapping[str, Any], rng: jax.Arra
     if stage == 2 and previous == 1:
         params["vlm"] = lora_lib.merge_lora(params["vlm"], float(saved_config["vlm"]["lora"]["alpha"]))
         params["mmdit"] = model.init(rng, components=("mmdit",))["mmdit"]  # the large MMDiT replaces the head
-        params = _load_pretrained(params, pretrained, ("mmdit",))
+        params = _load_pretrained(params, pretrained, ("mmdit",), model.config)
     elif stage == 3 and previous == 2:
         fresh = model.init(rng, components=("mmdit",))["mmdit"]
-        params["mmdit"] = _graft(params["mmdit"], lora_lib.lora_params(fresh))
+        params["mmdit"] = _graft(with_layout(params["mmdit"], model.config.mmdit, model.config.scan_layers),
+                                 lora_lib.lora_params(fresh))
+    elif "mmdit" in params:  # 3 -> 3b: the previous stage may have scanned its layers and this one not, or back
+        params["mmdit"] = with_layout(params["mmdit"], model.config.mmdit, model.config.scan_layers)
     return params
 
 
@@ -96,8 +100,8 @@ def _graft(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load_pretrained(params: dict[str, Any], pretrained: Mapping[str, Any], components: tuple[str, ...]
-                     ) -> dict[str, Any]:
+def _load_pretrained(params: dict[str, Any], pretrained: Mapping[str, Any], components: tuple[str, ...],
+                     model_config: QueryKontextConfig) -> dict[str, Any]:
     """Replace components by imported weights where ``config.pretrained.<component>`` names a folder."""
     for component in components:
         folder = pretrained.get(component)
@@ -116,5 +120,6 @@ def _load_pretrained(params: dict[str, Any], pretrained: Mapping[str, Any], comp
         else:
             from qk_jax.convert import diffusers_mmdit
 
-            params["mmdit"] = _graft(diffusers_mmdit.load(folder)[1], lora_lib.lora_params(params["mmdit"]))
+            imported = with_layout(diffusers_mmdit.load(folder)[1], model_config.mmdit, model_config.scan_layers)
+            params["mmdit"] = _graft(imported, lora_lib.lora_params(params["mmdit"]))
     return params
