@@ -129,6 +129,29 @@ def test_in_context_layout_mixes_tasks_in_one_batch():
         np.testing.assert_array_equal(layout.kind[b], kind, err_msg=f"sample {b}")
 
 
+def test_kontext_source_offset_moves_the_source_along_axis0_only():
+    """FLUX.1 Kontext's placement: the source keeps its grid at axis0 = 1, so a target token and the source token
+    of the same pixel differ by (1, 0, 0) everywhere; with the paper's negation the offset is (0, 2r, 2c)."""
+    S, R, _ = rope.SOURCE, rope.REFERENCE, rope.NONE
+    h, w = 2, 3
+    roles = np.array([[S, R, _], [R, _, _]], np.int32)
+    paper = rope.in_context_layout(h, w, roles)
+    kontext = jax.jit(rope.in_context_layout, static_argnums=(0, 1, 3))(h, w, roles, "axis0")
+    np.testing.assert_array_equal(kontext.order, paper.order)
+    np.testing.assert_array_equal(kontext.kind, paper.kind)
+    rows, cols = np.divmod(np.arange(h * w), w)
+    target = np.stack([np.zeros(h * w), rows, cols], -1)
+    ids = np.asarray(kontext.ids)
+    np.testing.assert_array_equal(ids[0, :h * w], target + [1, 0, 0])  # sample 0: concat(src, noise, ref)
+    np.testing.assert_array_equal(ids[0, :h * w] - ids[0, h * w:2 * h * w], np.tile([1, 0, 0], (h * w, 1)))
+    np.testing.assert_array_equal(np.asarray(paper.ids)[0, :h * w], target * [1, -1, -1])
+    no_source = np.asarray(paper.ids)[0, h * w:], np.asarray(paper.ids)[1]
+    np.testing.assert_array_equal(ids[0, h * w:], no_source[0])  # target and references do not move
+    np.testing.assert_array_equal(ids[1], no_source[1])
+    with pytest.raises(ValueError, match="source_offset"):
+        rope.in_context_layout(h, w, roles, "negative")
+
+
 def test_in_context_layout_without_slots_is_the_target_grid():
     layout = rope.in_context_layout(3, 4, np.zeros((2, 0), np.int32))
     np.testing.assert_array_equal(layout.ids, np.stack([_paper_ids(3, 4, "target")] * 2))

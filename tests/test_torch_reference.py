@@ -125,12 +125,13 @@ def test_velocity_edit_and_customization_match_jax(exported, conditioned):
     assert np.abs(velocity(no_lora) - ref).max() > 100 * ATOL
 
 
-def test_srope_ids_match_jax():
+@pytest.mark.parametrize("source_offset", rope.SOURCE_OFFSETS)
+def test_srope_ids_match_jax(source_offset):
     roles = np.array([[rope.SOURCE, rope.REFERENCE, rope.REFERENCE]], np.int32)
-    layout = rope.in_context_layout(2, 3, jnp.asarray(roles))
+    layout = rope.in_context_layout(2, 3, jnp.asarray(roles), source_offset)
     tokens = np.arange(4 * 6, dtype=np.float32).reshape(4, 6, 1)  # target, slot 0, 1, 2
     stream, ids, start = torch_reference.in_context_stream(torch.from_numpy(tokens[0]), torch.from_numpy(tokens[1:]),
-                                                           roles[0].tolist(), 2, 3)
+                                                           roles[0].tolist(), 2, 3, source_offset)
     np.testing.assert_array_equal(ids.numpy(), np.asarray(layout.ids[0]))
     ours = np.asarray(rope.gather_blocks(jnp.asarray(tokens.reshape(1, -1, 1)), layout.order))[0]
     np.testing.assert_array_equal(stream.numpy(), ours)

@@ -254,6 +254,7 @@ def kontext_config(config: Any, model_config: QueryKontextConfig) -> dict[str, A
         max_text_tokens=int(config.vlm.get("max_text_tokens", 0)) or None,
         conditioning=c.conditioning,
         placement=c.placement,
+        source_offset=c.source_offset,
         connector=dict(in_features=c.connector.in_features, hidden_features=c.connector.hidden_features,
                        out_features=c.connector.out_features, act="gelu_exact"),
         in_context=c.in_context,
@@ -263,7 +264,8 @@ def kontext_config(config: Any, model_config: QueryKontextConfig) -> dict[str, A
                  downsample_factor=c.vae.downsample_factor, latent_channels=c.vae.latent_channels, pack=2),
         lora_merged=dict(vlm_alpha=c.vlm.lora.alpha if c.vlm.lora.rank else None,
                          mmdit_alpha=c.mmdit_lora.alpha if c.mmdit_lora.rank else None),
-        srope=dict(text=[0, 0, 0], kontext=[0, 0, 0], target="(0, r, c)", source="(0, -r, -c)",
+        srope=dict(text=[0, 0, 0], kontext=[0, 0, 0], target="(0, r, c)",
+                   source="(1, r, c)" if c.source_offset == "axis0" else "(0, -r, -c)",
                    reference_n="(0, r + h*n, c + w*n), n = 1..N", order="source, target, reference_1..N"),
     )
 

@@ -43,27 +43,30 @@ class Conditioning(NamedTuple):
     pooled: torch.Tensor
 
 
-def image_ids(h: int, w: int, role: int, n: int = 0) -> torch.Tensor:
-    """sRoPE ids ``[h*w, 3]`` (row-major tokens): target ``(0, r, c)``, source ``(0, -r, -c)``, reference ``n``
-    ``(0, r + h n, c + w n)``."""
+def image_ids(h: int, w: int, role: int, n: int = 0, source_offset: str = "negate") -> torch.Tensor:
+    """sRoPE ids ``[h*w, 3]`` (row-major tokens): target ``(0, r, c)``, source ``(0, -r, -c)`` (``source_offset``
+    ``"axis0"``: FLUX.1 Kontext's ``(1, r, c)``), reference ``n`` ``(0, r + h n, c + w n)``."""
     rows = torch.arange(h).repeat_interleave(w)
     cols = torch.arange(w).repeat(h)
-    if role == SOURCE:
+    axis0 = torch.zeros_like(rows)
+    if role == SOURCE and source_offset == "axis0":
+        axis0 = axis0 + 1
+    elif role == SOURCE:
         rows, cols = -rows, -cols
     elif role == REFERENCE:
         rows, cols = rows + h * n, cols + w * n
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).float()
+    return torch.stack([axis0, rows, cols], dim=-1).float()
 
 
-def in_context_stream(noisy: torch.Tensor, in_context: torch.Tensor | None, roles: list[int], h: int, w: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def in_context_stream(noisy: torch.Tensor, in_context: torch.Tensor | None, roles: list[int], h: int, w: int,
+                      source_offset: str = "negate") -> tuple[torch.Tensor, torch.Tensor, int]:
     """One sample's image stream: ``source | target | reference_1..N`` (empty slots left out), its ids, and the
     target's first token. ``noisy`` ``[T, C]``, ``in_context`` ``[M, T, C]``, ``roles`` ``[M]``."""
     blocks, ids = [], []
     for m, role in enumerate(roles):
         if role == SOURCE:
             blocks.append(in_context[m])
-            ids.append(image_ids(h, w, SOURCE))
+            ids.append(image_ids(h, w, SOURCE, source_offset=source_offset))
     start = sum(b.shape[0] for b in blocks)
     blocks.append(noisy)
     ids.append(image_ids(h, w, NONE))
@@ -179,7 +182,8 @@ class KontextPipeline:
         for b in range(noisy_tokens.shape[0]):
             sample_roles = self._place([] if roles is None else [int(r) for r in roles[b]])
             stream, img_ids, start = in_context_stream(noisy_tokens[b], None if in_context is None else in_context[b],
-                                                       sample_roles, h, w)
+                                                       sample_roles, h, w,
+                                                       self.settings.get("source_offset", "negate"))
             context = cond.context[b][cond.context_mask[b]]  # masked tokens dropped
             v = self.transformer(hidden_states=stream[None], encoder_hidden_states=context[None],
                                  pooled_projections=cond.pooled[b:b + 1], timestep=t[b:b + 1].to(stream.dtype),

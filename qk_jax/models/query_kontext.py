@@ -76,6 +76,7 @@ class QueryKontextConfig:
     max_references: int = 2
     conditioning: str = "text_and_queries"
     placement: str = "task"
+    source_offset: str = "negate"  # a source image's sRoPE ids: the paper's (0, -r, -c) or Kontext's (1, r, c)
     flow: FlowConfig = FlowConfig()
     compute_dtype: Any = jnp.float32
     remat: str = "none"  # the MMDiT blocks' policy, ``mmdit.REMAT_POLICIES``
@@ -86,6 +87,8 @@ class QueryKontextConfig:
             raise ValueError(f"config.conditioning={self.conditioning!r}; expected one of {CONDITIONING_MODES}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"config.remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        if self.source_offset not in rope.SOURCE_OFFSETS:
+            raise ValueError(f"config.source_offset={self.source_offset!r}; expected one of {rope.SOURCE_OFFSETS}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"config.placement={self.placement!r}; expected one of {PLACEMENTS}")
         if self.connector.in_features != self.vlm.text.hidden_size:
@@ -115,6 +118,7 @@ class QueryKontextConfig:
             max_references=int(config.get("max_references", 2)),
             conditioning=str(config.get("conditioning", "text_and_queries")),
             placement=str(config.get("placement", "task")),
+            source_offset=str(config.get("source_offset", "negate")),
             flow=FlowConfig(**{k: v for k, v in dict(config.get("flow", {})).items()
                                if k in {f.name for f in dataclasses.fields(FlowConfig)}}),
             compute_dtype=compute,
@@ -247,7 +251,7 @@ class QueryKontext:
             in_context = jnp.zeros((batch, 0, tokens, channels), noisy.dtype)
             roles = jnp.zeros((batch, 0), jnp.int32)
         roles = self.place(roles)
-        layout = rope.in_context_layout(h, w, roles)
+        layout = rope.in_context_layout(h, w, roles, self.config.source_offset)
         blocks = jnp.concatenate([noisy[:, None].astype(in_context.dtype), in_context], axis=1)
         stream = rope.gather_blocks(blocks.reshape(batch, -1, channels), layout.order)
         target_start = jnp.argmax(layout.order == 0, axis=1).astype(jnp.int32) * tokens

@@ -47,6 +47,12 @@ KIND_TARGET = 0
 KIND_SOURCE = 1
 KIND_REFERENCE = 2
 
+# Where a source image sits (``in_context_layout``'s ``source_offset``): the paper's eq. 2/4 negates its grid,
+# ``(0, -r, -c)``; FLUX.1 Kontext keeps the grid and moves it along the first axis, ``(1, r, c)``. Under RoPE the
+# offset between a target token and the source token at the same pixel is then position-dependent (``2r, 2c``)
+# for the paper's choice and constant (``1, 0, 0``) for Kontext's: the editing ablation compares the two.
+SOURCE_OFFSETS = ("negate", "axis0")
+
 
 # ----------------------------------------------------------------------------------------------------------
 # N-axis RoPE
@@ -129,10 +135,10 @@ def _grid(h: int, w: int) -> tuple[jax.Array, jax.Array]:
     return rows, cols
 
 
-def _shifted_ids(h: int, w: int, sign: jax.Array, shift: jax.Array) -> jax.Array:
-    """``(0, sign * r + h * shift, sign * c + w * shift)`` for every cell, int32 ``[h*w, 3]``; traceable."""
+def _shifted_ids(h: int, w: int, sign: jax.Array, shift: jax.Array, axis0: jax.Array | int = 0) -> jax.Array:
+    """``(axis0, sign * r + h * shift, sign * c + w * shift)`` for every cell, int32 ``[h*w, 3]``; traceable."""
     rows, cols = _grid(h, w)
-    return jnp.stack([jnp.zeros_like(rows), sign * rows + h * shift, sign * cols + w * shift], axis=-1)
+    return jnp.stack([jnp.zeros_like(rows) + axis0, sign * rows + h * shift, sign * cols + w * shift], axis=-1)
 
 
 def image_position_ids(h: int, w: int, role: str = "target", index: int = 0) -> jax.Array:
@@ -175,7 +181,7 @@ class Layout(NamedTuple):
     kind: jax.Array
 
 
-def in_context_layout(h: int, w: int, roles: jax.Array) -> Layout:
+def in_context_layout(h: int, w: int, roles: jax.Array, source_offset: str = "negate") -> Layout:
     """Per-sample token order and sRoPE ids of a noisy target plus M in-context image slots.
 
     All images of a bucket share the target's ``h x w`` grid (the bucketer resizes them). Each sample
@@ -188,6 +194,8 @@ def in_context_layout(h: int, w: int, roles: jax.Array) -> Layout:
       h, w: latent grid size in tokens.
       roles: int ``[B, M]`` of ``NONE``/``SOURCE``/``REFERENCE`` (``M`` may be 0). At most one source per
         sample: two sources would share coordinates (``validate_roles`` checks concrete roles).
+      source_offset: ``"negate"`` (the paper: ``(0, -r, -c)``) or ``"axis0"`` (FLUX.1 Kontext: ``(1, r, c)``);
+        see ``SOURCE_OFFSETS``. Static.
 
     Returns:
       A ``Layout``.
@@ -195,6 +203,8 @@ def in_context_layout(h: int, w: int, roles: jax.Array) -> Layout:
     roles = jnp.asarray(roles, jnp.int32)
     if roles.ndim != 2:
         raise ValueError(f"roles must be [batch, slots], got shape {roles.shape}")
+    if source_offset not in SOURCE_OFFSETS:
+        raise ValueError(f"source_offset={source_offset!r}; expected one of {SOURCE_OFFSETS}")
     batch, slots = roles.shape
     n_tok = h * w
 
@@ -211,9 +221,12 @@ def in_context_layout(h: int, w: int, roles: jax.Array) -> Layout:
         [jnp.full((batch, 1), KIND_TARGET, jnp.int32), jnp.select([roles == SOURCE, is_ref], [KIND_SOURCE, KIND_REFERENCE], KIND_PAD)],
         axis=1,
     )
-    block_sign = jnp.where(block_kind == KIND_SOURCE, -1, 1)
+    is_source = block_kind == KIND_SOURCE
+    block_sign = jnp.where(is_source & (source_offset == "negate"), -1, 1)
+    block_axis0 = jnp.where(is_source & (source_offset == "axis0"), 1, 0)
     block_shift = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), ref_number], axis=1)
-    block_ids = jax.vmap(jax.vmap(lambda s, n: _shifted_ids(h, w, s, n)))(block_sign, block_shift)  # [B,1+M,hw,3]
+    block_ids = jax.vmap(jax.vmap(lambda s, n, a: _shifted_ids(h, w, s, n, a)))(
+        block_sign, block_shift, block_axis0)  # [B, 1+M, hw, 3]
     block_ids = jnp.where((block_kind == KIND_PAD)[..., None, None], 0, block_ids)
 
     take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
