@@ -6,8 +6,8 @@ r"""Throughput benchmarks: the MMDiT training step, the VLM forward and a guided
 - ``step_s``: the median wall time of ``--steps`` steps after ``--warmup`` untimed ones (the first compiles;
   each timed step ends with a wait for its outputs, so the figure is a device time plus one dispatch);
 - ``images_per_s`` (``batch / step_s``), ``tokens_per_s`` (``batch x (image + text tokens) / step_s``);
-- ``tflops``: *model* FLOPs per step over ``step_s``. The count is analytic (``mmdit_forward_flops``): every
-  matmul of ``qk_jax.models.mmdit.MMDiT`` (q/k/v/out projections of both streams, FFNs, adaLN modulation,
+- ``tflops``: *model* FLOPs per step over ``step_s``. The count is analytic (``qk_jax.plan.mmdit_matmul_flops``):
+  every matmul of ``qk_jax.models.mmdit.MMDiT`` (q/k/v/out projections of both streams, FFNs, adaLN modulation,
   embedders, ``proj_out``) and the two attention matmuls, 2 FLOPs per multiply-add; a training step is 3x
   the forward (backward = 2x forward). Rematerialisation's recomputation is not counted (MFU, not HFU), nor
   are elementwise ops, norms and the optimizer;
@@ -51,6 +51,7 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
+from qk_jax import plan
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig
 
 # Dense bf16 peak TFLOP/s by device kind (substring of ``jax.Device.device_kind``), from the vendors' sheets.
@@ -72,35 +73,10 @@ WHAT = ("mmdit_train", "sample", "vlm_forward")
 # ----------------------------------------------------------------------------------------------------------
 
 
-def mmdit_forward_flops(cfg: MMDiTConfig, batch: int, image_tokens: int, text_tokens: int,
-                        target_tokens: int | None = None) -> int:
-    """Matmul FLOPs of one ``MMDiT`` forward (2 per multiply-add); ``target_tokens`` (default all image tokens)
-    go through ``norm_out``/``proj_out``."""
-    d, f, s, l = cfg.inner_dim, cfg.mlp_dim, image_tokens, text_tokens
-    n = s + l
-    target = s if target_tokens is None else target_tokens
-    per_sample = (
-        cfg.in_channels * d * s  # x_embedder
-        + cfg.joint_attention_dim * d * l  # context_embedder
-        + (256 * d + d * d) * (2 if cfg.guidance_embeds else 1)  # timestep (and guidance) embedder
-        + cfg.pooled_projection_dim * d + d * d  # text_embedder
-        + 2 * d * d  # norm_out's modulation
-        + d * cfg.output_dim * target  # proj_out
-    )
-    double = (
-        2 * 6 * d * d  # norm1 + norm1_context modulation (per sample)
-        + 4 * d * d * n  # q, k, v, out: image stream on s tokens, context stream on l tokens
-        + 2 * d * f * n  # the two FFN matmuls of each stream
-        + 2 * n * n * d  # q k^T and attention x v over the joint sequence
-    )
-    single = (
-        3 * d * d  # norm modulation
-        + 3 * d * d * n + d * f * n  # q, k, v and proj_mlp
-        + (d + f) * d * n  # proj_out of [attention; mlp]
-        + 2 * n * n * d
-    )
-    macs = per_sample + cfg.num_layers * double + cfg.num_single_layers * single
-    return 2 * batch * macs
+def mmdit_forward_flops(cfg: MMDiTConfig, batch: int, image_tokens: int, text_tokens: int) -> int:
+    """Matmul FLOPs of one ``MMDiT`` forward: ``qk_jax.plan.mmdit_matmul_flops`` (exact for every dense and the
+    two attention matmuls; the planner's count, so that MFU here and time per step there agree)."""
+    return sum(plan.mmdit_matmul_flops(cfg, batch, image_tokens, text_tokens).values())
 
 
 def llm_forward_flops(vlm_text: Any, batch: int, tokens: int) -> int:

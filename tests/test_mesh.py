@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from qk_jax.parallel import mesh as mesh_lib
 from qk_jax.parallel.mesh import mesh_shape
 
 
@@ -51,6 +52,17 @@ SCRIPT = textwrap.dedent(
     print("ok")
     """
 )
+
+
+@pytest.mark.parametrize("shape,sizes,expected", [
+    ((2560, 10240), (("data", 64), ("fsdp", 3)), (None, ("data",))),  # 3 divides neither: kept whole over fsdp
+    ((16, 48), (("data", 4), ("fsdp", 3)), (None, ("data", "fsdp"))),  # the product divides the largest dim
+    ((10, 9), (("data", 5), ("fsdp", 3)), (("data",), ("fsdp",))),  # each axis on a dim it divides
+    ((7,), (("data", 4), ("fsdp", 1)), (None,)),  # nothing divides: replicated
+    ((), (("data", 8),), ()),
+])
+def test_zero_spec_shards_over_the_axes_that_divide(shape, sizes, expected):
+    assert mesh_lib.zero_spec(shape, sizes) == expected
 
 
 def test_logical_rules_shard_params_on_eight_devices():

@@ -74,16 +74,35 @@ def data_axes_size(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> int:
     return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
 
 
+def zero_spec(shape: Sequence[int], axis_sizes: Sequence[tuple[str, int]]) -> tuple[tuple[str, ...] | None, ...]:
+    """Which ZeRO axes split which dim of a leaf (a ``PartitionSpec``'s entries), without padding.
+
+    The largest dim divisible by the product of every axis takes them all (one contiguous shard per device).
+    Failing that (e.g. 192 = 64 x 3 devices and widths that are powers of two times 5), each axis on its own,
+    largest first, splits the largest dim it still divides: a 2560 x 10240 kernel on ``data=64, fsdp=3`` is split
+    64 ways and kept whole over the 3. Axes that divide nothing replicate; so does a scalar.
+    """
+    axes = [(a, s) for a, s in axis_sizes if s > 1]
+    spec: list[list[str]] = [[] for _ in shape]
+    by_size = sorted(range(len(shape)), key=lambda d: -shape[d])
+    total = math.prod(s for _, s in axes)
+    whole = next((d for d in by_size if total > 1 and shape[d] % total == 0), None)
+    if whole is not None:
+        spec[whole] = [a for a, _ in axes]
+    else:
+        remaining = list(shape)
+        for axis, size in sorted(axes, key=lambda x: -x[1]):
+            dim = next((d for d in sorted(range(len(shape)), key=lambda d: -remaining[d]) if remaining[d] % size == 0),
+                       None)
+            if dim is not None:
+                spec[dim].append(axis)
+                remaining[dim] //= size
+    return tuple(tuple(s) if s else None for s in spec)
+
+
 def zero_sharding(shape: Sequence[int], mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> NamedSharding:
-    """ZeRO sharding of one optimizer-state (or gradient) leaf: its largest dim divisible by the data-parallel
-    size is split over ``axes``; a leaf with no such dim (scalars, small biases) is replicated."""
-    size = data_axes_size(mesh, axes)
-    spec = [None] * len(shape)
-    if size > 1:
-        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-            if shape[dim] % size == 0:
-                spec[dim] = tuple(a for a in axes if a in mesh.shape)
-                break
+    """ZeRO sharding of one optimizer-state (or gradient) leaf over the data-parallel ``axes`` (``zero_spec``)."""
+    spec = zero_spec(shape, [(a, mesh.shape[a]) for a in axes if a in mesh.shape])
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 

@@ -1,0 +1,171 @@
+"""The planner: exact MMDiT matmul FLOPs, residual constants, a tiny step's compiled memory, the paper stage-2 plan."""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.extend
+import jax.numpy as jnp
+import pytest
+from jax._src.ad_checkpoint import saved_residuals
+
+from configs import stage1, stage2, stage3
+from qk_jax import plan, train
+from qk_jax.models import mmdit as mmdit_lib
+from qk_jax.models.lora import LoRAConfig
+from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
+from qk_jax.training import state as state_lib
+from qk_jax.training.step import make_train_step
+
+QUERIES_PAPER = 128 * 3584  # kontext queries live in the VLM's params
+
+
+def _dot_flops(jaxpr) -> int:
+    """2 x MACs of every dot_general in a (closed) jaxpr, recursing into sub-jaxprs."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+            a, b = (v.aval.shape for v in eqn.invars)
+            out = eqn.outvars[0].aval.shape
+            total += 2 * math.prod(out) * math.prod(a[d] for d in lc)
+        times = eqn.params["length"] if eqn.primitive.name == "scan" else 1  # a scanned block runs `length` times
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += times * _dot_flops(sub)
+    return total
+
+
+@pytest.mark.parametrize("stage,changes", [(stage2, {}), (stage3, {}),
+                                           (stage2, dict(guidance_embeds=True, num_single_layers=2, scan=True))],
+                         ids=["stage2", "stage3_lora", "guidance_single_scanned"])
+def test_mmdit_matmul_flops_are_exact(stage, changes):
+    """Every dense (LoRA too, stage 3) and both attention matmuls, counted from the traced forward pass (a
+    scanned stack counted once per layer)."""
+    config = stage.get_config("tiny")
+    qk = QueryKontextConfig.from_config(config)
+    lora = qk.mmdit_lora if qk.mmdit_lora.rank else None
+    changes = dict(changes)
+    scan = changes.pop("scan", False)
+    cfg = dataclasses.replace(qk.mmdit, **changes)
+    batch, img, txt, target = 2, 12, 5, 4
+    model = mmdit_lib.MMDiT(cfg, lora=lora, scan_layers=scan)
+    inputs = mmdit_lib.init_inputs(cfg, batch=batch, img_len=img, text_len=txt)
+    params = model.init(jax.random.key(0), **inputs)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply(p, **inputs, target_start=jnp.zeros((batch,), jnp.int32),
+                                                  target_len=target))(params)
+    counted = plan.mmdit_matmul_flops(cfg, batch, img, txt, target, lora)
+    assert sum(counted.values()) == _dot_flops(jaxpr.jaxpr)
+    assert (counted["lora"] > 0) == (lora is not None)
+    if lora is None:
+        assert plan.mmdit_train_flops(cfg, batch, img, txt, target) == 3 * sum(counted.values())
+
+
+def test_double_block_residual_constants():
+    """The per-token constants of the module docstring against JAX's saved residuals of one block."""
+    cfg = mmdit_lib.MMDiTConfig(num_layers=1, num_single_layers=0, num_attention_heads=4, attention_head_dim=32,
+                                axes_dims_rope=(8, 12, 12))
+    b, s, l, d = 3, 64, 32, cfg.inner_dim
+    for dtype, c in ((jnp.float32, 4), (jnp.bfloat16, 2)):
+        block = mmdit_lib.DoubleStreamBlock(cfg, dtype=dtype)
+        x, ctx = jnp.zeros((b, s, d), dtype), jnp.zeros((b, l, d), dtype)
+        temb, cos, mask = jnp.zeros((b, d), dtype), jnp.zeros((b, l + s, 32)), jnp.ones((b, l + s), bool)
+        found = {}
+
+        def outer(x, ctx):
+            params = block.init(jax.random.key(0), x, ctx, temb, cos, cos, mask)
+            f = lambda p, x, ctx: sum(o.astype(jnp.float32).sum() for o in block.apply(p, x, ctx, temb, cos, cos,
+                                                                                          mask))
+            found["r"] = saved_residuals(f, params, x, ctx)  # trained weights: their inputs are kept too
+            return 0
+
+        jax.eval_shape(outer, x, ctx)
+        # Per-sample residuals (leading batch dim), without the attention's [.., T, T] ones (counted apart).
+        per_token = sum(a.size * a.dtype.itemsize for a, why in found["r"]
+                        if "argument" not in why and a.ndim >= 2 and a.shape[0] == b
+                        and a.shape[-2:] != (l + s, l + s))
+        per_token /= b * (s + l) * d
+        assert per_token == pytest.approx(plan.MMDIT_DOUBLE_BYTES[c], rel=0.1)
+
+
+def test_tiny_step_memory_matches_compiled():
+    """Planned total vs XLA's compiled memory of the real train step (train.py's state, step.py's step).
+
+    Measured = arguments + outputs - aliased (the donated state) + temporaries of ``jax.jit(step).lower(...)
+    .compile().memory_analysis()`` on CPU (float32, XLA attention), for a text-only stage-2 batch of 2 (so the
+    ViT is not run: the planner's workload is set to no VLM images). Planned = params + grads + optimizer +
+    activations (attention='xla') + batch on a 1-device mesh. Compiled, nothing allocated.
+    """
+    config = stage2.get_config("tiny")
+    b = 2
+    model = QueryKontext(QueryKontextConfig.from_config(config))
+    optimizer = state_lib.make_optimizer(config.optim, 10)
+    schedule = state_lib.learning_rate_schedule(config.optim, 10)
+
+    def make_state():
+        params = nn.meta.unbox(model.init(jax.random.key(0)))
+        state = state_lib.init_state(params, config.trainable, optimizer, jax.random.key(1))
+        return state.replace(frozen=train._cast_frozen(state.frozen, config))
+
+    state = jax.eval_shape(make_state)
+    res, length = config.resolution, config.vlm.max_text_tokens
+    batch = dict(target=jax.ShapeDtypeStruct((b, res, res, 3), jnp.float32),
+                 input_ids=jax.ShapeDtypeStruct((b, length), jnp.int32),
+                 attention_mask=jax.ShapeDtypeStruct((b, length), jnp.int32),
+                 task=jax.ShapeDtypeStruct((b,), jnp.int32), valid=jax.ShapeDtypeStruct((b,), jnp.bool_))
+    stats = make_train_step(model, optimizer, schedule).lower(state, batch, ()).compile().memory_analysis()
+    measured = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+                + stats.temp_size_in_bytes)
+
+    planner = plan.Planner(config, "stage2:tiny")
+    planner.work = dataclasses.replace(planner.work, vlm_images=0)
+    planned = planner.plan((1, 1, 1), 1e12, micro=b, attention="xla", global_batch=b)
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    assert planned.params + planned.optimizer == pytest.approx(state_bytes, rel=0.05)
+    assert planned.total == pytest.approx(measured, rel=0.2), (planned.total, measured)
+
+
+@pytest.fixture(scope="module")
+def paper_stage2():
+    return plan.Planner(stage2.get_config(), "stage2")
+
+
+def test_paper_parameter_counts(paper_stage2):
+    counts = paper_stage2.counts
+    assert counts["vlm"] - QUERIES_PAPER == 8_292_166_656
+    assert counts["mmdit"] == 9_952_604_736
+    assert counts["trainable"] == counts["mmdit"] + counts["connector"] + QUERIES_PAPER
+    light = mmdit_lib.MMDiTConfig.from_config({k: v for k, v in stage1.get_config().mmdit.items()})
+    assert mmdit_lib.param_count(light) == 867_713_600
+
+
+def test_paper_stage2_on_192_h100s(paper_stage2):
+    """Without remat stage 2 does not fit 192 x 80 GB; on a 192 x 1 data axis ZeRO cannot shard the MMDiT's
+    2560/10240-wide leaves (192 = 2^6 x 3 divides none), so it does not fit with remat either; the planner finds
+    data x fsdp = 64 x 3, where zero_spec shards every big leaf 64 ways, and block remat: it fits."""
+    memory = plan.parse_memory("80GB")
+    assert not paper_stage2.best(192, memory, remat="none").fits
+    assert not paper_stage2.plan((192, 1, 1), memory, remat="full").fits
+    fixed = paper_stage2.best(192, memory, remat="full")
+    assert fixed.fits and fixed.devices == 192 and fixed.mesh[0] % 64 == 0
+    assert fixed.grads < 0.05 * 4 * paper_stage2.counts["trainable"]  # ZeRO-2 really shards the gradients
+    assert fixed.batch_per_device == math.ceil(1024 / (fixed.mesh[0] * fixed.mesh[1]))
+    assert fixed.micro_batch * fixed.grad_accum_steps >= fixed.batch_per_device
+    text = plan.format_plan(fixed, paper_stage2.smallest(memory, remat="full", zero="even"))
+    assert "FITS in 80 GB" in text and "smallest mesh that fits" in text
+    # 6 N D for the trained MMDiT is most of the step's model FLOPs.
+    w = paper_stage2.work
+    assert paper_stage2.flops_per_sample > plan.mmdit_train_flops(paper_stage2.qk.mmdit, 1, w.image_tokens,
+                                                                  w.text_tokens)
+
+
+def test_cli_prints_a_plan(capsys):
+    lines = plan.main(["--config", "configs/stage2.py:tiny", "--devices", "4", "--device-memory", "1GB",
+                       "--mesh", "4,1,1"])
+    assert "stage2:tiny" in lines[0] and "FITS in 1 GB" in lines[0]
+    rows = plan.main(["--config", "configs/stage3.py:tiny", "--devices", "2", "--device-memory", "1GB", "--json"])
+    import json
+    row = json.loads(rows[0])
+    assert row["fits"] and row["devices"] == 2 and row["flops_per_step"] > 0
+    with pytest.raises(Exception, match="--mesh"):
+        plan.main(["--config", "configs/stage2.py:tiny", "--devices", "4", "--mesh", "4,1"])
