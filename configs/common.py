@@ -7,8 +7,9 @@ table 3 changes. The variant is the first word of the config argument (``--confi
 - ``shapes``: ShapesWorld on 2 CPU cores: 64x64 images, a model of a few million parameters.
 - ``tiny``: the tests: the smallest dims that still exercise every code path.
 
-ShapesWorld's model, counted with transformers/diffusers: VLM 1.23M, MMDiT 2.52M (stage 1's light head 0.36M),
-VAE 0.98M, connector 33K: about 5M parameters in all.
+ShapesWorld's model, counted with transformers/diffusers: VLM 1.23M (plus 16 x 128 kontext queries), MMDiT 2.52M
+(stage 1's light head 0.36M), VAE 0.25M, connector 33K: about 4.4M parameters in all. Its recipe is sized so that
+the README's curriculum (stage 0, stages 1-3 and the evaluation) runs in about half an hour on 2 CPU cores.
 
 Names that the rest of qk_jax relies on:
 
@@ -58,6 +59,16 @@ MMDIT_LORA_TARGETS = (
 # 1:1 is its own transpose, so there are 13 buckets.
 ASPECT_RATIOS = ((1, 1), (1, 2), (2, 1), (2, 3), (3, 2), (3, 4), (4, 3), (3, 5), (5, 3), (4, 5), (5, 4),
                  (9, 16), (16, 9))
+
+# ShapesWorld's words (``qk_jax.data.shapes.prompt_words``, ``<image k>`` aside) and the world's texture names: the
+# vocabulary of the word-level tokenizer (``qk_jax.data.pipeline.WordProcessor``). Word i is token i + 1 (0 is the
+# unknown word), so a checkpoint is tied to this order: append new words, never reorder.
+SHAPES_VOCABULARY = (
+    ",", "a", "add", "and", "at", "blue", "bottom", "center", "circle", "colors", "down", "everything", "from",
+    "green", "image", "in", "large", "left", "make", "mirror", "move", "of", "orange", "purple", "put", "red",
+    "redraw", "remove", "replace", "right", "small", "square", "subject", "swap", "the", "top", "triangle", "up",
+    "with", "yellow", "checker", "stripes",
+)
 
 # Logical axis names of the parameters (``nn.with_logical_partitioning``) and of the activations.
 PARAM_AXES = ("embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "lora_rank", "norm", "conv_in", "conv_out",
@@ -143,6 +154,9 @@ def base(variant):
     # shifted, as each task says), 'reference' or 'source' (every input image placed that way).
     config.conditioning = "text_and_queries"
     config.placement = "task"
+    # Where a source image sits in sRoPE: 'negate' (the paper's eq. 2/4, (0, -r, -c)) or 'axis0' (FLUX.1
+    # Kontext's (1, r, c)); an editing ablation.
+    config.source_offset = "negate"
 
     config.vlm = vlm(variant)
     config.connector = connector(variant)
@@ -160,6 +174,12 @@ def base(variant):
 
     # Appendix D: bf16 mixed precision (float32 params, bf16 compute). The CPU scales stay in float32.
     config.compute_dtype = pick(variant, paper="bfloat16", shapes="float32", tiny="float32")
+    # What each MMDiT block keeps for the backward pass (``qk_jax.models.mmdit.REMAT_POLICIES``): "none" keeps
+    # everything; "full" recomputes each block. ``python -m qk_jax.plan`` shows what each choice costs.
+    config.remat = pick(variant, paper="full", shapes="none", tiny="none")
+    # Each MMDiT block stack as one scanned block: compile time independent of depth; params layer-stacked
+    # (``qk_jax.models.mmdit.stack_layers``; checkpoints of either layout load, the converters write per layer).
+    config.scan_layers = False
     config.ema_decay = ml_collections.config_dict.placeholder(float)  # the paper mentions no EMA
     # Classifier-free guidance needs the model to see missing conditions. The paper gives no rates: 10% each,
     # drawn independently, so 1% of samples lose both (the unconditional branch).
@@ -169,8 +189,10 @@ def base(variant):
     config.flow = ml_collections.ConfigDict(dict(
         t_sampling="logit_normal", mean=0.0, std=1.0,
         base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15))
-    # Euler sampling with three-branch guidance; FLUX-dev-like step count, guidance scales our choice.
-    config.sample = ml_collections.ConfigDict(dict(steps=28, cfg_text=4.0, cfg_image=1.5, negative_prompt=""))
+    # Euler sampling with three-branch guidance; FLUX-dev-like step count, guidance scales our choice. Flat
+    # ShapesWorld images need fewer steps, and its evaluation samples thousands of them on CPU.
+    config.sample = ml_collections.ConfigDict(dict(steps=pick(variant, paper=28, shapes=16, tiny=28), cfg_text=4.0,
+                                                   cfg_image=1.5, negative_prompt=""))
 
     config.mesh = mesh(variant)
     config.sharding = sharding()
@@ -216,7 +238,7 @@ def vlm(variant):
         # 28 query / 4 KV heads x 128 (GQA); M-RoPE splits the 64 rotary frequencies (t, h, w) = (16, 24, 24).
         paper=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                    head_dim=128, intermediate_size=18944, vocab_size=152064, mrope_section=(16, 24, 24)),
-        # ShapesWorld's word-level tokenizer: ~60 words plus Qwen's special tokens, in a 512-row table.
+        # ShapesWorld's word-level tokenizer: 42 words and the unknown word, Qwen's special tokens at 480+.
         shapes=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=32, intermediate_size=384, vocab_size=512, mrope_section=(4, 6, 6)),
         tiny=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -230,14 +252,20 @@ def vlm(variant):
         vision=vision, text=text,
         vision_start_token_id=first_special + 9, vision_end_token_id=first_special + 10,
         image_token_id=first_special + 12, video_token_id=first_special + 13))
-    config.num_queries = pick(variant, paper=128, shapes=32, tiny=4)  # K, section 3.3
+    # K, section 3.3. ShapesWorld keeps the paper's 1:4 of queries to text tokens (16 : 64).
+    config.num_queries = pick(variant, paper=128, shapes=16, tiny=4)
     # The LLM is causal; queries appended after the prompt keep that mask ('bidirectional' among the queries
     # is the alternative). The paper does not say.
     config.query_attention = "causal"
-    # Table 9: "Text (512) & query (128)". ShapesWorld and the tests tokenize with the byte-level stand-in
-    # (``qk_jax.data.pipeline.ByteProcessor``): the longest prompt has 145 bytes, plus 18 tokens per 64-px image
-    # (16 merged patches and the vision start/end tokens; 6 at 32 px), two images at most.
-    config.max_text_tokens = pick(variant, paper=512, shapes=192, tiny=192)
+    # The text tokenizer when no Qwen tokenizer folder is given (``qk_jax.data.pipeline.processor_from_config``):
+    # 'word' (ShapesWorld's closed vocabulary, one token per word) or 'byte' (one per UTF-8 byte, any text).
+    config.tokenizer = pick(variant, paper="byte", shapes="word", tiny="byte")
+    if variant != "paper":
+        config.vocabulary = SHAPES_VOCABULARY
+    # Table 9: "Text (512) & query (128)". ShapesWorld's longest prompt is 25 words with two images, each 18
+    # tokens at 64 px (16 merged patches and the vision start/end tokens): 61. The tests read bytes: up to 145
+    # for a ShapesWorld prompt, plus 6 tokens per 32-px image.
+    config.max_text_tokens = pick(variant, paper=512, shapes=64, tiny=192)
     config.frozen_dtype = pick(variant, paper="bfloat16", shapes="float32", tiny="float32")
     config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0, targets=VLM_LORA_TARGETS))
     return config
@@ -299,8 +327,9 @@ def vae(variant):
         variant,
         paper=((128, 256, 512, 512), 2, 16, 32),
         # 4x down: a 64 px image is a 16x16 latent, 8x8 tokens after packing; 8x would leave 4x4 tokens for a
-        # 3x3 grid of objects.
-        shapes=((32, 64, 64), 1, 16, 16),
+        # 3x3 grid of objects. Narrow: flat shapes need little, and the frozen encoder runs on every target and
+        # in-context image of every step (at (32, 64, 64) it was a third of a training step's FLOPs).
+        shapes=((16, 32, 32), 1, 16, 8),
         tiny=((8, 16), 1, 4, 4),
     )
     config.update(block_out_channels=blocks, layers_per_block=layers, latent_channels=latent,

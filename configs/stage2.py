@@ -7,6 +7,7 @@ Starts from stage 1 (``init_from``): the VLM's LoRA is merged into its kernels (
 and the VLM is frozen; the light head is dropped and the large MMDiT takes its place under ``mmdit``.
 Trains: the kontext queries, the connector and the whole large MMDiT.
 Drop ``:shapes`` for the paper scale (see launch/); ``:shapes,batch=8`` or ``--config.optim.lr=...`` override.
+``:bench`` is the paper scale with a 6-layer (1.4B) MMDiT, what ``python -m qk_jax.bench`` measures on one GPU.
 """
 
 from configs import common
@@ -14,7 +15,10 @@ from configs import common
 
 def get_config(arg=None):
     """Stage 2 at the scale named by ``arg`` (see ``common.parse_arg``)."""
-    arg = common.parse_arg(arg, **common.STAGE_ARGS)
+    arg = common.parse_arg(arg, variants=common.VARIANTS + ("bench",), **common.STAGE_ARGS)
+    bench = arg.variant == "bench"  # the paper's recipe with a 1.4B MMDiT, for python -m qk_jax.bench
+    if bench:
+        arg.variant = "paper"
     config = common.base(arg.variant)  # the large MMDiT, no LoRA: exactly stage 2's model
     config.stage = 2
     config.init_from = "/tmp/qk_stage1"  # stage 1's --workdir above; override with --config.init_from
@@ -25,9 +29,14 @@ def get_config(arg=None):
     config.tasks = dict(t2i=0.7, recon=0.3)
 
     # Table 3: global batch 1024, 420K steps, lr 1e-4: ~12x stage 1's samples, to train a 10B model. ShapesWorld's
-    # large head has 2.5M parameters; twice stage 1's steps.
-    config.batch_size = common.pick(arg.variant, paper=1024, shapes=16, tiny=2)
-    config.total_steps = common.pick(arg.variant, paper=420_000, shapes=2_000, tiny=2)
-    config.optim = common.optim(lr=common.pick(arg.variant, paper=1e-4, shapes=5e-4, tiny=1e-3),
-                                warmup_steps=common.pick(arg.variant, paper=2_000, shapes=100, tiny=1))
+    # large head has 2.5M parameters, trained from scratch here: the longest stage.
+    config.batch_size = common.pick(arg.variant, paper=1024, shapes=32, tiny=2)
+    config.total_steps = common.pick(arg.variant, paper=420_000, shapes=800, tiny=2)
+    config.optim = common.optim(lr=common.pick(arg.variant, paper=1e-4, shapes=1e-3, tiny=1e-3),
+                                warmup_steps=common.pick(arg.variant, paper=2_000, shapes=50, tiny=1))
+    if bench:
+        # The paper's MMDiT block (2560 wide, 40 heads x 64, FFN 10240), 6 of its 42 layers: 1.4B parameters,
+        # whose training step fits one 80 GB GPU without rematerialisation.
+        config.mmdit.num_layers = 6
+        config.remat = "none"
     return common.override(config, arg)

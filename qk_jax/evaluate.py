@@ -287,6 +287,65 @@ def write_report(out: str | os.PathLike, report: Mapping[str, Any], rows: Mappin
     return paths
 
 
+def untrained(sampler: sample_lib.Sampler, seed: int = 0) -> sample_lib.Sampler:
+    """The baseline beside a trained model: the same config with the VLM, connector and MMDiT re-initialised at
+    random (``seed``), the VAE kept (a random decoder would fail every category for a trivial reason)."""
+    import jax
+
+    from qk_jax.models.query_kontext import QueryKontext
+
+    fresh = QueryKontext(sampler.model_config).init(jax.random.key(seed), components=("vlm", "connector", "mmdit"))
+    meta = dict(sampler.meta or {}, untrained=True, init_seed=seed)
+    return sample_lib.Sampler(sampler.config, dict(sampler.params, **fresh), meta=meta)
+
+
+def evaluate_seeds(sampler: sample_lib.Sampler, out: str | os.PathLike, world: shapes.World, *, num: int,
+                   seeds: Sequence[int], tasks: Sequence[str] = TASKS, split: str = "test", steps: int | None = None,
+                   batch: int = 8) -> dict[str, Any]:
+    """``evaluate`` once per seed into ``out/seed_<s>``; ``out/summary.json``/``summary.md`` hold every metric's
+    mean, min and max over the seeds. Returns the summary."""
+    per_seed = {}
+    for seed in seeds:
+        report, rows = evaluate(sampler, num, seed, world, tasks, split=split, steps=steps, batch=batch)
+        write_report(os.path.join(out, f"seed_{seed}"), report, rows)
+        per_seed[seed] = {task: block["metrics"] for task, block in report["tasks"].items()}
+    summary: dict[str, Any] = dict(num=num, seeds=list(seeds), split=split, steps=steps, meta=sampler.meta, tasks={})
+    for task in tasks:
+        summary["tasks"][task] = {}
+        for name in per_seed[seeds[0]][task]:
+            values = [per_seed[s][task][name] for s in seeds if per_seed[s][task][name] is not None]
+            summary["tasks"][task][name] = (dict(mean=float(np.mean(values)), min=float(np.min(values)),
+                                                 max=float(np.max(values))) if values else None)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(summary_markdown({"model": summary}))
+    return summary
+
+
+def summary_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """One table: a row per (task, metric), a column per summary (e.g. trained and untrained): mean [min, max]."""
+    names = list(summaries)
+    first = summaries[names[0]]
+    lines = [f"ShapesWorld {first['split']} split, {first['num']} samples per task, seeds {first['seeds']}", "",
+             "| task | metric | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for task, metrics in first["tasks"].items():
+        for metric in metrics:
+            cells = []
+            for name in names:
+                v = summaries[name]["tasks"].get(task, {}).get(metric)
+                if v is None:
+                    cells.append("n/a")
+                elif metric == "preservation":
+                    cells.append(f"{v['mean']:.4f} [{v['min']:.4f}, {v['max']:.4f}]")
+                else:
+                    cells.append(f"{100 * v['mean']:.1f}% [{100 * v['min']:.0f}, {100 * v['max']:.0f}]")
+            label = "preservation L1 (lower is better)" if metric == "preservation" else metric
+            lines.append(f"| {task} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(prog="python -m qk_jax.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a checkpoint.save_model directory")
@@ -297,8 +356,12 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's sample.steps)")
     parser.add_argument("--batch", type=int, default=8, help="requests per sampler call")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--untrained", action="store_true",
+                        help="score the baseline: this config with random VLM, connector and MMDiT (see untrained)")
     args = parser.parse_args(argv)
     sampler = sample_lib.Sampler.from_checkpoint(args.checkpoint)
+    if args.untrained:
+        sampler = untrained(sampler, args.seed)
     data = sampler.config["data"]
     if "world" not in data:
         raise ValueError(f"checkpoint {args.checkpoint}: its config has no data.world; evaluate a ShapesWorld "

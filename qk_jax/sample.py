@@ -46,8 +46,9 @@ What a request does (paper section 3, DESIGN.md "Flow matching"):
 
 Parameters: whatever the checkpoint holds; ``qk_jax.train`` saves the EMA weights in place of the trained ones
 when it keeps an EMA (its meta then says ``ema: true``, which the CLI prints). The text processor is
-``processor_for(config)``: the byte-level ``ByteProcessor`` that ``qk_jax.data.pipeline`` trains the tiny and
-ShapesWorld models with, or, given a tokenizer folder (``--tokenizer``), Qwen2.5-VL's processor.
+``processor_for(config)``: the stand-in tokenizer that ``config.vlm.tokenizer`` names and ``qk_jax.data.pipeline``
+trains with (word-level for ShapesWorld, byte-level for the tiny test model), or, given a tokenizer folder
+(``--tokenizer``), Qwen2.5-VL's processor.
 """
 
 from __future__ import annotations
@@ -151,16 +152,17 @@ def guidance_weights(cfg_text: float, cfg_image: float, has_images: bool) -> tup
 def processor_for(config: Mapping[str, Any], tokenizer: str | os.PathLike | None = None) -> pipeline.VLMProcessor:
     """The VLM processor a checkpoint's prompts go through: the one place that choice is made.
 
-    Without ``tokenizer``: ``pipeline.ByteProcessor`` (what ``pipeline.make_pipeline`` trains with by default:
-    the tiny and ShapesWorld models). With a local tokenizer folder: Qwen2.5-VL's processor
-    (``qk_jax.data.processor``), whose special token ids must match ``config.vlm``.
+    Without ``tokenizer``: the stand-in that ``config.vlm.tokenizer`` names (``pipeline.processor_from_config``,
+    what ``pipeline.make_pipeline`` trains with: ``WordProcessor`` for ShapesWorld, ``ByteProcessor`` for the
+    tests' tiny model and for checkpoints whose config has no ``tokenizer`` key). With a local tokenizer folder:
+    Qwen2.5-VL's processor (``qk_jax.data.processor``), whose special token ids must match ``config.vlm``.
     """
     if tokenizer:
         from qk_jax.data import processor as processor_lib
         from qk_jax.models.qwen_vl import QwenVLConfig
 
         return processor_lib.VLMProcessor.from_config(QwenVLConfig.from_config(config["vlm"]), tokenizer)
-    return pipeline.ByteProcessor.from_config(config["vlm"])
+    return pipeline.processor_from_config(config["vlm"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -517,8 +519,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("size", None, "WIDTHxHEIGHT; snaps to the nearest aspect-ratio bucket (default: the source "
                         "image's, else square).", **fv)
     flags.DEFINE_string("out", None, "The grid PNG; image i goes to <out without .png>_i.png.", **fv)
-    flags.DEFINE_string("tokenizer", None, "A local Qwen2.5-VL tokenizer folder (default: the byte-level "
-                        "processor of the tiny/ShapesWorld models).", **fv)
+    flags.DEFINE_string("tokenizer", None, "A local Qwen2.5-VL tokenizer folder (default: the stand-in "
+                        "that config.vlm.tokenizer names: word-level for ShapesWorld, byte-level for tiny).", **fv)
     flags.mark_flags_as_required(["checkpoint", "prompt", "out"], **fv)
 
 

@@ -31,6 +31,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qk_jax import pretrain
 from qk_jax.data import pipeline as pipeline_lib
 from qk_jax.data import shapes
 from qk_jax.data.manifest import TASKS
@@ -43,9 +44,6 @@ from qk_jax.training import stages
 from qk_jax.training import state as state_lib
 from qk_jax.training.step import make_train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file: configs/stageN.py[:variant] or configs/shapes.py.",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the final model go.")
 
 # The batch entries the model reads (the rest of the pipeline's schema is bookkeeping for the host).
 MODEL_KEYS = ("target", "inputs", "roles", "image_present", "input_ids", "attention_mask", "pixel_values", "task",
@@ -216,16 +214,55 @@ def train_stage(config, workdir: str) -> str:
 
 
 def run_curriculum(config, workdir: str) -> None:
-    """Every stage of ``config.stages`` in ``workdir/<name>``, each starting from the one before."""
+    """Every stage of ``config.stages`` in ``workdir/<name>``, each starting from the one before; first stage 0
+    (``qk_jax.pretrain``, in ``workdir/stage0``) when the config has a ``stage0`` block: the first stage then
+    imports its VLM and VAE, and every stage takes its measured latent factors."""
     data_dir = os.path.join(workdir, "data")
-    for stage_config in config.stages:
+    stage0 = None
+    if config.get("stage0") is not None:
+        started = time.time()
+        stage0 = pretrain.run(config, os.path.join(workdir, pretrain.DIRNAME))  # skipped when done
+        logging.info("stage0 took %s", metrics_lib.format_duration(time.time() - started))
+    for index, stage_config in enumerate(config.stages):
         stage_config = copy.deepcopy(stage_config)
+        if stage0 is not None:
+            pretrain.apply(stage_config, stage0, first=index == 0)
         if stage_config.get("init_from") and not os.path.isabs(stage_config.init_from):
             stage_config.init_from = os.path.join(workdir, stage_config.init_from)
         stage_config.data.dir = data_dir
         started = time.time()
-        train_stage(stage_config, os.path.join(workdir, stage_config.name))
+        final_dir = train_stage(stage_config, os.path.join(workdir, stage_config.name))
         logging.info("%s took %s", stage_config.name, metrics_lib.format_duration(time.time() - started))
+    if config.get("evaluate") is not None:
+        started = time.time()
+        evaluate_curriculum(config, final_dir, os.path.join(workdir, "eval"))
+        logging.info("evaluation took %s", metrics_lib.format_duration(time.time() - started))
+
+
+def evaluate_curriculum(config, final_dir: str, out: str) -> str:
+    """Scores the last stage's model and its untrained baseline (``qk_jax.evaluate.untrained``) on the held-out
+    split as ``config.evaluate`` says; ``out/report.md`` puts them side by side. Skipped when it exists."""
+    from qk_jax import evaluate as evaluate_lib
+    from qk_jax import sample as sample_lib
+
+    report = os.path.join(out, "report.md")
+    if os.path.exists(report):
+        logging.info("evaluation done already: %s", report)
+        return report
+    e = config.evaluate
+    sampler = sample_lib.Sampler.from_checkpoint(final_dir)
+    world = shapes.World.from_config(config.world, size=int(config.stages[-1].resolution))
+    kwargs = dict(num=int(e.samples_per_task), tasks=tuple(e.tasks), steps=e.get("steps"), batch=int(e.get("batch", 8)))
+    summaries = {}
+    for name, model, seeds in (("trained", sampler, tuple(e.seeds)),
+                               ("untrained", evaluate_lib.untrained(sampler), tuple(e.seeds)[:1])):
+        logging.info("evaluating the %s model: %d samples per task, seeds %s", name, kwargs["num"], seeds)
+        summaries[name] = evaluate_lib.evaluate_seeds(model, os.path.join(out, name), world, seeds=seeds, **kwargs)
+    table = evaluate_lib.summary_markdown(summaries)
+    with open(report, "w") as f:
+        f.write(f"# {final_dir}: trained vs untrained (the untrained model: seed {tuple(e.seeds)[0]} only)\n\n{table}")
+    logging.info("evaluation:\n%s", table)
+    return report
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -235,10 +272,18 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """``--config`` and ``--workdir``, defined when this module is the program (``qk_jax.ablate`` imports it and
+    has a ``--config`` of its own)."""
+    config_flags.DEFINE_config_file("config", None, "A config file: configs/stageN.py[:variant] or configs/shapes.py.",
+                                    lock_config=False, flag_values=flag_values)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the final model go.", flag_values=flag_values)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if config is None or not workdir:
         raise app.UsageError("give --config configs/stageN.py[:variant] (or configs/shapes.py) and --workdir DIR")
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
@@ -252,4 +297,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

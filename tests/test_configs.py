@@ -130,6 +130,21 @@ def test_shapes_curriculum(variant):
         shapes.get_config("paper")
 
 
+def test_shapes_vocabulary_covers_every_prompt():
+    """The word-level tokenizer of the shapes configs knows every word ShapesWorld's prompts use, and the
+    longest prompt with its images fits ``max_text_tokens``."""
+    from qk_jax.data import shapes as world_lib
+
+    config = stage3.get_config("shapes")
+    assert config.vlm.tokenizer == "word" and _config("stage1", "tiny").vlm.tokenizer == "byte"
+    words = set(world_lib.prompt_words(world_lib.default_world())) - {"<image 1>", "<image 2>"}
+    assert words <= set(config.vlm.vocabulary)
+    assert len(config.vlm.vocabulary) + 1 <= config.vlm.text.bos_token_id  # the words and the unknown word
+    longest_words = 25  # "put the subject from <image 1> at the top left and ... with a large red circle at the right"
+    image_tokens = (config.resolution // (config.vlm.vision.patch_size * config.vlm.vision.spatial_merge_size)) ** 2 + 2
+    assert longest_words + config.max_references * image_tokens <= config.vlm.max_text_tokens
+
+
 def test_loads_by_path_from_repo_root(monkeypatch):
     """``--config configs/stage3.py:shapes`` loads the file by path, with the repo root as the working dir."""
     monkeypatch.chdir(REPO)

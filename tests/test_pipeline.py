@@ -391,3 +391,63 @@ def test_malformed_arrayrecord_record_is_counted(tmp_path):
     it = iter(pipe)
     assert _records(list(it)) == [0, 2]
     assert pipe.metrics(it)["unparsable"] == 1
+
+
+def test_word_processor_reads_shapesworld_prompts_and_shares_the_image_side():
+    from qk_jax.data import shapes
+
+    config = stage3.get_config("shapes")
+    words = pipeline.processor_from_config(config.vlm)
+    assert isinstance(words, pipeline.WordProcessor)
+    vocab = config.vlm.vocabulary
+    ids = words.text_ids("Put the subject, from")
+    assert ids == [vocab.index(w) + 1 for w in ("put", "the", "subject", ",", "from")]  # lower-cased, split
+    assert words.text_ids("a pink circle") == [vocab.index("a") + 1, pipeline.UNKNOWN_WORD_ID,
+                                              vocab.index("circle") + 1]
+    assert words.unknown_words("a pink circle") == ["pink"]
+    # Every ShapesWorld prompt: known words only, and it fits max_text_tokens with its images.
+    world = shapes.World()
+    image = np.zeros((64, 64, 3), np.uint8)
+    longest = 0
+    for i in range(70):
+        task = shapes.TASKS[i % len(shapes.TASKS)]
+        sample = shapes.generate_sample(world, i, task)
+        n = len(sample["inputs"])
+        text = " ".join(p for p in manifest.prompt_segments(sample["prompt"], n) if isinstance(p, str))
+        assert words.unknown_words(text) == [], sample["prompt"]
+        longest = max(longest, len(words(sample["prompt"], [image] * n)["input_ids"]))
+    assert longest <= config.vlm.max_text_tokens
+    # The image side is the byte processor's: same patches, same placeholders, only the text differs.
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    prompt = "put the subject from <image 2> at the top and <image 1>"
+    got, ref = words(prompt, images), pipeline.ByteProcessor.from_config(config.vlm)(prompt, images)
+    np.testing.assert_array_equal(got["pixel_values"], ref["pixel_values"])
+    np.testing.assert_array_equal(got["image_grid_thw"], ref["image_grid_thw"])
+    special = config.vlm.text.bos_token_id
+    np.testing.assert_array_equal(got["input_ids"][got["input_ids"] >= special],
+                                  ref["input_ids"][ref["input_ids"] >= special])
+    assert got["input_ids"].max() < config.vlm.text.vocab_size
+
+
+def test_processor_choice_and_vocabulary_errors():
+    config = stage3.get_config("tiny")
+    assert type(pipeline.processor_from_config(config.vlm)) is pipeline.ByteProcessor
+    del config.vlm["tokenizer"]  # a checkpoint from before the key: bytes
+    assert type(pipeline.processor_from_config(config.vlm)) is pipeline.ByteProcessor
+    config.vlm.tokenizer = "word"
+    assert type(pipeline.processor_from_config(config.vlm)) is pipeline.WordProcessor
+    config.vlm.tokenizer = "sentencepiece"
+    with pytest.raises(ValueError, match="config.vlm.tokenizer='sentencepiece'; expected one of byte, word"):
+        pipeline.processor_from_config(config.vlm)
+    kwargs = pipeline.PatchProcessor._kwargs(config.vlm)
+    with pytest.raises(ValueError, match="repeats"):
+        pipeline.WordProcessor(vocabulary=("a", "b", "a"), **kwargs)
+    with pytest.raises(ValueError, match="not one lower-case word"):
+        pipeline.WordProcessor(vocabulary=("top left",), **kwargs)
+    with pytest.raises(ValueError, match="do not fit below the first special token id 96"):
+        pipeline.WordProcessor(vocabulary=tuple(f"w{i}" for i in range(96)), **kwargs)
+    paper = stage3.get_config()
+    paper.vlm.tokenizer = "word"
+    with pytest.raises(ValueError, match="needs config.vlm.vocabulary"):
+        pipeline.processor_from_config(paper.vlm)

@@ -119,6 +119,15 @@ def test_branches_are_built_as_training_drops_text_and_images(sampler, model_and
             np.testing.assert_array_equal(prepared.batch["inputs"][0], trained["inputs"] / np.float32(127.5) - 1)
 
 
+def test_processor_for_follows_the_config_tokenizer():
+    """Sampling tokenises as training did: the stand-in ``config.vlm.tokenizer`` names (no tokenizer folder)."""
+    assert type(sample.processor_for(stage3.get_config("tiny"))) is pipeline.ByteProcessor
+    shapes_config = stage3.get_config("shapes")
+    processor = sample.processor_for(shapes_config)
+    assert type(processor) is pipeline.WordProcessor
+    assert processor.vocabulary == tuple(shapes_config.vlm.vocabulary)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The compiled sampler against the formulas
 # ----------------------------------------------------------------------------------------------------------

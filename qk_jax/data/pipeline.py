@@ -69,6 +69,7 @@ import dataclasses
 import io
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -94,7 +95,8 @@ _EXIF_ORIENTATION = 0x0112
 
 
 class VLMProcessor(Protocol):
-    """What the pipeline needs from a Qwen2.5-VL processor (``qk_jax.data.processor`` or ``ByteProcessor``).
+    """What the pipeline needs from a Qwen2.5-VL processor (``qk_jax.data.processor``, ``ByteProcessor`` or
+    ``WordProcessor``).
 
     It must be picklable (Grain sends it to the worker processes).
     """
@@ -120,14 +122,13 @@ class VLMProcessor(Protocol):
         ...
 
 
-class ByteProcessor:
-    """A self-contained stand-in for the Qwen2.5-VL processor, for tests and ShapesWorld-scale runs.
+class PatchProcessor:
+    """The image side of a self-contained Qwen2.5-VL processor; subclasses tokenise the text (``text_ids``).
 
-    Text: one token per UTF-8 byte (a byte at or above the first special token id wraps around: fine for
-    ASCII prompts and vocabularies of >= 128 + specials). Images follow Qwen2-VL's image processor: resized to
-    multiples of ``patch_size * merge_size`` (bicubic), normalised with the CLIP mean/std, repeated over
-    ``temporal_patch_size`` frames and flattened patch by patch in Qwen's merge-window order; in the text each
-    image is ``<|vision_start|>``, one ``<|image_pad|>`` per merged patch, ``<|vision_end|>``.
+    Images follow Qwen2-VL's image processor: resized to multiples of ``patch_size * merge_size`` (bicubic),
+    normalised with the CLIP mean/std, repeated over ``temporal_patch_size`` frames and flattened patch by patch
+    in Qwen's merge-window order; in the text each image is ``<|vision_start|>``, one ``<|image_pad|>`` per merged
+    patch, ``<|vision_end|>``.
     """
 
     def __init__(self, *, patch_size: int, merge_size: int, temporal_patch_size: int, image_token_id: int,
@@ -138,15 +139,19 @@ class ByteProcessor:
         self.first_special_id = first_special_id
         self.patch_dim = 3 * temporal_patch_size * patch_size**2
 
-    @classmethod
-    def from_config(cls, vlm: Mapping[str, Any]) -> ByteProcessor:
-        """From ``config.vlm`` (transformers' Qwen2_5_VLConfig names)."""
+    @staticmethod
+    def _kwargs(vlm: Mapping[str, Any]) -> dict[str, int]:
+        """The constructor's arguments from ``config.vlm`` (transformers' Qwen2_5_VLConfig names)."""
         vision = vlm["vision"]
-        return cls(patch_size=int(vision["patch_size"]), merge_size=int(vision["spatial_merge_size"]),
-                   temporal_patch_size=int(vision["temporal_patch_size"]), image_token_id=int(vlm["image_token_id"]),
-                   vision_start_token_id=int(vlm["vision_start_token_id"]),
-                   vision_end_token_id=int(vlm["vision_end_token_id"]),
-                   first_special_id=int(vlm["text"]["bos_token_id"]))
+        return dict(patch_size=int(vision["patch_size"]), merge_size=int(vision["spatial_merge_size"]),
+                    temporal_patch_size=int(vision["temporal_patch_size"]), image_token_id=int(vlm["image_token_id"]),
+                    vision_start_token_id=int(vlm["vision_start_token_id"]),
+                    vision_end_token_id=int(vlm["vision_end_token_id"]),
+                    first_special_id=int(vlm["text"]["bos_token_id"]))
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of a piece of prompt text (no images in it)."""
+        raise NotImplementedError
 
     def _resized(self, height: int, width: int) -> tuple[int, int]:
         factor = self.patch_size * self.merge_size
@@ -174,7 +179,7 @@ class ByteProcessor:
         grids = []
         for piece in manifest_lib.prompt_segments(prompt, len(images)):
             if isinstance(piece, str):
-                ids.extend(b % self.first_special_id for b in piece.encode("utf-8"))
+                ids.extend(self.text_ids(piece))
                 continue
             grid = self.image_grid_thw(*images[piece].shape[:2])
             grids.append((piece, grid))
@@ -188,6 +193,85 @@ class ByteProcessor:
             pixel_values=(np.concatenate(patches) if patches else np.zeros((0, self.patch_dim), np.float32)),
             image_grid_thw=np.asarray([grid for _, grid in grids], np.int32).reshape(len(grids), 3),
         )
+
+
+class ByteProcessor(PatchProcessor):
+    """A stand-in for the Qwen2.5-VL processor that reads any text: one token per UTF-8 byte.
+
+    A byte at or above the first special token id wraps around: fine for ASCII prompts and vocabularies of
+    >= 128 + specials. Images as ``PatchProcessor``. The tests' tiny model reads its prompts this way.
+    """
+
+    @classmethod
+    def from_config(cls, vlm: Mapping[str, Any]) -> ByteProcessor:
+        """From ``config.vlm`` (transformers' Qwen2_5_VLConfig names)."""
+        return cls(**cls._kwargs(vlm))
+
+    def text_ids(self, text: str) -> list[int]:
+        return [b % self.first_special_id for b in text.encode("utf-8")]
+
+
+WORD = re.compile(r"\w+|[^\w\s]")  # a word or one punctuation mark: ShapesWorld's prompt tokens
+UNKNOWN_WORD_ID = 0
+
+
+class WordProcessor(PatchProcessor):
+    """A word-level stand-in for the Qwen2.5-VL processor, for a closed vocabulary (ShapesWorld's prompts).
+
+    Text is lower-cased and split into words and punctuation marks (``WORD``); word ``i`` of ``vocabulary``
+    is token ``i + 1`` and a word outside it is the unknown-word token ``UNKNOWN_WORD_ID`` (0). Qwen's special
+    tokens (padding, vision start/end, image pads) keep their ids from ``config.vlm``, above the words. Images
+    as ``PatchProcessor``. A ShapesWorld prompt is 2-25 words, against 16-146 bytes for ``ByteProcessor``: the
+    VLM's sequence, and its cost, shrink accordingly.
+
+    The ids are the vocabulary's order: a checkpoint is tied to ``config.vlm.vocabulary``, which it stores.
+    """
+
+    def __init__(self, *, vocabulary: Sequence[str], **kwargs):
+        super().__init__(**kwargs)
+        self.vocabulary = tuple(str(w) for w in vocabulary)
+        if len(set(self.vocabulary)) != len(self.vocabulary):
+            dupes = sorted({w for w in self.vocabulary if self.vocabulary.count(w) > 1})
+            raise ValueError(f"config.vlm.vocabulary repeats {dupes}; list each word once")
+        bad = [w for w in self.vocabulary if WORD.fullmatch(w) is None or w != w.lower()]
+        if bad:
+            raise ValueError(f"config.vlm.vocabulary has entries that are not one lower-case word or punctuation mark: "
+                             f"{bad[:8]}")
+        if len(self.vocabulary) + 1 > self.first_special_id:
+            raise ValueError(f"config.vlm.vocabulary has {len(self.vocabulary)} words, which with the unknown-word id "
+                             f"do not fit below the first special token id {self.first_special_id}; raise "
+                             "vlm.text.vocab_size and the special ids, or shorten the vocabulary")
+        self.ids = {w: i + 1 for i, w in enumerate(self.vocabulary)}
+
+    @classmethod
+    def from_config(cls, vlm: Mapping[str, Any]) -> WordProcessor:
+        """From ``config.vlm``: its token ids and ``vocabulary`` (a tuple of words)."""
+        if "vocabulary" not in vlm:
+            raise ValueError("config.vlm.tokenizer='word' needs config.vlm.vocabulary (a tuple of words); "
+                             "ShapesWorld's is configs.common.SHAPES_VOCABULARY")
+        return cls(vocabulary=tuple(vlm["vocabulary"]), **cls._kwargs(vlm))
+
+    def text_ids(self, text: str) -> list[int]:
+        return [self.ids.get(word, UNKNOWN_WORD_ID) for word in WORD.findall(text.lower())]
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` outside the vocabulary (they become the unknown-word token)."""
+        return [word for word in WORD.findall(text.lower()) if word not in self.ids]
+
+
+TOKENIZERS = dict(byte=ByteProcessor, word=WordProcessor)
+
+
+def processor_from_config(vlm: Mapping[str, Any]) -> PatchProcessor:
+    """The stand-in processor ``config.vlm.tokenizer`` names: ``'byte'`` (the default) or ``'word'``.
+
+    What ``make_pipeline`` trains with and ``qk_jax.sample.processor_for`` samples with when no Qwen tokenizer
+    folder is given, so training and sampling tokenise a checkpoint's prompts the same way.
+    """
+    name = str(vlm.get("tokenizer", "byte"))
+    if name not in TOKENIZERS:
+        raise ValueError(f"config.vlm.tokenizer={name!r}; expected one of {', '.join(TOKENIZERS)}")
+    return TOKENIZERS[name].from_config(vlm)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -487,7 +571,7 @@ class DataPipeline:
 
     Args:
       config: a ``PipelineConfig`` (``PipelineConfig.from_config(stage_config, manifest=...)``).
-      processor: the VLM processor (``make_pipeline`` defaults to ``ByteProcessor``).
+      processor: the VLM processor (``make_pipeline`` defaults to ``processor_from_config(config.vlm)``).
       manifest: an opened manifest (default: ``open_manifest(config.manifest)``).
     """
 
@@ -580,6 +664,6 @@ def skipped_counts(state: Any) -> dict[str, int]:
 
 def make_pipeline(config: Mapping[str, Any], processor: VLMProcessor | None = None, *, manifest: str | None = None,
                   **overrides) -> DataPipeline:
-    """``DataPipeline`` of a stage config; the processor defaults to ``ByteProcessor.from_config(config.vlm)``."""
-    processor = processor or ByteProcessor.from_config(config["vlm"])
+    """``DataPipeline`` of a stage config; the processor defaults to ``processor_from_config(config.vlm)``."""
+    processor = processor or processor_from_config(config["vlm"])
     return DataPipeline(PipelineConfig.from_config(config, manifest=manifest, **overrides), processor)
