@@ -259,19 +259,26 @@ def vae_probe(model: vae_lib.AutoencoderKL) -> Callable:
     return jax.jit(probe)
 
 
-def evaluate_vae(probe: Callable, params, batches: list[np.ndarray], seed: int) -> dict[str, float]:
-    """Reconstruction through the posterior mean (L1 and PSNR on [0, 1] pixels) and the FLUX normalisation
-    measured on posterior samples: ``shift`` = their mean, ``scale`` = 1 / their std (scalars, as FLUX.1's)."""
-    abs_err, sq_err, latents = [], [], []
+def evaluate_vae(probe: Callable, params, batches: list[np.ndarray], seed: int, world: shapes.World
+                 ) -> dict[str, float]:
+    """Reconstruction through the posterior mean (L1 and PSNR on [0, 1] pixels; ``scene_parse``: the fraction
+    of images whose reconstruction ``parse_scene`` reads as the original, an upper bound on every evaluation
+    score of the models built on this VAE) and the FLUX normalisation measured on posterior samples: ``shift``
+    = their mean, ``scale`` = 1 / their std (scalars, as FLUX.1's)."""
+    abs_err, sq_err, latents, parsed = [], [], [], []
+    to_uint8 = lambda a: np.round((np.clip(a, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)  # noqa: E731
     for i, x in enumerate(batches):
         recon, z = jax.device_get(probe(params, x, jax.random.key(seed + i)))
         y = np.clip(recon, -1.0, 1.0)
         abs_err.append(np.abs(y - x).mean(axis=(1, 2, 3)) / 2)
         sq_err.append(np.square(y - x).mean(axis=(1, 2, 3)) / 4)
         latents.append(np.asarray(z, np.float64).reshape(-1))
+        if x.shape[1] == world.size:
+            parsed += [shapes.parse_scene(a, world) == shapes.parse_scene(b, world)
+                       for a, b in zip(to_uint8(y), to_uint8(x))]
     mse, z = np.concatenate(sq_err), np.concatenate(latents)
     return dict(l1=float(np.concatenate(abs_err).mean()), psnr=float(np.mean(-10 * np.log10(np.maximum(mse, 1e-10)))),
-                shift=float(z.mean()), scale=float(1.0 / z.std()))
+                scene_parse=float(np.mean(parsed)) if parsed else None, shift=float(z.mean()), scale=float(1.0 / z.std()))
 
 
 def vlm_config(stage_config) -> QwenVLConfig:
@@ -418,17 +425,18 @@ def pretrain_vae(config, directory: str) -> tuple[str, float, float, dict]:
     eval_batches = [vae_images(world, seed, EVAL_STREAM, i, batch_size)
                     for i in range(-(-int(s0.eval_samples) // batch_size))]
     probe = vae_probe(model)
-    before = evaluate_vae(probe, params, eval_batches, seed)
+    before = evaluate_vae(probe, params, eval_batches, seed, world)
     crop = block.get("crop") or None
     params, seconds = train_component(
         "vae", os.path.join(directory, "vae"), params,
         lambda p, x, key: vae_loss(model, p, x, key, float(block.kl_weight)),
         lambda i: vae_images(world, seed, TRAIN_STREAM, i, batch_size, crop),
         block, seed=seed, log_every=int(s0.log_every), checkpoint_every=int(s0.checkpoint_every))
-    after = evaluate_vae(probe, params, eval_batches, seed)
+    after = evaluate_vae(probe, params, eval_batches, seed, world)
     shift, scale = after["shift"], after["scale"]
-    logging.info("stage 0 vae: held-out L1 %.4f -> %.4f, PSNR %.1f -> %.1f dB; latents: shift %.4f, scale %.4f",
-                 before["l1"], after["l1"], before["psnr"], after["psnr"], shift, scale)
+    logging.info("stage 0 vae: held-out L1 %.4f -> %.4f, PSNR %.1f -> %.1f dB, reconstructions read as the original"
+                 " scene %.1f%%; latents: shift %.4f, scale %.4f", before["l1"], after["l1"], before["psnr"],
+                 after["psnr"], 100 * (after["scene_parse"] or 0.0), shift, scale)
     exported = dataclasses.replace(vae_config, scaling_factor=scale, shift_factor=shift)
     folder = _export(lambda path: diffusers_vae.export(exported, params, path), os.path.join(directory, VAE_EXPORT))
     figures = dict(before=before, after=after, train_seconds=seconds, steps=int(block.steps))

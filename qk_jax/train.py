@@ -254,13 +254,17 @@ def evaluate_curriculum(config, final_dir: str, out: str) -> str:
     world = shapes.World.from_config(config.world, size=int(config.stages[-1].resolution))
     kwargs = dict(num=int(e.samples_per_task), tasks=tuple(e.tasks), steps=e.get("steps"), batch=int(e.get("batch", 8)))
     summaries = {}
-    for name, model, seeds in (("trained", sampler, tuple(e.seeds)),
-                               ("untrained", evaluate_lib.untrained(sampler), tuple(e.seeds)[:1])):
-        logging.info("evaluating the %s model: %d samples per task, seeds %s", name, kwargs["num"], seeds)
-        summaries[name] = evaluate_lib.evaluate_seeds(model, os.path.join(out, name), world, seeds=seeds, **kwargs)
+    for name, model, seeds, num in (
+            ("trained", sampler, tuple(e.seeds), kwargs.pop("num")),
+            ("untrained", evaluate_lib.untrained(sampler), tuple(e.seeds)[:1], int(e.get("untrained_samples", 0))
+             or int(e.samples_per_task))):
+        logging.info("evaluating the %s model: %d samples per task, seeds %s", name, num, seeds)
+        summaries[name] = evaluate_lib.evaluate_seeds(model, os.path.join(out, name), world, seeds=seeds, num=num,
+                                                      **kwargs)
     table = evaluate_lib.summary_markdown(summaries)
     with open(report, "w") as f:
-        f.write(f"# {final_dir}: trained vs untrained (the untrained model: seed {tuple(e.seeds)[0]} only)\n\n{table}")
+        f.write(f"# {final_dir}: trained vs untrained (untrained: seed {tuple(e.seeds)[0]},"
+                f" {summaries['untrained']['num']} samples per task)\n\n{table}")
     logging.info("evaluation:\n%s", table)
     return report
 
