@@ -288,6 +288,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    workdir = os.path.abspath(workdir) if workdir else workdir
     if config is None or not workdir:
         raise app.UsageError("give --config configs/stageN.py[:variant] (or configs/shapes.py) and --workdir DIR")
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":

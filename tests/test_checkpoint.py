@@ -132,3 +132,19 @@ def test_model_checkpoint_round_trip(tmp_path):
         ckpt.save_model(tmp_path / "model", config, params)
     with pytest.raises(FileNotFoundError, match="not a qk_jax model checkpoint"):
         ckpt.load_model(tmp_path)
+
+
+def test_relative_directories_work(tmp_path, monkeypatch):
+    """``--workdir runs/shapes`` (the README's command) is relative; Orbax itself refuses relative paths."""
+    monkeypatch.chdir(tmp_path)
+    config = common.base("tiny")
+    params = {"vae": {"b": jnp.ones(2)}}
+    ckpt.save_model("rel/model", config, params, meta={"stage": 1})
+    chex.assert_trees_all_equal(ckpt.load_model("rel/model")[1], params)
+    state, _ = _state()
+    checkpointer = ckpt.Checkpointer("rel/run", save_every=1)
+    assert checkpointer.save(state, {"next_batch": 1}, {"stage": 1})
+    checkpointer.close()
+    restored, data, _ = ckpt.Checkpointer("rel/run", save_every=1).restore(_state()[0])
+    chex.assert_trees_all_equal(restored.trainable, state.trainable)
+    assert data == {"next_batch": 1}

@@ -47,7 +47,7 @@ class Checkpointer:
     """Periodic, asynchronous, keep-last-K checkpoints of one stage's run."""
 
     def __init__(self, workdir: str | os.PathLike, *, save_every: int, keep: int = 3, async_save: bool = True):
-        self.workdir = epath.Path(workdir)
+        self.workdir = epath.Path(os.path.abspath(workdir))  # Orbax refuses relative paths
         self._manager = ocp.CheckpointManager(
             self.workdir / "checkpoints",
             options=ocp.CheckpointManagerOptions(
@@ -136,7 +136,7 @@ def save_model(directory: str | os.PathLike, config: Any, params: Any, meta: dic
     ml_collections config as JSON, plus ``meta``: stage, step, what the run was). Synchronous: the directory
     is complete when this returns.
     """
-    directory = epath.Path(directory)
+    directory = epath.Path(os.path.abspath(directory))  # Orbax refuses relative paths
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty; choose a new directory for the model")
     directory.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ def load_model(directory: str | os.PathLike, like: Any | None = None) -> tuple[m
     ``like`` (arrays or ``ShapeDtypeStruct``s with shardings) restores straight into that layout; without it
     the params come back as saved, on the default device.
     """
-    directory = epath.Path(directory)
+    directory = epath.Path(os.path.abspath(directory))  # Orbax refuses relative paths
     config_file = directory / MODEL_CONFIG_FILE
     if not config_file.exists() or not (directory / "params").exists():
         raise FileNotFoundError(
