@@ -125,3 +125,23 @@ def test_cli_on_a_random_tiny_checkpoint(tmp_path):
         assert all(set(evaluate.CATEGORIES[task]) <= set(s["scores"]) for s in block["samples"])
     md = (out / "report.md").read_text()
     assert all(f"## {t}" in md for t in evaluate.TASKS)
+
+
+def test_evaluation_is_deterministic_for_a_checkpoint_and_seed(tmp_path):
+    """The same checkpoint, seed and arguments give the same report and grids; so does the untrained baseline,
+    whose random weights come from the seed too."""
+    config = stage3.get_config("tiny")
+    params = QueryKontext(QueryKontextConfig.from_config(config)).init(jax.random.key(3))
+    ckpt.save_model(tmp_path / "model", config, params, meta={"stage": 3, "step": 0})
+    args = ["--checkpoint", str(tmp_path / "model"), "--num", "2", "--steps", "2", "--tasks", "t2i", "edit"]
+    reports = {}
+    for name, extra in (("a", []), ("b", []), ("untrained_a", ["--untrained"]), ("untrained_b", ["--untrained"])):
+        evaluate.main(args + extra + ["--out", str(tmp_path / name)])
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        report["config"].pop("meta")
+        reports[name] = report
+    assert reports["a"] == reports["b"] and reports["untrained_a"] == reports["untrained_b"]
+    for task in ("t2i", "edit"):
+        for first, second in (("a", "b"), ("untrained_a", "untrained_b")):
+            assert (tmp_path / first / f"{task}.png").read_bytes() == (tmp_path / second / f"{task}.png").read_bytes()
+    assert (tmp_path / "a" / "edit.png").read_bytes() != (tmp_path / "untrained_a" / "edit.png").read_bytes()
