@@ -79,7 +79,6 @@ def variant_config(config, ablation: str, value: str, workdir: str, steps: int |
         if not os.path.isdir(final):
             raise FileNotFoundError(f"{ablation} starts from {final}, which does not exist: run the curriculum first"
                                     f" (python -m qk_jax.train --config ... --workdir {workdir})")
-    stage.data.dir = os.path.join(workdir, "data")
     return stage
 
 

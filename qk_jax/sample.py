@@ -170,7 +170,7 @@ class Prepared:
     """A batch of requests as ``generate`` takes it (host arrays), with its static shapes.
 
     ``batch`` holds, for ``K`` branches (``branches``), ``R`` requests, ``B`` images, ``M`` input images per
-    request, ``L`` = ``vlm.max_text_tokens``, ``S`` steps (conditioning rows are branch-major: ``k * R + r``):
+    request, ``L`` = ``vlm.max_text_tokens`` (or less: ``data.text_multiple``, ``pipeline.trim_text``), ``S`` steps (conditioning rows are branch-major: ``k * R + r``):
 
     - ``input_ids``/``attention_mask`` int32 ``[K*R, L]``, ``pixel_values`` float32 ``[K*R, M, P, D]`` (prompt
       order), ``image_present`` bool ``[K*R, M]``, ``roles`` int32 ``[K*R, M]``: the VLM rows and slot roles.
@@ -383,6 +383,7 @@ class Sampler:
             rows.append([self._vlm_row(r, fitted, BRANCHES[k], negative, patches) for k in active])
         batch = {key: np.stack([rows[r][i][key] for i in range(len(active)) for r in range(len(requests))])
                  for key in rows[0][0]}  # branch-major rows
+        pipeline.trim_text(batch, int(dict(self.config["data"]).get("text_multiple", 0)))
 
         request_index = np.concatenate([np.full((r.num_images,), i, np.int32) for i, r in enumerate(requests)])
         batch.update(

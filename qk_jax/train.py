@@ -90,21 +90,24 @@ def _cast_frozen(frozen: dict[str, Any], config) -> dict[str, Any]:
     return frozen
 
 
-def _manifest(config, default_dir: str) -> str:
-    """``config.data.manifest``, or ShapesWorld generated once into ``config.data.dir`` (default ``default_dir``)."""
+def _manifest(config) -> str | shapes.ShapesManifest:
+    """``config.data.manifest``; else ShapesWorld (``config.data.world``): ``data.num_samples`` records drawn as
+    they are read (``shapes.ShapesManifest``), or, when ``config.data.dir`` is set, written there once."""
     manifest = config.data.get("manifest")
     if manifest:
         return manifest
     if "world" not in config.data:
         raise ValueError("config.data.manifest is not set; give a manifest (qk_jax.data.manifest) for this config")
-    data_dir = config.data.get("dir") or default_dir
+    world = shapes.World.from_config(config.data.world, size=int(config.data.resolution))
+    num, seed = int(config.data.get("num_samples") or 2000), int(config.get("seed", 0))
+    data_dir = config.data.get("dir")
+    if not data_dir:
+        return shapes.ShapesManifest(world, num, seed, shapes.TASKS)
     path = os.path.join(data_dir, "train", "manifest.jsonl")
     if not os.path.exists(path):
-        world = shapes.World.from_config(config.data.world, size=int(config.data.resolution))
-        num = int(config.data.get("num_samples", 2000))
         logging.info("generating ShapesWorld: %d samples at %d px in %s", num, world.size, data_dir)
         shutil.rmtree(data_dir + ".tmp", ignore_errors=True)  # a generation a crash cut short
-        shapes.write_split(data_dir + ".tmp", "train", num, int(config.get("seed", 0)), world, shapes.TASKS)
+        shapes.write_split(data_dir + ".tmp", "train", num, seed, world, shapes.TASKS)
         os.replace(data_dir + ".tmp", data_dir)  # complete or absent: a crash mid-generation leaves no manifest
     return path
 
@@ -151,7 +154,7 @@ def train_stage(config, workdir: str) -> str:
                  dict(mesh.shape), f"{sum(counts.values()):,}", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
     logging.info("trainable leaves: %d (e.g. %s)", len(leaf_paths(state.trainable)), leaf_paths(state.trainable)[:3])
 
-    data = pipeline_lib.make_pipeline(config, manifest=_manifest(config, os.path.join(workdir, "data")))
+    data = pipeline_lib.make_pipeline(config, manifest=_manifest(config))
     iterator = iter(data)
     checkpointer = ckpt.Checkpointer(workdir, save_every=int(config.get("checkpoint_every", 500)),
                                      keep=int(config.get("keep_checkpoints", 3)))
@@ -217,7 +220,6 @@ def run_curriculum(config, workdir: str) -> None:
     """Every stage of ``config.stages`` in ``workdir/<name>``, each starting from the one before; first stage 0
     (``qk_jax.pretrain``, in ``workdir/stage0``) when the config has a ``stage0`` block: the first stage then
     imports its VLM and VAE, and every stage takes its measured latent factors."""
-    data_dir = os.path.join(workdir, "data")
     stage0 = None
     if config.get("stage0") is not None:
         started = time.time()
@@ -229,7 +231,6 @@ def run_curriculum(config, workdir: str) -> None:
             pretrain.apply(stage_config, stage0, first=index == 0)
         if stage_config.get("init_from") and not os.path.isabs(stage_config.init_from):
             stage_config.init_from = os.path.join(workdir, stage_config.init_from)
-        stage_config.data.dir = data_dir
         started = time.time()
         final_dir = train_stage(stage_config, os.path.join(workdir, stage_config.name))
         logging.info("%s took %s", stage_config.name, metrics_lib.format_duration(time.time() - started))

@@ -171,6 +171,29 @@ def test_scan_layers_equals_the_per_layer_model(params):
     chex.assert_trees_all_equal(with_layout(stacked, CFG, True), stacked)
 
 
+def test_adaln_zero_starts_every_block_as_the_identity():
+    """DiT's adaLN-Zero: modulation linears and proj_out start at zero, so the velocity is zero; gradients reach
+    the modulations (the gates open) and nothing else of the init changes."""
+    inputs, _ = _inputs([[rope.SOURCE], [rope.REFERENCE]])
+    zero = nn.meta.unbox(jax.jit(MMDiT(CFG, adaln_zero=True).init)(jax.random.key(0), **inputs))["params"]
+    plain = nn.meta.unbox(jax.jit(MMDiT(CFG).init)(jax.random.key(0), **inputs))["params"]
+    zeroed = [p for p in leaf_paths(zero) if "norm1" in p or "/norm/" in p or p.startswith(("norm_out", "proj_out"))]
+    zeroed = [p for p in zeroed if not p.endswith("scale")]  # the attention's RMSNorm scales stay ones
+    assert len(zeroed) == 4 * CFG.num_layers + 2 * CFG.num_single_layers + 4, zeroed
+    flat_zero, flat_plain = dict(zip(leaf_paths(zero), jax.tree.leaves(zero))), dict(
+        zip(leaf_paths(plain), jax.tree.leaves(plain)))
+    for path, leaf in flat_zero.items():
+        if path in zeroed:
+            assert not np.any(np.asarray(leaf)), path
+        else:
+            np.testing.assert_array_equal(leaf, flat_plain[path], err_msg=path)
+    model = MMDiT(CFG, adaln_zero=True)
+    np.testing.assert_array_equal(_apply(model)({"params": zero}, **inputs), 0.0)
+    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, **inputs) ** 2 + model.apply(
+        {"params": p}, **inputs).sum()))(zero)
+    assert np.any(np.asarray(grads["proj_out"]["kernel"]))
+
+
 def test_unknown_remat_policy_is_refused():
     with pytest.raises(ValueError, match="remat policy 'everything'"):
         MMDiT(dataclasses.replace(CFG, num_layers=1), remat="everything").init(

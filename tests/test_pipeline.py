@@ -342,6 +342,33 @@ def test_missing_manifest_and_unknown_task_raise(tmp_path):
         pipeline.make_pipeline(config, manifest=str(tmp_path / "only_t2i.jsonl"))
 
 
+def test_trim_text_cuts_shared_padding_to_a_multiple():
+    mask = np.zeros((3, 40), np.int32)
+    for row, length in enumerate((5, 17, 9)):
+        mask[row, :length] = 1
+    ids = np.where(mask, 7, 0).astype(np.int32)
+    batch = pipeline.trim_text(dict(input_ids=ids.copy(), attention_mask=mask.copy(), target=np.zeros(2)), 8)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 24)  # 17 -> 24
+    np.testing.assert_array_equal(batch["attention_mask"], mask[:, :24])
+    assert pipeline.trim_text(dict(input_ids=ids, attention_mask=mask), 0)["input_ids"].shape == (3, 40)
+    assert pipeline.trim_text(dict(input_ids=ids, attention_mask=mask), 32)["input_ids"].shape == (3, 32)
+    assert pipeline.trim_text(dict(input_ids=ids, attention_mask=mask), 64)["input_ids"].shape == (3, 40)
+
+
+def test_text_multiple_trims_every_batch_and_refuses_multi_host(tmp_path):
+    path, _, _ = _mixed_dataset(tmp_path, num=21)
+    config = _config(text_multiple=16)
+    lengths = set()
+    for batch in pipeline.make_pipeline(config, manifest=path, num_epochs=1, batch_size=4):
+        length = batch["input_ids"].shape[1]
+        longest = max(int(batch["attention_mask"].sum(1).max()), 1)  # a row with text and images dropped is empty
+        assert length % 16 == 0 and longest <= length < longest + 16, (length, longest)
+        lengths.add(length)
+    assert len(lengths) > 1 and max(lengths) < config.vlm.max_text_tokens
+    with pytest.raises(ValueError, match="multi-host"):
+        pipeline.make_pipeline(config, manifest=path, process_count=2, process_index=0)
+
+
 def test_arrayrecord_shards_give_the_same_samples(tmp_path):
     path, sizes, _ = _mixed_dataset(tmp_path, num=21, bad_per_kind=1)
     index = manifest.to_arrayrecord(path, str(tmp_path / "ar"), records_per_shard=8, max_references=2)

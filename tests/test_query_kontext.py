@@ -130,6 +130,20 @@ def test_image_stream_follows_design_for_every_task_in_one_batch(stage3_setup):
         chex.assert_trees_all_close(v[i], full[0, start:start + h * w], atol=1e-5)
 
 
+def test_trimmed_text_padding_changes_no_output(stage3_setup):
+    """``pipeline.trim_text`` is exact: the loss (VLM with images in the prompt, connector, MMDiT) is the same."""
+    config, model, params, batches = stage3_setup
+    loss = jax.jit(lambda p, b, grid: model.loss(p, b, jax.random.key(3), grid)[0], static_argnums=2)
+    checked = 0
+    for batch, grid in batches:
+        trimmed = pipeline.trim_text(dict(batch), 8)
+        if trimmed["input_ids"].shape[1] == batch["input_ids"].shape[1]:
+            continue
+        chex.assert_trees_all_close(loss(params, trimmed, grid), loss(params, batch, grid), rtol=1e-5, atol=1e-6)
+        checked += 1
+    assert checked >= 2
+
+
 def test_empty_slots_do_not_matter_and_placement_ablation(stage3_setup):
     config, model, params, _ = stage3_setup
     h = w = 2

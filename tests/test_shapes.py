@@ -1,6 +1,8 @@
 """ShapesWorld: determinism, parse_scene accuracy, the held-out split and pixel-exact edits."""
 
 import filecmp
+import io
+import json
 import os
 
 import numpy as np
@@ -74,6 +76,29 @@ def test_cli_manifest_is_valid_and_images_match_scenes(tmp_path):
             image = np.asarray(Image.open(os.path.join(m.root, record.target)))
             assert shapes.parse_scene(image, WORLD) == record.meta["scene"]
             assert len(record.meta["input_scenes"]) == len(record.inputs)
+
+
+def test_drawn_manifest_is_the_written_one(tmp_path):
+    from PIL import Image
+
+    shapes.main(["--out", str(tmp_path), "--num", "14", "--num-test", "7", "--seed", "5"])
+    for split, count in (("train", 14), ("test", 7)):
+        written = manifest.JsonlManifest(str(tmp_path / split / "manifest.jsonl"), max_references=2)
+        drawn = shapes.ShapesManifest(WORLD, count, seed=5, split=split)
+        assert len(drawn) == count and drawn.tasks() == written.tasks() and not drawn.problems
+        read = lambda record, image: np.asarray(Image.open(io.BytesIO(record.read(image))))
+        for i in range(count):
+            a, b = written[i], drawn[i]
+            assert (a.task, a.prompt, a.segments(), a.index) == (b.task, b.prompt, b.segments(), b.index)
+            assert json.loads(json.dumps(a.meta)) == json.loads(json.dumps(b.meta))
+            np.testing.assert_array_equal(read(a, a.target), read(b, b.target))
+            assert [x.role for x in a.inputs] == [x.role for x in b.inputs]
+            for x, y in zip(a.inputs, b.inputs):
+                np.testing.assert_array_equal(read(a, x.image), read(b, y.image))
+    with pytest.raises(IndexError):
+        drawn[7]
+    with pytest.raises(ValueError, match="unknown ShapesWorld tasks"):
+        shapes.ShapesManifest(WORLD, 3, tasks=("paint",))
 
 
 def test_heldout_combinations_never_in_training():

@@ -111,7 +111,7 @@ def _tiny_setup(tmp_path, **overrides):
     config.update(overrides)
     mesh = mesh_lib.make_mesh(config.mesh)
     setup = train.build(config, mesh)
-    manifest = train._manifest(config, str(tmp_path / "data"))
+    manifest = train._manifest(config)
     batch = next(iter(pipeline.make_pipeline(config, manifest=manifest)))
     return config, mesh, setup, batch
 
@@ -148,7 +148,7 @@ SHARDED = textwrap.dedent(
         config.mesh = axes
         mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[: 8 if len(axes) > 1 and axes[0][1] != 1 else 1])
         setup = train.build(config, mesh)
-        manifest = train._manifest(config, sys.argv[1])
+        manifest = train._manifest(config)
         batch = next(iter(pipeline.make_pipeline(config, manifest=manifest)))
         step = train.make_train_step(setup.model, setup.optimizer, setup.schedule, setup.state_shardings)
         model_batch = {k: batch[k] for k in train.MODEL_KEYS if k in batch}

@@ -66,9 +66,11 @@ the ``if __name__ == "__main__":`` guard, and the processor must be picklable.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -478,9 +480,32 @@ def vlm_inputs(processor: VLMProcessor, pieces: Sequence[str | int], images: Seq
                 pixel_values=pixel_values, image_present=present)
 
 
-def collate(samples: Sequence[Mapping[str, np.ndarray]], batch_size: int) -> dict[str, np.ndarray]:
-    """Stacks samples (padding a partial batch, ``valid``) and maps uint8 images to float32 [-1, 1]."""
-    batch = buckets_lib.stack_and_pad(samples, batch_size)
+def trim_text(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """Cuts the right-padding columns of ``input_ids``/``attention_mask`` that every row of ``batch`` has, down to
+    its longest row rounded up to ``multiple`` (0 or a batch without text: unchanged). Returns ``batch``.
+
+    Exact: padding keys are masked out of every attention and the VLM's M-RoPE positions count valid tokens only,
+    so every output at an unpadded position is unchanged; only less padding is computed (ShapesWorld prompts fill
+    a third of ``max_text_tokens``, and the MMDiT's text stream computes every position). A batch then has one
+    of ``max_text_tokens / multiple`` text lengths: one compilation each.
+    """
+    if not multiple or "attention_mask" not in batch:
+        return batch
+    mask = np.asarray(batch["attention_mask"])
+    full = mask.shape[1]
+    used = np.flatnonzero(mask.any(axis=0))
+    longest = int(used[-1]) + 1 if used.size else 1
+    keep = min(full, -(-longest // multiple) * multiple)
+    for key in ("input_ids", "attention_mask"):
+        batch[key] = batch[key][:, :keep]
+    return batch
+
+
+def collate(samples: Sequence[Mapping[str, np.ndarray]], batch_size: int, text_multiple: int = 0
+            ) -> dict[str, np.ndarray]:
+    """Stacks samples (padding a partial batch, ``valid``), maps uint8 images to float32 [-1, 1] and trims shared
+    text padding to a multiple of ``text_multiple`` (``trim_text``; 0 keeps ``max_text_tokens``)."""
+    batch = trim_text(buckets_lib.stack_and_pad(samples, batch_size), text_multiple)
     for key in ("target", "inputs"):
         if key in batch:
             batch[key] = batch[key].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
@@ -527,6 +552,7 @@ class PipelineConfig:
     buffer_size: int | None = None  # None: buckets.lossless_buffer_size
     max_wait: int | None = None
     drop_remainder: bool = False
+    text_multiple: int = 0  # trim_text; single-process only (every host's batch must have one shape)
     process_index: int | None = None  # None: jax.process_index() (multi-host: each host reads its shard)
     process_count: int | None = None  # None: jax.process_count()
 
@@ -538,7 +564,8 @@ class PipelineConfig:
         ``vlm.max_text_tokens``, ``vlm.text.bos_token_id`` (the pad id: Qwen's ``<|endoftext|>``) and
         ``data.{resolution, aspect_ratios, side_multiple}``; optional with defaults: ``data.manifest``,
         ``data.seed`` (else ``seed``, else 0), ``data.workers`` (0), ``data.worker_buffer`` (2),
-        ``data.read_threads`` (4), ``data.bucket_buffer`` (lossless), ``data.bucket_max_wait`` (None).
+        ``data.read_threads`` (4), ``data.bucket_buffer`` (lossless), ``data.bucket_max_wait`` (None),
+        ``data.text_multiple`` (0: every batch padded to ``max_text_tokens``).
         """
         data = config["data"]
         get = lambda block, key, default: block[key] if key in block else default
@@ -561,7 +588,8 @@ class PipelineConfig:
             seed=int(get(data, "seed", get(config, "seed", 0))),
             workers=int(get(data, "workers", 0)), worker_buffer=int(get(data, "worker_buffer", 2)),
             read_threads=int(get(data, "read_threads", 4)),
-            buffer_size=get(data, "bucket_buffer", None), max_wait=get(data, "bucket_max_wait", None))
+            buffer_size=get(data, "bucket_buffer", None), max_wait=get(data, "bucket_max_wait", None),
+            text_multiple=int(get(data, "text_multiple", 0)))
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -578,6 +606,9 @@ class DataPipeline:
     def __init__(self, config: PipelineConfig, processor: VLMProcessor,
                  manifest: manifest_lib.Manifest | None = None):
         self.config = config
+        if config.text_multiple and _process_count(config) > 1:
+            raise ValueError(f"data.text_multiple={config.text_multiple} trims each host's batch to its own text length,"
+                             " but every process of a multi-host run must feed one shape; set it to 0")
         self.manifest = manifest or manifest_lib.open_manifest(config.manifest, max_references=config.max_references)
         unknown = [t for t, _ in config.tasks if t not in manifest_lib.TASKS]
         if unknown:
@@ -598,7 +629,8 @@ class DataPipeline:
         num_keys = len(set(config.settings.buckets.sizes)) * (config.max_references + 2)
         buffer = config.buffer_size or buckets_lib.lossless_buffer_size(num_keys, config.batch_size)
         batches = buckets_lib.bucket_batch(stream, batch_size=config.batch_size, buffer_size=int(buffer),
-                                           collate_fn=collate, max_wait=config.max_wait,
+                                           collate_fn=functools.partial(collate, text_multiple=config.text_multiple),
+                                           max_wait=config.max_wait,
                                            drop_remainder=config.drop_remainder, drop_fn=bad_kind)
         if config.workers > 0:
             _absl_flags_parsed()
@@ -635,6 +667,14 @@ class DataPipeline:
         return counts
 
 
+def _process_count(config: PipelineConfig) -> int:
+    if config.process_count is not None:
+        return config.process_count
+    import jax
+
+    return jax.process_count()
+
+
 def _absl_flags_parsed() -> None:
     """Grain 0.2.18's ``mp_prefetch`` reads an absl flag; outside ``absl.app.run`` (scripts, tests) the flags are
     unparsed and it raises ``UnparsedFlagAccessError`` once JAX is imported (google/grain#1355, fixed upstream
@@ -662,8 +702,15 @@ def skipped_counts(state: Any) -> dict[str, int]:
     return totals
 
 
-def make_pipeline(config: Mapping[str, Any], processor: VLMProcessor | None = None, *, manifest: str | None = None,
-                  **overrides) -> DataPipeline:
-    """``DataPipeline`` of a stage config; the processor defaults to ``processor_from_config(config.vlm)``."""
+def make_pipeline(config: Mapping[str, Any], processor: VLMProcessor | None = None, *,
+                  manifest: str | manifest_lib.Manifest | None = None, **overrides) -> DataPipeline:
+    """``DataPipeline`` of a stage config; the processor defaults to ``processor_from_config(config.vlm)``.
+
+    ``manifest`` is a path (else ``config.data.manifest``) or an opened manifest, such as
+    ``shapes.ShapesManifest``, which draws ShapesWorld records as they are read.
+    """
     processor = processor or processor_from_config(config["vlm"])
-    return DataPipeline(PipelineConfig.from_config(config, manifest=manifest, **overrides), processor)
+    opened = None
+    if manifest is not None and not isinstance(manifest, (str, os.PathLike)):
+        opened, manifest = manifest, str(getattr(manifest, "name", type(manifest).__name__))
+    return DataPipeline(PipelineConfig.from_config(config, manifest=manifest, **overrides), processor, opened)

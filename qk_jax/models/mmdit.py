@@ -192,11 +192,14 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def _dense(lora: LoRAConfig | None, dtype: Any, param_dtype: Any):
-    """``dense(features, kernel_axes, name)``: a ``LoRADense`` with one model's shared LoRA/dtype settings."""
+def _dense(lora: LoRAConfig | None, dtype: Any, param_dtype: Any, zero_init: bool = False):
+    """``dense(features, kernel_axes, name)``: a ``LoRADense`` with one model's shared LoRA/dtype settings
+    (``zero_init``: kernel and bias start at zero, adaLN-Zero)."""
+    init = dict(kernel_init=nn.initializers.zeros_init()) if zero_init else {}
 
     def dense(features: int, kernel_axes: tuple[str, str], name: str) -> LoRADense:
-        return LoRADense(features, lora=lora, kernel_axes=kernel_axes, dtype=dtype, param_dtype=param_dtype, name=name)
+        return LoRADense(features, lora=lora, kernel_axes=kernel_axes, dtype=dtype, param_dtype=param_dtype, name=name,
+                         **init)
 
     return dense
 
@@ -246,11 +249,13 @@ class AdaLNModulation(nn.Module):
     lora: LoRAConfig | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    adaln_zero: bool = False  # MMDiT.adaln_zero
 
     @nn.compact
     def __call__(self, temb: jax.Array) -> list[jax.Array]:
         dim = temb.shape[-1]
-        linear = _dense(self.lora, self.dtype, self.param_dtype)(self.chunks * dim, ("embed", "mlp"), "linear")
+        linear = _dense(self.lora, self.dtype, self.param_dtype, self.adaln_zero)(
+            self.chunks * dim, ("embed", "mlp"), "linear")
         emb = linear(nn.silu(temb))
         return jnp.split(emb, self.chunks, axis=-1)
 
@@ -344,15 +349,18 @@ class DoubleStreamBlock(nn.Module):
     lora: LoRAConfig | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    adaln_zero: bool = False  # MMDiT.adaln_zero
 
     @nn.compact
     def __call__(self, x, context, temb, cos, sin, kv_mask):
         """``x`` ``[B, S, D]``, ``context`` ``[B, L, D]``, ``temb`` ``[B, D]`` -> ``(x, context)``."""
         cfg = self.config
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLNModulation(6, **kw, name="norm1")(temb)
+        zero = self.adaln_zero
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLNModulation(
+            6, **kw, adaln_zero=zero, name="norm1")(temb)
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = AdaLNModulation(
-            6, **kw, name="norm1_context")(temb)
+            6, **kw, adaln_zero=zero, name="norm1_context")(temb)
 
         attn = Attention(cfg.num_attention_heads, cfg.attention_head_dim, joint=True, **kw, name="attn")
         x_attn, c_attn = attn(modulate(x, shift_msa, scale_msa), modulate(context, c_shift_msa, c_scale_msa),
@@ -373,6 +381,7 @@ class SingleStreamBlock(nn.Module):
     lora: LoRAConfig | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    adaln_zero: bool = False  # MMDiT.adaln_zero
 
     @nn.compact
     def __call__(self, x, context, temb, cos, sin, kv_mask):
@@ -381,7 +390,7 @@ class SingleStreamBlock(nn.Module):
         dense = _dense(**kw)
         text_len = context.shape[1]
         h = jnp.concatenate([context, x], axis=1)  # [B, L+S, D]
-        shift, scale, gate = AdaLNModulation(3, **kw, name="norm")(temb)
+        shift, scale, gate = AdaLNModulation(3, **kw, adaln_zero=self.adaln_zero, name="norm")(temb)
         hn = modulate(h, shift, scale)
         mlp = nn.gelu(dense(cfg.mlp_dim, ("embed", "mlp"), "proj_mlp")(hn), approximate=True)
         attn = Attention(cfg.num_attention_heads, cfg.attention_head_dim, joint=False, **kw, name="attn")(
@@ -501,6 +510,10 @@ class MMDiT(nn.Module):
         time independent of depth). Its params are layer-stacked under ``transformer_blocks`` /
         ``single_transformer_blocks`` (logical axis ``'layers'`` first); ``stack_layers``/``unstack_layers``
         convert from/to the per-layer layout of the converters.
+      adaln_zero: DiT's adaLN-Zero initialisation (Peebles & Xie, section 3.2), for an MMDiT trained from scratch:
+        every modulation linear and ``proj_out`` start at zero, so each block starts as the identity and the
+        model predicts zero velocity. Only ``init`` changes; diffusers initialises FLUX its own way, and a
+        pretrained or imported MMDiT never sees this.
     """
 
     config: MMDiTConfig
@@ -509,6 +522,7 @@ class MMDiT(nn.Module):
     param_dtype: Any = jnp.float32
     remat: str = "none"
     scan_layers: bool = False
+    adaln_zero: bool = False
 
     @nn.compact
     def __call__(
@@ -558,16 +572,18 @@ class MMDiT(nn.Module):
             n = getattr(cfg, field)
             block = rematerialized(block, self.remat, scanned=self.scan_layers)
             if self.scan_layers and n:
-                x, context = _scan(block(cfg, **kw, name=prefix), n, x, context, temb, cos, sin, kv_mask)
+                x, context = _scan(block(cfg, **kw, adaln_zero=self.adaln_zero, name=prefix), n, x, context, temb,
+                                   cos, sin, kv_mask)
                 continue
             for i in range(n):
-                x, context = block(cfg, **kw, name=f"{prefix}_{i}")(x, context, temb, cos, sin, kv_mask)
+                x, context = block(cfg, **kw, adaln_zero=self.adaln_zero, name=f"{prefix}_{i}")(
+                    x, context, temb, cos, sin, kv_mask)
 
         if target_start is not None:
             x = take_target(x, target_start, target_len)
-        scale, shift = AdaLNModulation(2, **kw, name="norm_out")(temb)  # AdaLayerNormContinuous: scale first
+        scale, shift = AdaLNModulation(2, **kw, adaln_zero=self.adaln_zero, name="norm_out")(temb)  # scale first
         x = modulate(x, shift, scale)
-        return dense(cfg.output_dim, ("embed", "conv_out"), "proj_out")(x)
+        return _dense(**kw, zero_init=self.adaln_zero)(cfg.output_dim, ("embed", "conv_out"), "proj_out")(x)
 
     def _check_inputs(self, hidden_states, context, pooled, timestep, guidance, target_start, target_len):
         cfg = self.config

@@ -81,6 +81,7 @@ class QueryKontextConfig:
     compute_dtype: Any = jnp.float32
     remat: str = "none"  # the MMDiT blocks' policy, ``mmdit.REMAT_POLICIES``
     scan_layers: bool = False  # the MMDiT's blocks as one nn.scan each (layer-stacked params)
+    adaln_zero: bool = False  # the MMDiT's init for training from scratch (``MMDiT.adaln_zero``)
 
     def __post_init__(self):
         if self.conditioning not in CONDITIONING_MODES:
@@ -124,6 +125,7 @@ class QueryKontextConfig:
             compute_dtype=compute,
             remat=str(config.get("remat", "none")),
             scan_layers=bool(config.get("scan_layers", False)),
+            adaln_zero=bool(config.get("adaln_zero", False)),
         )
 
 
@@ -154,7 +156,7 @@ class QueryKontext:
         self.vlm = QwenVL(config.vlm)
         self.connector = Connector(config.connector, dtype=dtype)
         self.mmdit = MMDiT(config.mmdit, lora=config.mmdit_lora, dtype=dtype, remat=config.remat,
-                           scan_layers=config.scan_layers)
+                           scan_layers=config.scan_layers, adaln_zero=config.adaln_zero)
         self.vae = vae_lib.AutoencoderKL(config.vae)
 
     # ------------------------------------------------------------------------------------------------------
