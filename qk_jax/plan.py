@@ -86,6 +86,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
+from qk_jax import cli
 from qk_jax.models.lora import LoRAConfig
 from qk_jax.models.mmdit import MMDiTConfig
 from qk_jax.models.mmdit import abstract_params as mmdit_abstract_params
@@ -627,18 +628,8 @@ def _dashes(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str]) -> list[str]:
     """``python -m qk_jax.plan`` in-process: ``main(['--config', 'configs/stage2.py', '--devices', '192'])``."""
-    fv = flags.FlagValues()
-    define_flags(fv)
-    fv(["qk_jax.plan", *_dashes(argv)])
-    return run_flags(fv)
-
-
-def _app_main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    run_flags(flags.FLAGS)
+    return cli.in_process("qk_jax.plan", define_flags, run_flags, _dashes(argv))
 
 
 if __name__ == "__main__":
-    define_flags(flags.FLAGS)
-    app.run(_app_main, argv=_dashes(sys.argv))
+    cli.run_as_program(define_flags, run_flags, argv=_dashes(sys.argv))

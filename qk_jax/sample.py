@@ -68,6 +68,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
+from qk_jax import cli
 from qk_jax.data import buckets as buckets_lib
 from qk_jax.data import manifest as manifest_lib
 from qk_jax.data import pipeline
@@ -581,18 +582,8 @@ def main(argv: Sequence[str]) -> list[str]:
     ``argv`` are the flags without the program name; bad flags raise ``flags.Error``, user errors
     ``app.UsageError``. Returns the written paths.
     """
-    fv = flags.FlagValues()
-    define_flags(fv)
-    fv(["qk_jax.sample", *argv])
-    return run_flags(fv)
-
-
-def _app_main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    run_flags(flags.FLAGS)
+    return cli.in_process("qk_jax.sample", define_flags, run_flags, argv)
 
 
 if __name__ == "__main__":
-    define_flags(flags.FLAGS)
-    app.run(_app_main)
+    cli.run_as_program(define_flags, run_flags)

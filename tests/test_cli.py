@@ -1,0 +1,35 @@
+"""The shared absl glue: tools run in-process on their own FlagValues and as programs with usage errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from qk_jax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _define(fv):
+    flags.DEFINE_integer("steps", 3, "how many", flag_values=fv)
+
+
+def _run(fv):
+    return [fv.steps] * 2
+
+
+def test_in_process_parses_its_own_flags_and_leaves_the_global_ones_alone():
+    assert cli.in_process("tool", _define, _run, ["--steps", "5"]) == [5, 5]
+    assert cli.in_process("tool", _define, _run, []) == [3, 3]  # a fresh FlagValues each call
+    assert "steps" not in flags.FLAGS
+    with pytest.raises(flags.Error):
+        cli.in_process("tool", _define, _run, ["--stpes", "5"])
+
+
+def test_a_program_refuses_positional_arguments():
+    """``python -m qk_jax.plan`` (``cli.run_as_program``): a stray argument is a usage error, not ignored."""
+    out = subprocess.run([sys.executable, "-m", "qk_jax.plan", "--config", "configs/stage2.py:tiny", "stray"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 1 and "unexpected arguments ['stray']" in out.stderr, out.stderr[-2000:]
