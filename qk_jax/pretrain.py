@@ -278,7 +278,8 @@ def evaluate_vae(probe: Callable, params, batches: list[np.ndarray], seed: int, 
                        for a, b in zip(to_uint8(y), to_uint8(x))]
     mse, z = np.concatenate(sq_err), np.concatenate(latents)
     return dict(l1=float(np.concatenate(abs_err).mean()), psnr=float(np.mean(-10 * np.log10(np.maximum(mse, 1e-10)))),
-                scene_parse=float(np.mean(parsed)) if parsed else None, shift=float(z.mean()), scale=float(1.0 / z.std()))
+                scene_parse=float(np.mean(parsed)) if parsed else None, shift=float(z.mean()),
+                scale=float(1.0 / z.std()))
 
 
 def vlm_config(stage_config) -> QwenVLConfig:

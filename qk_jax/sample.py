@@ -171,7 +171,8 @@ class Prepared:
     """A batch of requests as ``generate`` takes it (host arrays), with its static shapes.
 
     ``batch`` holds, for ``K`` branches (``branches``), ``R`` requests, ``B`` images, ``M`` input images per
-    request, ``L`` = ``vlm.max_text_tokens`` (or less: ``data.text_multiple``, ``pipeline.trim_text``), ``S`` steps (conditioning rows are branch-major: ``k * R + r``):
+    request, ``L`` = ``vlm.max_text_tokens`` (or less: ``data.text_multiple``, ``pipeline.trim_text``), ``S``
+    steps (conditioning rows are branch-major: ``k * R + r``):
 
     - ``input_ids``/``attention_mask`` int32 ``[K*R, L]``, ``pixel_values`` float32 ``[K*R, M, P, D]`` (prompt
       order), ``image_present`` bool ``[K*R, M]``, ``roles`` int32 ``[K*R, M]``: the VLM rows and slot roles.

@@ -104,14 +104,20 @@ class Buckets:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def shard_for_host(ds: grain.MapDataset, process_index: int | None = None,
-                   process_count: int | None = None) -> grain.MapDataset:
-    """Records ``process_index::process_count`` of ``ds`` (default: ``jax.process_index()``/``process_count()``)."""
+def host_position(process_index: int | None = None, process_count: int | None = None) -> tuple[int, int]:
+    """``(process_index, process_count)``, each ``None`` taken from JAX (imported only then)."""
     if process_index is None or process_count is None:
         import jax
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
+    return process_index, process_count
+
+
+def shard_for_host(ds: grain.MapDataset, process_index: int | None = None,
+                   process_count: int | None = None) -> grain.MapDataset:
+    """Records ``process_index::process_count`` of ``ds`` (default: ``jax.process_index()``/``process_count()``)."""
+    process_index, process_count = host_position(process_index, process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     if len(ds) < process_count:

@@ -606,9 +606,9 @@ class DataPipeline:
     def __init__(self, config: PipelineConfig, processor: VLMProcessor,
                  manifest: manifest_lib.Manifest | None = None):
         self.config = config
-        if config.text_multiple and _process_count(config) > 1:
-            raise ValueError(f"data.text_multiple={config.text_multiple} trims each host's batch to its own text length,"
-                             " but every process of a multi-host run must feed one shape; set it to 0")
+        if config.text_multiple and buckets_lib.host_position(config.process_index, config.process_count)[1] > 1:
+            raise ValueError(f"data.text_multiple={config.text_multiple} trims each host's batch to its own text"
+                             " length, but every process of a multi-host run must feed one shape; set it to 0")
         self.manifest = manifest or manifest_lib.open_manifest(config.manifest, max_references=config.max_references)
         unknown = [t for t, _ in config.tasks if t not in manifest_lib.TASKS]
         if unknown:
@@ -665,14 +665,6 @@ class DataPipeline:
             for kind, n in skipped_counts(iterator.get_state()).items():
                 counts[kind] = counts.get(kind, 0) + n
         return counts
-
-
-def _process_count(config: PipelineConfig) -> int:
-    if config.process_count is not None:
-        return config.process_count
-    import jax
-
-    return jax.process_count()
 
 
 def _absl_flags_parsed() -> None:
