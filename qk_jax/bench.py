@@ -40,7 +40,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -48,10 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from qk_jax import plan
+from qk_jax import cli, plan
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig
 
 # Dense bf16 peak TFLOP/s by device kind (substring of ``jax.Device.device_kind``), from the vendors' sheets.
@@ -397,20 +397,24 @@ def torch_mmdit(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int
 # CLI
 # ----------------------------------------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A stage config: configs/stage2.py:bench (or :tiny).",
-                                          lock_config=False)
-_WHAT = flags.DEFINE_multi_enum("what", ["mmdit_train"], WHAT, "What to measure (repeat the flag for several).")
-_BATCH = flags.DEFINE_integer("batch", 1, "Samples per step.", lower_bound=1)
-_IMAGE_TOKENS = flags.DEFINE_integer("image-tokens", 1024, "Noisy-target image tokens per sample.", lower_bound=1)
-_TEXT_TOKENS = flags.DEFINE_integer("text-tokens", 256, "Text-stream tokens per sample (MMDiT: text + kontext; "
-                                    "VLM: the prompt, before the kontext queries).", lower_bound=1)
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (the median is reported).", lower_bound=1)
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first compiles).", lower_bound=1)
-_TORCH = flags.DEFINE_bool("torch", False, "Also run diffusers' FluxTransformer2DModel on the same batch.")
-_TORCH_COMPILE = flags.DEFINE_bool("torch-compile", True, "torch.compile the diffusers model (--torch).")
-_PEAK = flags.DEFINE_float("peak-tflops", None, "The device's dense peak TFLOP/s for MFU (default: PEAK_TFLOPS).")
-_REMAT = flags.DEFINE_string("remat", None, "Override config.remat (mmdit.REMAT_POLICIES).")
-_SCAN = flags.DEFINE_bool("scan-layers", None, "Override config.scan_layers.")
+def define_flags(fv: flags.FlagValues) -> None:
+    """The tool's flags, declared on ``fv`` (``qk_jax.cli``): importing this module defines no global flag."""
+    kw = dict(flag_values=fv)
+    config_flags.DEFINE_config_file("config", None, "A stage config: configs/stage2.py:bench (or :tiny).",
+                                    lock_config=False, **kw)
+    flags.DEFINE_multi_enum("what", ["mmdit_train"], WHAT, "What to measure (repeat the flag for several).", **kw)
+    flags.DEFINE_integer("batch", 1, "Samples per step.", lower_bound=1, **kw)
+    flags.DEFINE_integer("image-tokens", 1024, "Noisy-target image tokens per sample.", lower_bound=1, **kw)
+    flags.DEFINE_integer("text-tokens", 256, "Text-stream tokens per sample (MMDiT: text + kontext; VLM: the"
+                         " prompt, before the kontext queries).", lower_bound=1, **kw)
+    flags.DEFINE_integer("steps", 20, "Timed steps (the median is reported).", lower_bound=1, **kw)
+    flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first compiles).", lower_bound=1, **kw)
+    flags.DEFINE_bool("torch", False, "Also run diffusers' FluxTransformer2DModel on the same batch.", **kw)
+    flags.DEFINE_bool("torch-compile", True, "torch.compile the diffusers model (--torch).", **kw)
+    flags.DEFINE_float("peak-tflops", None, "The device's dense peak TFLOP/s for MFU (default: PEAK_TFLOPS).", **kw)
+    flags.DEFINE_string("remat", None, "Override config.remat (mmdit.REMAT_POLICIES).", **kw)
+    flags.DEFINE_bool("scan-layers", None, "Override config.scan_layers.", **kw)
+    flags.mark_flag_as_required("config", flag_values=fv)
 
 
 def run(config: Mapping[str, Any], what: str, shape: Shape, *, warmup: int = 3, steps: int = 20,
@@ -430,21 +434,27 @@ def run(config: Mapping[str, Any], what: str, shape: Shape, *, warmup: int = 3, 
     return results
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    config = _CONFIG.value
-    if _REMAT.value is not None:
-        config.remat = _REMAT.value
-    if _SCAN.value is not None:
-        config.scan_layers = _SCAN.value
-    shape = Shape(_BATCH.value, _IMAGE_TOKENS.value, _TEXT_TOKENS.value)
-    for what in _WHAT.value:
-        for result in run(config, what, shape, warmup=_WARMUP.value, steps=_STEPS.value, with_torch=_TORCH.value,
-                          torch_compile=_TORCH_COMPILE.value, peak=_PEAK.value):
+def run_flags(fv: flags.FlagValues) -> list[dict[str, Any]]:
+    """The measurements the parsed flags ask for, each printed as one JSON line as it is made; returns them."""
+    config = fv.config
+    if fv.remat is not None:
+        config.remat = fv.remat
+    if fv["scan-layers"].value is not None:
+        config.scan_layers = fv["scan-layers"].value
+    shape = Shape(fv.batch, fv["image-tokens"].value, fv["text-tokens"].value)
+    results = []
+    for what in fv.what:
+        for result in run(config, what, shape, warmup=fv.warmup, steps=fv.steps, with_torch=fv.torch,
+                          torch_compile=fv["torch-compile"].value, peak=fv["peak-tflops"].value):
             print(json.dumps(result), flush=True)
+            results.append(result)
+    return results
+
+
+def main(argv: Sequence[str]) -> list[dict[str, Any]]:
+    """``python -m qk_jax.bench`` in-process: ``main(['--config', 'configs/stage2.py:tiny', '--steps', '2'])``."""
+    return cli.in_process("qk_jax.bench", define_flags, run_flags, argv)
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run_as_program(define_flags, run_flags)

@@ -3,7 +3,7 @@ r"""ShapesWorld evaluation: sample the held-out prompts of every task and score 
 ::
 
     python -m qk_jax.evaluate --checkpoint /tmp/qk_stage3/final --out /tmp/eval [--split test] [--num 200] \
-        [--seed 0] [--steps 28] [--batch 8] [--tasks t2i edit ...]
+        [--seed 0] [--steps 28] [--batch 8] [--tasks t2i --tasks edit ...]
 
 Sample ``k`` of a task is ``shapes.generate_sample(world, [seed, k], task, split)`` (``split='test'``, the
 held-out one, by default), sampled with noise seed ``seed + k``: the same arguments give the same report. The
@@ -33,15 +33,16 @@ and scores), ``report.md`` (a table per task) and ``TASK.png`` per task: one row
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import app, flags
 from PIL import Image, ImageDraw
 
+from qk_jax import cli
 from qk_jax import sample as sample_lib
 from qk_jax.data import shapes
 
@@ -346,33 +347,42 @@ def summary_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(prog="python -m qk_jax.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint.save_model directory")
-    parser.add_argument("--out", required=True, help="folder for report.json, report.md and the grids")
-    parser.add_argument("--split", default="test", choices=sorted(shapes.SPLITS), help="'test' is the held-out one")
-    parser.add_argument("--num", type=int, default=200, help="samples per task")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's sample.steps)")
-    parser.add_argument("--batch", type=int, default=8, help="requests per sampler call")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--untrained", action="store_true",
-                        help="score the baseline: this config with random VLM, connector and MMDiT (see untrained)")
-    args = parser.parse_args(argv)
-    sampler = sample_lib.Sampler.from_checkpoint(args.checkpoint)
-    if args.untrained:
-        sampler = untrained(sampler, args.seed)
+def define_flags(fv: flags.FlagValues) -> None:
+    """The tool's flags, declared on ``fv`` (``qk_jax.cli``)."""
+    kw = dict(flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "A checkpoint.save_model directory.", required=True, **kw)
+    flags.DEFINE_string("out", None, "Folder for report.json, report.md and the grids.", required=True, **kw)
+    flags.DEFINE_enum("split", "test", sorted(shapes.SPLITS), "'test' is the held-out one.", **kw)
+    flags.DEFINE_integer("num", 200, "Samples per task.", lower_bound=1, **kw)
+    flags.DEFINE_integer("seed", 0, "Scene and noise seed (sample k uses noise seed seed + k).", **kw)
+    flags.DEFINE_integer("steps", None, "Euler steps (default: the config's sample.steps).", lower_bound=1, **kw)
+    flags.DEFINE_integer("batch", 8, "Requests per sampler call.", lower_bound=1, **kw)
+    flags.DEFINE_multi_enum("tasks", list(TASKS), TASKS, "Tasks to score (repeat the flag for several).", **kw)
+    flags.DEFINE_bool("untrained", False, "Score the baseline: this config with random VLM, connector and MMDiT"
+                      " (see untrained).", **kw)
+
+
+def run_flags(fv: flags.FlagValues) -> list[str]:
+    """Evaluates as the parsed flags say; prints the markdown report and returns the paths written."""
+    sampler = sample_lib.Sampler.from_checkpoint(fv.checkpoint)
+    if fv.untrained:
+        sampler = untrained(sampler, fv.seed)
     data = sampler.config["data"]
     if "world" not in data:
-        raise ValueError(f"checkpoint {args.checkpoint}: its config has no data.world; evaluate a ShapesWorld "
-                         "('shapes' or 'tiny') checkpoint")
+        raise app.UsageError(f"checkpoint {fv.checkpoint}: its config has no data.world; evaluate a ShapesWorld"
+                             " ('shapes' or 'tiny') checkpoint")
     world = shapes.World.from_config(data["world"], size=int(data["resolution"]))
-    report, rows = evaluate(sampler, args.num, args.seed, world, args.tasks, split=args.split, steps=args.steps,
-                            batch=args.batch)
-    paths = write_report(args.out, report, rows)
+    report, rows = evaluate(sampler, fv.num, fv.seed, world, tuple(fv.tasks), split=fv.split, steps=fv.steps,
+                            batch=fv.batch)
+    paths = write_report(fv.out, report, rows)
     print(markdown(report))
     return paths
 
 
+def main(argv: Sequence[str]) -> list[str]:
+    """``python -m qk_jax.evaluate`` in-process: ``main(['--checkpoint', DIR, '--out', OUT, '--num', '2'])``."""
+    return cli.in_process("qk_jax.evaluate", define_flags, run_flags, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli.run_as_program(define_flags, run_flags)

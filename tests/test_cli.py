@@ -34,3 +34,15 @@ def test_a_program_refuses_positional_arguments():
     out = subprocess.run([sys.executable, "-m", "qk_jax.plan", "--config", "configs/stage2.py:tiny", "stray"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 1 and "unexpected arguments ['stray']" in out.stderr, out.stderr[-2000:]
+
+
+def test_importing_a_tool_defines_no_global_flag():
+    """Tools declare their flags on the FlagValues they are given, so one imports another (or a test imports
+    several) without flag clashes."""
+    code = ("from absl import app, flags, logging\n"
+            "import qk_jax.data.pipeline, qk_jax.training.checkpoint  # grain's and orbax's own flags\n"
+            "before = set(flags.FLAGS)\n"
+            "import qk_jax.bench, qk_jax.evaluate, qk_jax.plan, qk_jax.sample\n"
+            "print(sorted(set(flags.FLAGS) - before))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])

@@ -133,7 +133,7 @@ def test_evaluation_is_deterministic_for_a_checkpoint_and_seed(tmp_path):
     config = stage3.get_config("tiny")
     params = QueryKontext(QueryKontextConfig.from_config(config)).init(jax.random.key(3))
     ckpt.save_model(tmp_path / "model", config, params, meta={"stage": 3, "step": 0})
-    args = ["--checkpoint", str(tmp_path / "model"), "--num", "2", "--steps", "2", "--tasks", "t2i", "edit"]
+    args = ["--checkpoint", str(tmp_path / "model"), "--num", "2", "--steps", "2", "--tasks", "t2i", "--tasks", "edit"]
     reports = {}
     for name, extra in (("a", []), ("b", []), ("untrained_a", ["--untrained"]), ("untrained_b", ["--untrained"])):
         evaluate.main(args + extra + ["--out", str(tmp_path / name)])
