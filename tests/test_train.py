@@ -218,6 +218,7 @@ def test_shortened_shapes_curriculum_learns_t2i_colors(tmp_path):
 
     Measured (2026-11-26, 50 prompts, untrained in brackets): after 2,400 stage-2 steps colours 8% (0%), position
     52% (8%), single object 80% (0%); continued to 4,000 steps: colours 32%, position 98%, single object 80%.
+    This test as written, from scratch (65 minutes): colours 22%, position 88%, single object 100%.
     """
     config = shapes_config.get_config("shapes")
     config.stages = config.stages[:2]  # stage 1, stage 2
