@@ -4,7 +4,8 @@ Stage 2 of Query-Kontext (paper section 3.2, table 3): swap the light head for t
 scale) and align it to the VLM on text-to-image and reconstruction only, which converges fast.
 
 Starts from stage 1 (``init_from``): the VLM's LoRA is merged into its kernels (this config has no VLM LoRA)
-and the VLM is frozen; the light head is dropped and the large MMDiT takes its place under ``mmdit``.
+and the VLM is frozen (not at ``:shapes``); the light head is dropped and the large MMDiT takes its place
+under ``mmdit``.
 Trains: the kontext queries, the connector and the whole large MMDiT (``:shapes``: and the VLM, see below).
 Drop ``:shapes`` for the paper scale (see launch/); ``:shapes,batch=8`` or ``--config.optim.lr=...`` override.
 ``:bench`` is the paper scale with a 6-layer (1.4B) MMDiT, what ``python -m qk_jax.bench`` measures on one GPU.
@@ -32,7 +33,8 @@ def get_config(arg=None):
         # LoRA had turned the VLM's last hidden states into one vector (cosine 1.0 between "red" and "blue").
         # The 1.2M-parameter stage-0 VLM barely tells colours apart at the colour word (cosine 0.992), so with
         # it frozen stage 2 learns layouts but not colours: t2i only, 2,900 steps at 1e-3, 50 held-out prompts:
-        # colours 6% frozen vs 18% trained, single object 20% vs 100%, overall 2% vs 8% (README).
+        # colours 6% frozen vs 18% trained, single object 20% vs 100%, overall 2% vs 8% (README). Trained, 4,000
+        # steps from a fresh stage 0 and 1 (tests/test_train.py, slow): colours 22%, position 88%.
         config.trainable += (r"^vlm/",)
     # Table 3: T2I and I2I. Relative weights are ours: the paper gives none.
     config.tasks = dict(t2i=0.7, recon=0.3)

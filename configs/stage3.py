@@ -5,7 +5,8 @@ Source and reference images now also enter the MMDiT's image stream as VAE laten
 (source: negative quadrant, pixel fidelity; reference n: shifted by n latent sizes, identity), for
 editing, customization, multi-subject composition and text-to-image.
 
-Starts from stage 2 (``init_from``); the VLM stays frozen; the MMDiT gains a LoRA (r 256, alpha 256).
+Starts from stage 2 (``init_from``); the VLM is frozen (``:shapes``: as stage 2 left it); the MMDiT gains a
+LoRA (r 256, alpha 256).
 Trains: the MMDiT's LoRA, the kontext queries and the connector.
 Drop ``:shapes`` for the paper scale (see launch/); ``:shapes,batch=8`` or ``--config.optim.lr=...`` override.
 """

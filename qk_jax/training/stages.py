@@ -2,8 +2,9 @@
 
 - stage 1: random components at the CPU scales; at paper scale the VLM and the VAE come from imported
   Qwen2.5-VL / FLUX.1 weights (``config.pretrained.vlm`` / ``.vae``: folders for ``qk_jax.convert``).
-- 1 -> 2: the VLM's LoRA is merged into its weights (then frozen), stage 1's light head is dropped and the
-  large MMDiT comes in (``config.pretrained.mmdit``, a diffusers FLUX-layout folder, or random).
+- 1 -> 2: the VLM's LoRA is merged into its weights (then frozen, except at ShapesWorld scale: see
+  ``configs/stage2.py``), stage 1's light head is dropped and the large MMDiT comes in
+  (``config.pretrained.mmdit``, a diffusers FLUX-layout folder, or random).
 - 2 -> 3: the MMDiT gains LoRA adapters (fresh: A random, B zero, so the model's output is unchanged).
 - 3 -> 3 (3b, the 1024 upscale): the same parameters; resolution and lr change in the config.
 
