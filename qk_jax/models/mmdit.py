@@ -60,6 +60,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qk_jax.models.lora import LoRAConfig, LoRADense
 from qk_jax.ops.attention import attention
+from qk_jax.ops.cotangent import materialize_cotangent
 from qk_jax.ops.rope import apply_rope, rope_cos_sin
 
 TIMESTEP_CHANNELS = 256  # diffusers Timesteps(num_channels=256) in CombinedTimestep*TextProjEmbeddings
@@ -165,7 +166,7 @@ def timestep_embedding(t: jax.Array, dim: int = TIMESTEP_CHANNELS, max_period: f
 
 def layer_norm(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
     """LayerNorm without affine parameters, statistics in float32; returns float32."""
-    x = x.astype(jnp.float32)
+    x = materialize_cotangent(x).astype(jnp.float32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps)
