@@ -58,6 +58,16 @@ def test_markdown_has_a_row_per_variant():
     assert "Measured: lower preservation error: negate" in table
 
 
+def test_tail_loss_reads_the_metrics_log(tmp_path):
+    """The mean loss of the last quarter of the logged steps; steps without a loss (evaluation lines) are skipped."""
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(1, 9):
+            f.write(json.dumps(dict(step=step, loss=float(step))) + "\n")
+        f.write(json.dumps(dict(step=9, lr=0.1)) + "\n")
+    assert ablate.tail_loss(str(tmp_path)) == pytest.approx((7 + 8) / 2)
+    assert ablate.tail_loss(str(tmp_path), fraction=1.0) == pytest.approx(4.5)
+
+
 @pytest.mark.slow
 def test_ablations_run_end_to_end_on_the_tiny_curriculum(tmp_path):
     """The tiny curriculum, then every ablation for 2 steps each, scored on 1 sample: the table is written."""
