@@ -27,7 +27,8 @@ def get_config(arg=None):
     # same pixel depend on the position; a 4-layer MMDiT did not learn to copy across it. Measured with
     # ``python -m qk_jax.ablate --which source_offset --steps 400 --num 50`` from the README curriculum's stage 2
     # (editing alone, LoRA): preservation L1 0.094 negated vs 0.043 at (1, r, c), success 0% vs 2%. (Training the
-    # whole MMDiT instead of its LoRA, (1, r, c), 400 steps: 0.051 and 2%; training the VLM as well as the LoRA: 0.038 and 2%.)
+    # whole MMDiT instead of its LoRA, (1, r, c), 400 steps: 0.051 and 2%; training the VLM as well as the LoRA:
+    # 0.038 and 2%.)
     # In the README curriculum (2026-11-27, stages 0-2 of the 57-minute run, 1,000 stage-3 steps): edit
     # preservation 0.089 -> 0.037, subject_edit preservation 0.130 -> 0.085; edit success stays 0%.
     # The tiny variant keeps eq. 2/4, whose token stream the tests check against DESIGN.md.

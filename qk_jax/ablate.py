@@ -83,7 +83,7 @@ def variant_config(config, ablation: str, value: str, workdir: str, steps: int |
 
 
 def tail_loss(run_dir: str, fraction: float = 0.25) -> float | None:
-    """Mean logged training loss over the last ``fraction`` of the run's log lines."""
+    """Mean logged training loss over the last ``fraction`` of the run's logged steps."""
     records = metrics_lib.read_jsonl(os.path.join(run_dir, metrics_lib.JSONL))  # {step: {name: value}}
     rows = [r for r in records.values() if "loss" in r]
     if not rows:

@@ -9,6 +9,7 @@ import pytest
 
 from configs import shapes as shapes_config
 from qk_jax import ablate
+from qk_jax.training import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +61,7 @@ def test_markdown_has_a_row_per_variant():
 
 def test_tail_loss_reads_the_metrics_log(tmp_path):
     """The mean loss of the last quarter of the logged steps; steps without a loss (evaluation lines) are skipped."""
-    with open(tmp_path / "metrics.jsonl", "w") as f:
+    with open(tmp_path / metrics.JSONL, "w") as f:
         for step in range(1, 9):
             f.write(json.dumps(dict(step=step, loss=float(step))) + "\n")
         f.write(json.dumps(dict(step=9, lr=0.1)) + "\n")
