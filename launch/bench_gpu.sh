@@ -1,30 +1,49 @@
 #!/bin/bash
 # The GPU figures of the README's performance table: python -m qk_jax.bench on one GPU, JAX beside diffusers +
-# torch.compile, then the layer-scan / remat / XLA-flag variants, guided sampling and the 7B VLM forward.
-#   bash launch/bench_gpu.sh [OUT_DIR]   (BATCH=8 by default; JSON lines go to OUT_DIR/bench.jsonl)
+# torch.compile (with a kernel profile of the JAX step), a doubled batch, the layer-scan / remat / XLA-flag
+# variants, guided sampling and the 7B VLM forward.
+#   bash launch/bench_gpu.sh [OUT_DIR] [PARTS]   PARTS: any of "jax batch eager torch variants sample vlm"
+#   (default: "torch batch variants sample vlm"; torch = JAX beside diffusers + torch.compile, eager = without
+#   torch.compile)
+# BATCH=8 by default. JSON lines go to OUT_DIR/bench.jsonl, everything to OUT_DIR/bench.log, each profile's Chrome
+# trace to OUT_DIR/trace_<what>_<n>.json.gz (open in ui.perfetto.dev).
 set -u
 out=${1:-${OUT:-/tmp/qk_bench}}
+parts=${2:-torch batch variants sample vlm}
 mkdir -p "$out"
 batch=${BATCH:-8}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-shape=(--config configs/stage2.py:bench --batch "$batch" --image-tokens 1024 --text-tokens 256 --steps 10)
+shape=(--config configs/stage2.py:bench --image-tokens 1024 --text-tokens 256 --steps 10)
+n=0
 
 bench() {  # one process per variant; the full log in bench.log, the measurements in bench.jsonl
+  n=$((n + 1))
   echo "== $*" | tee -a "$out/bench.log"
-  timeout "${LIMIT:-240}" python3 -m qk_jax.bench "$@" >>"$out/bench.log" 2>&1
+  timeout "${LIMIT:-240}" python3 -m qk_jax.bench "$@" --profile "$out/prof$n" >>"$out/bench.log" 2>&1
   echo "rc=$?" >>"$out/bench.log"
   grep '^{' "$out/bench.log" | tail -n +$(( $(cat "$out/bench.jsonl" 2>/dev/null | wc -l) + 1 )) | tee -a "$out/bench.jsonl"
+  for t in "$out"/prof$n/*/plugins/profile/*/*.trace.json.gz; do  # flat names: $OUT keeps two levels
+    [ -f "$t" ] && cp "$t" "$out/trace_$(basename "$(dirname "$(dirname "$(dirname "$(dirname "$t")")")")")_$n.json.gz"
+  done
+  rm -rf "$out/prof$n"
 }
+has() { [[ " $parts " == *" $1 "* ]]; }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/device.txt"
 python3 -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())" | tee -a "$out/device.txt"
 
-# The target: the 1.4B MMDiT training step, JAX (no remat) and diffusers + torch.compile, on the same batch.
-# JAX allocates as it goes (no preallocation, above) so that torch finds room in the same process.
-bench "${shape[@]}" --what mmdit_train --torch
-bench "${shape[@]}" --what mmdit_train --scan-layers
-bench "${shape[@]}" --what mmdit_train --remat attention
-XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false" \
-  bench "${shape[@]}" --what mmdit_train
-bench "${shape[@]}" --what sample --torch
-bench --config configs/stage2.py --what vlm_forward --batch 4 --text-tokens 512 --steps 5
+# The target: the 1.4B MMDiT training step, diffusers + torch.compile then JAX (no remat), on the same batch.
+# torch.compile of this step took over 200 s on an H100 machine (2026-11-27), hence the parts without it.
+has jax && bench "${shape[@]}" --batch "$batch" --what mmdit_train
+has batch && bench "${shape[@]}" --batch $((2 * batch)) --what mmdit_train
+has eager && bench "${shape[@]}" --batch "$batch" --what mmdit_train --torch --notorch-compile
+has torch && LIMIT=${TORCH_LIMIT:-600} bench "${shape[@]}" --batch "$batch" --what mmdit_train --torch
+if has variants; then
+  XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false" \
+    bench "${shape[@]}" --batch "$batch" --what mmdit_train
+  bench "${shape[@]}" --batch "$batch" --what mmdit_train --scan-layers
+  bench "${shape[@]}" --batch "$batch" --what mmdit_train --remat attention
+fi
+has sample && bench "${shape[@]}" --batch "$batch" --what sample --torch
+has vlm && bench --config configs/stage2.py --what vlm_forward --batch 4 --text-tokens 512 --steps 5
+exit 0

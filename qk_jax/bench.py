@@ -15,6 +15,9 @@ r"""Throughput benchmarks: the MMDiT training step, the VLM forward and a guided
   CPU there is none unless given);
 - ``peak_memory_gb``: the device allocator's peak (GPU/TPU), or on CPU the compiled program's arguments +
   outputs + temporaries (``memory_analysis``), ``memory_source`` says which.
+- ``profile`` (with ``--profile DIR``): three more JAX steps traced with ``jax.profiler`` into ``DIR/<what>``, and
+  from that trace the device milliseconds per step in matmuls, attention, copies and other (XLA) fusions, and the
+  top kernels (``summarize_trace``). ``device_ms_per_step`` below ``step_s`` is time the device sat idle.
 
 What is measured (``--what``):
 
@@ -35,9 +38,15 @@ The ``bench`` variant of ``configs/stage2.py`` is the paper's MMDiT block (2560 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
+import glob
+import gzip
 import json
 import math
+import os
+import re
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -108,6 +117,63 @@ def time_steps(run: Callable[[], Any], warmup: int, steps: int, sync: Callable[[
         sync(run())
         times.append(time.perf_counter() - t0)
     return times, first
+
+
+# Kernel-name patterns of the profile's categories, tried in order (cuDNN's fused attention kernels also say
+# "wgmma", so attention comes before matmul); what matches none is an XLA fusion, a copy or a memset.
+KERNEL_CATEGORIES = (
+    ("attention", r"sdpa|fmha|flash|attention"),
+    ("matmul", r"gemm|xmma|nvjet|cutlass|cublas|wgmma|matmul|convolution|\bdot"),
+    ("copy", r"memcpy|memset|copy"),
+)
+
+
+def trace_steps(run: Callable[[], Any], sync: Callable[[Any], Any], log_dir: str, steps: int = 3
+                ) -> dict[str, Any]:
+    """Profile ``steps`` more calls with ``jax.profiler`` into ``log_dir`` (TensorBoard/XProf and Perfetto can
+    open it) and return ``summarize_trace`` of it."""
+    with jax.profiler.trace(log_dir):
+        for _ in range(steps):
+            sync(run())
+    return summarize_trace(log_dir, steps)
+
+
+def summarize_trace(log_dir: str, steps: int, top: int = 12) -> dict[str, Any]:
+    """Device time per step by kernel category and the ``top`` kernels, from the newest ``*.trace.json.gz`` that
+    ``jax.profiler`` wrote under ``log_dir`` (Chrome trace events). Kernels are the complete events on a
+    ``/device:`` process's ``Stream`` threads (GPU; XLA's own "XLA Ops" thread repeats them at op level, so it
+    is read only where there are no streams, as on a TPU). On a CPU there is no device process: ``{}``.
+
+    Written here because XProf's converters need TensorFlow-side tooling that our install does not have, and the
+    Chrome trace that the profiler already writes holds what we need."""
+    paths = sorted(glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz")),
+                   key=os.path.getmtime)
+    if not paths:
+        return {}
+    with gzip.open(paths[-1], "rt") as f:
+        events = json.load(f)["traceEvents"]
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+               and str(e["args"].get("name", "")).startswith("/device:")}
+    threads = {(e["pid"], e["tid"]): str(e["args"].get("name", "")) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in devices}
+    streams = {k for k, name in threads.items() if name.startswith("Stream")}
+    chosen = streams or {k for k, name in threads.items() if name == "XLA Ops"}
+    kernels = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and (e["pid"], e.get("tid")) in chosen:
+            kernels[e["name"]] += float(e.get("dur", 0.0))  # microseconds
+    if not kernels:
+        return {}
+    busy = sum(kernels.values())
+    categories = collections.Counter()
+    for name, us in kernels.items():
+        category = next((c for c, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.I)), "other")
+        categories[category] += us
+    ms = lambda us: round(us / steps / 1e3, 3)  # noqa: E731
+    return dict(device_ms_per_step=ms(busy),
+                categories_ms={c: ms(us) for c, us in categories.most_common()},
+                top_kernels=[dict(name=name[:120], ms=ms(us), share=round(us / busy, 4))
+                             for name, us in kernels.most_common(top)])
 
 
 def peak_tflops(device: Any, override: float | None) -> float | None:
@@ -182,20 +248,20 @@ def mmdit_inputs(cfg: MMDiTConfig, shape: Shape, seed: int = 0) -> dict[str, np.
 # ----------------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _normal_fn(shape: tuple[int, ...], dtype: str) -> Callable[[Any], Any]:
+    return jax.jit(lambda key: (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+
+
 def _random_params(abstract: Any, dtype: Any | None, seed: int) -> Any:
     """Normal(0, 0.02) params of the abstract tree's shapes, made on the device (random values: matmul units
-    run faster on zeros). ``dtype`` overrides the leaves' dtype. One random vector cut into the leaves: a
-    program with one random op per leaf took minutes to compile on a GPU for a 6-layer MMDiT."""
+    run faster on zeros). ``dtype`` overrides the leaves' dtype. One small program per distinct shape: one
+    program for the whole tree (a random op per leaf, or one vector split into the leaves) took minutes to
+    compile on an H100 for the unrolled 6-layer MMDiT."""
     leaves, treedef = jax.tree.flatten(abstract)
-    sizes = [math.prod(x.shape) for x in leaves]
-
-    @jax.jit
-    def make(key):
-        flat = 0.02 * jax.random.normal(key, (sum(sizes),), jnp.float32)
-        parts = jnp.split(flat, np.cumsum(sizes)[:-1])
-        return treedef.unflatten([p.reshape(x.shape).astype(dtype or x.dtype) for p, x in zip(parts, leaves)])
-
-    return make(jax.random.key(seed))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([_normal_fn(tuple(x.shape), jnp.dtype(dtype or x.dtype).name)(k)
+                              for x, k in zip(leaves, keys)])
 
 
 def _mmdit(config: Mapping[str, Any]) -> tuple[MMDiTConfig, MMDiT]:
@@ -207,8 +273,8 @@ def _mmdit(config: Mapping[str, Any]) -> tuple[MMDiTConfig, MMDiT]:
                       scan_layers=bool(config.get("scan_layers", False)))
 
 
-def jax_mmdit_train(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int, peak: float | None
-                    ) -> dict[str, Any]:
+def jax_mmdit_train(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int, peak: float | None,
+                    profile_dir: str | None = None) -> dict[str, Any]:
     cfg, model = _mmdit(config)
     data = {k: jnp.asarray(v) for k, v in mmdit_inputs(cfg, shape).items()}
     target = data.pop("target")
@@ -237,12 +303,13 @@ def jax_mmdit_train(config: Mapping[str, Any], shape: Shape, warmup: int, steps:
 
     times, first = time_steps(run, warmup, steps, jax.block_until_ready)
     memory, source = _jax_memory_gb(compiled)
+    profile = trace_steps(run, jax.block_until_ready, profile_dir) if profile_dir else None
     flops = 3 * mmdit_forward_flops(cfg, shape.batch, shape.image_tokens, shape.text_tokens)
     return report(what="mmdit_train", framework="jax", times=times, first_s=first, batch=shape.batch,
                   tokens=shape.image_tokens + shape.text_tokens, flops=flops, peak=peak, memory_gb=memory,
                   memory_source=source, device=_jax_device(), params=_count(params), remat=model.remat,
                   scan_layers=model.scan_layers, dtype=str(jnp.dtype(model.dtype)), compile_s=round(compile_s, 2),
-                  attention=attention_kernel(compiled))
+                  attention=attention_kernel(compiled), **({"profile": profile} if profile_dir else {}))
 
 
 def _guided_velocity(v: Any, batch: int, cfg_text: float, cfg_image: float) -> Any:
@@ -251,8 +318,8 @@ def _guided_velocity(v: Any, batch: int, cfg_text: float, cfg_image: float) -> A
     return v_00 + cfg_image * (v_i0 - v_00) + cfg_text * (v_it - v_i0)
 
 
-def jax_sample(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int, peak: float | None
-               ) -> dict[str, Any]:
+def jax_sample(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int, peak: float | None,
+               profile_dir: str | None = None) -> dict[str, Any]:
     cfg, model = _mmdit(config)
     wide = dataclasses.replace(shape, batch=3 * shape.batch)
     data = {k: jnp.asarray(v) for k, v in mmdit_inputs(cfg, wide).items()}
@@ -278,15 +345,17 @@ def jax_sample(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int,
 
     times, first = time_steps(run, warmup, steps, jax.block_until_ready)
     memory, source = _jax_memory_gb(compiled)
+    profile = trace_steps(run, jax.block_until_ready, profile_dir) if profile_dir else None
     flops = mmdit_forward_flops(cfg, wide.batch, shape.image_tokens, shape.text_tokens)
     return report(what="sample", framework="jax", times=times, first_s=first, batch=b,
                   tokens=shape.image_tokens + shape.text_tokens, flops=flops, peak=peak, memory_gb=memory,
                   memory_source=source, device=_jax_device(), params=_count(params), dtype=str(jnp.dtype(model.dtype)),
-                  attention=attention_kernel(compiled), note="one Euler step, three guidance branches batched")
+                  attention=attention_kernel(compiled), note="one Euler step, three guidance branches batched",
+                  **({"profile": profile} if profile_dir else {}))
 
 
-def jax_vlm_forward(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int, peak: float | None
-                    ) -> dict[str, Any]:
+def jax_vlm_forward(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int, peak: float | None,
+                    profile_dir: str | None = None) -> dict[str, Any]:
     from qk_jax.models.qwen_vl import QwenVL, QwenVLConfig
 
     dtype = jnp.dtype(config["vlm"].get("frozen_dtype", config.get("compute_dtype", "float32")))
@@ -303,13 +372,15 @@ def jax_vlm_forward(config: Mapping[str, Any], shape: Shape, warmup: int, steps:
         return model.apply({"params": params}, ids, mask).hidden_states
 
     compiled = jax.jit(forward).lower(params, ids, mask).compile()
-    times, first = time_steps(lambda: compiled(params, ids, mask), warmup, steps, jax.block_until_ready)
+    run = lambda: compiled(params, ids, mask)  # noqa: E731
+    times, first = time_steps(run, warmup, steps, jax.block_until_ready)
     memory, source = _jax_memory_gb(compiled)
+    profile = trace_steps(run, jax.block_until_ready, profile_dir) if profile_dir else None
     tokens = shape.text_tokens + vlm_cfg.num_queries
     flops = llm_forward_flops(vlm_cfg.text, shape.batch, tokens)
     return report(what="vlm_forward", framework="jax", times=times, first_s=first, batch=shape.batch, tokens=tokens,
                   flops=flops, peak=peak, memory_gb=memory, memory_source=source, device=_jax_device(),
-                  params=_count(params), dtype=str(dtype))
+                  params=_count(params), dtype=str(dtype), **({"profile": profile} if profile_dir else {}))
 
 
 def attention_kernel(compiled: Any) -> str:
@@ -414,24 +485,36 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_float("peak-tflops", None, "The device's dense peak TFLOP/s for MFU (default: PEAK_TFLOPS).", **kw)
     flags.DEFINE_string("remat", None, "Override config.remat (mmdit.REMAT_POLICIES).", **kw)
     flags.DEFINE_bool("scan-layers", None, "Override config.scan_layers.", **kw)
+    flags.DEFINE_string("profile", None, "Also profile 3 JAX steps into this folder (one per --what) and add the "
+                        "device time per step by kernel category and the top kernels to the JSON line.", **kw)
     flags.mark_flag_as_required("config", flag_values=fv)
 
 
 def run(config: Mapping[str, Any], what: str, shape: Shape, *, warmup: int = 3, steps: int = 20,
-        with_torch: bool = False, torch_compile: bool = True, peak: float | None = None) -> list[dict[str, Any]]:
-    """The measurements of one ``--what`` (JAX, then PyTorch when asked and defined for it)."""
+        with_torch: bool = False, torch_compile: bool = True, peak: float | None = None,
+        profile_dir: str | None = None) -> list[dict[str, Any]]:
+    """The measurements of one ``--what``: JAX's, then PyTorch's when asked and defined for it.
+
+    PyTorch runs first and hands its cached blocks back to the driver before JAX starts: JAX's allocator keeps
+    what it took until the process ends, so the other order would leave PyTorch with what JAX did not use."""
     device_peak = peak_tflops(jax.local_devices()[0], peak)
-    jax_fn = dict(mmdit_train=jax_mmdit_train, sample=jax_sample, vlm_forward=jax_vlm_forward)[what]
-    results = [jax_fn(config, shape, warmup, steps, device_peak)]
+    theirs = None
     if with_torch and what != "vlm_forward":
         import torch
 
         torch_peak = device_peak if torch.cuda.is_available() == (jax.default_backend() == "gpu") else peak
         theirs = torch_mmdit(config, shape, warmup, steps, torch_peak, train=what == "mmdit_train",
                              compile_model=torch_compile)
-        theirs["jax_over_torch"] = round(theirs["step_s"] / results[0]["step_s"], 3)
-        results.append(theirs)
-    return results
+        torch._dynamo.reset()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    jax_fn = dict(mmdit_train=jax_mmdit_train, sample=jax_sample, vlm_forward=jax_vlm_forward)[what]
+    ours = jax_fn(config, shape, warmup, steps, device_peak,
+                  profile_dir=profile_dir and os.path.join(profile_dir, what))
+    if theirs is None:
+        return [ours]
+    theirs["jax_over_torch"] = round(theirs["step_s"] / ours["step_s"], 3)
+    return [ours, theirs]
 
 
 def run_flags(fv: flags.FlagValues) -> list[dict[str, Any]]:
@@ -445,7 +528,8 @@ def run_flags(fv: flags.FlagValues) -> list[dict[str, Any]]:
     results = []
     for what in fv.what:
         for result in run(config, what, shape, warmup=fv.warmup, steps=fv.steps, with_torch=fv.torch,
-                          torch_compile=fv["torch-compile"].value, peak=fv["peak-tflops"].value):
+                          torch_compile=fv["torch-compile"].value, peak=fv["peak-tflops"].value,
+                          profile_dir=fv.profile):
             print(json.dumps(result), flush=True)
             results.append(result)
     return results
