@@ -7,7 +7,7 @@ Run the curriculum first (``python -m qk_jax.train --config configs/shapes.py --
 stage-1 ablation starts from its stage 0 and its data, the stage-3 ones from its ``stage2/final``. Each variant
 trains in ``<workdir>/ablations/<ablation>/<value>`` (rerunning resumes; finished variants are skipped), is
 scored by ``qk_jax.evaluate`` on the held-out split, and ``ablations.md`` / ``ablations.json`` beside them hold
-the table:
+the table (a run with a narrower ``--which`` keeps the other ablations' rows from the earlier ``ablations.json``):
 
 - ``conditioning`` (paper table 9): stage 1 with the MMDiT conditioned on the VLM's text and kontext-query
   states (the paper's model), on the text states only, or on the queries only (``config.conditioning``). The
@@ -149,6 +149,17 @@ def markdown(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def earlier_results(out: str, keep: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of the ablations in ``keep`` from an earlier ``ablations.json`` in ``out`` (none if absent), so that
+    a run with a narrower ``--which`` adds to the table instead of replacing it."""
+    path = os.path.join(out, "ablations.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        earlier = json.load(f)
+    return {name: earlier[name] for name in ABLATIONS if name in keep and name in earlier}
+
+
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """The CLI's flags (not at import, as ``qk_jax.train``'s)."""
     fv = dict(flag_values=flag_values)
@@ -168,8 +179,8 @@ def main(argv) -> None:
     config, workdir = fv.config, fv.workdir
     if config is None or not workdir or "stages" not in config:
         raise app.UsageError("give --config configs/shapes.py (a curriculum) and --workdir (where it ran)")
-    results: dict[str, list[dict[str, Any]]] = {}
     out = os.path.join(workdir, "ablations")
+    results = earlier_results(out, keep=[a for a in ABLATIONS if a not in fv.which])
     for ablation in fv.which:
         results[ablation] = []
         for value in ABLATIONS[ablation][2]:

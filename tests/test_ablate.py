@@ -59,6 +59,15 @@ def test_markdown_has_a_row_per_variant():
     assert "Measured: lower preservation error: negate" in table
 
 
+def test_earlier_results_keep_the_ablations_not_rerun(tmp_path):
+    row = lambda value: dict(ablation="x", value=value, steps=1, loss=0.1, metrics={})  # noqa: E731
+    assert ablate.earlier_results(str(tmp_path), keep=list(ablate.ABLATIONS)) == {}
+    (tmp_path / "ablations.json").write_text(json.dumps(
+        {"source_offset": [row("negate")], "conditioning": [row("text_and_queries")]}))
+    kept = ablate.earlier_results(str(tmp_path), keep=["conditioning", "placement"])
+    assert kept == {"conditioning": [row("text_and_queries")]}
+
+
 def test_tail_loss_reads_the_metrics_log(tmp_path):
     """The mean loss of the last quarter of the logged steps; steps without a loss (evaluation lines) are skipped."""
     with open(tmp_path / metrics.JSONL, "w") as f:
