@@ -33,7 +33,7 @@ def get_config(arg=None):
     # preservation 0.089 -> 0.037, subject_edit preservation 0.130 -> 0.085; edit success stays 0%.
     # The tiny variant keeps eq. 2/4, whose token stream the tests check against DESIGN.md.
     config.source_offset = common.pick(arg.variant, paper="negate", shapes="axis0", tiny="negate")
-    # Section 3.3: r_d = 256, alpha_d = 256. ShapesWorld: a quarter of its MMDiT's width, alpha / rank = 1 likewise.
+    # Section 3.3: r_d = 256, alpha_d = 256. ShapesWorld: no LoRA (below); tiny: r 4.
     config.mmdit.lora.rank, config.mmdit.lora.alpha = common.pick(
         arg.variant, paper=(256, 256), shapes=(0, 0), tiny=(4, 4))
     config.trainable = (r"^mmdit/.*/lora_[ab]$", r"kontext_queries$", r"^connector/")

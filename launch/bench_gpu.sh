@@ -33,7 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())" | tee -a "$out/device.txt"
 
 # The target: the 1.4B MMDiT training step, diffusers + torch.compile then JAX (no remat), on the same batch.
-# torch.compile of this step took over 200 s on an H100 machine (2026-11-27), hence the parts without it.
+# torch.compile's first step took 63 s on an H100 (2026-11-27); the parts without it give figures sooner.
 has jax && bench "${shape[@]}" --batch "$batch" --what mmdit_train
 has batch && bench "${shape[@]}" --batch $((2 * batch)) --what mmdit_train
 has eager && bench "${shape[@]}" --batch "$batch" --what mmdit_train --torch --notorch-compile
