@@ -22,8 +22,8 @@ bench() {  # one process per variant; the full log in bench.log, the measurement
   timeout "${LIMIT:-240}" python3 -m qk_jax.bench "$@" --profile "$out/prof$n" >>"$out/bench.log" 2>&1
   echo "rc=$?" >>"$out/bench.log"
   grep '^{' "$out/bench.log" | tail -n +$(( $(cat "$out/bench.jsonl" 2>/dev/null | wc -l) + 1 )) | tee -a "$out/bench.jsonl"
-  for t in "$out"/prof$n/*/plugins/profile/*/*.trace.json.gz; do  # flat names: $OUT keeps two levels
-    [ -f "$t" ] && cp "$t" "$out/trace_$(basename "$(dirname "$(dirname "$(dirname "$(dirname "$t")")")")")_$n.json.gz"
+  for dir in "$out/prof$n"/*/; do  # one per --what; flat names: $OUT keeps two levels
+    cp "$dir"plugins/profile/*/*.trace.json.gz "$out/trace_$(basename "$dir")_$n.json.gz" 2>/dev/null
   done
   rm -rf "$out/prof$n"
 }

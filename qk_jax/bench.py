@@ -138,6 +138,11 @@ def trace_steps(run: Callable[[], Any], sync: Callable[[Any], Any], log_dir: str
     return summarize_trace(log_dir, steps)
 
 
+def _profiled(run: Callable[[], Any], profile_dir: str | None) -> dict[str, Any]:
+    """``{"profile": trace_steps(...)}`` for a JAX measurement's line when ``--profile`` is given, else ``{}``."""
+    return {"profile": trace_steps(run, jax.block_until_ready, profile_dir)} if profile_dir else {}
+
+
 def summarize_trace(log_dir: str, steps: int, top: int = 12) -> dict[str, Any]:
     """Device time per step by kernel category and the ``top`` kernels, from the newest ``*.trace.json.gz`` that
     ``jax.profiler`` wrote under ``log_dir`` (Chrome trace events). Kernels are the complete events on a
@@ -303,13 +308,12 @@ def jax_mmdit_train(config: Mapping[str, Any], shape: Shape, warmup: int, steps:
 
     times, first = time_steps(run, warmup, steps, jax.block_until_ready)
     memory, source = _jax_memory_gb(compiled)
-    profile = trace_steps(run, jax.block_until_ready, profile_dir) if profile_dir else None
     flops = 3 * mmdit_forward_flops(cfg, shape.batch, shape.image_tokens, shape.text_tokens)
     return report(what="mmdit_train", framework="jax", times=times, first_s=first, batch=shape.batch,
                   tokens=shape.image_tokens + shape.text_tokens, flops=flops, peak=peak, memory_gb=memory,
                   memory_source=source, device=_jax_device(), params=_count(params), remat=model.remat,
                   scan_layers=model.scan_layers, dtype=str(jnp.dtype(model.dtype)), compile_s=round(compile_s, 2),
-                  attention=attention_kernel(compiled), **({"profile": profile} if profile_dir else {}))
+                  attention=attention_kernel(compiled), **_profiled(run, profile_dir))
 
 
 def _guided_velocity(v: Any, batch: int, cfg_text: float, cfg_image: float) -> Any:
@@ -345,13 +349,12 @@ def jax_sample(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int,
 
     times, first = time_steps(run, warmup, steps, jax.block_until_ready)
     memory, source = _jax_memory_gb(compiled)
-    profile = trace_steps(run, jax.block_until_ready, profile_dir) if profile_dir else None
     flops = mmdit_forward_flops(cfg, wide.batch, shape.image_tokens, shape.text_tokens)
     return report(what="sample", framework="jax", times=times, first_s=first, batch=b,
                   tokens=shape.image_tokens + shape.text_tokens, flops=flops, peak=peak, memory_gb=memory,
                   memory_source=source, device=_jax_device(), params=_count(params), dtype=str(jnp.dtype(model.dtype)),
                   attention=attention_kernel(compiled), note="one Euler step, three guidance branches batched",
-                  **({"profile": profile} if profile_dir else {}))
+                  **_profiled(run, profile_dir))
 
 
 def jax_vlm_forward(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int, peak: float | None,
@@ -375,12 +378,11 @@ def jax_vlm_forward(config: Mapping[str, Any], shape: Shape, warmup: int, steps:
     run = lambda: compiled(params, ids, mask)  # noqa: E731
     times, first = time_steps(run, warmup, steps, jax.block_until_ready)
     memory, source = _jax_memory_gb(compiled)
-    profile = trace_steps(run, jax.block_until_ready, profile_dir) if profile_dir else None
     tokens = shape.text_tokens + vlm_cfg.num_queries
     flops = llm_forward_flops(vlm_cfg.text, shape.batch, tokens)
     return report(what="vlm_forward", framework="jax", times=times, first_s=first, batch=shape.batch, tokens=tokens,
                   flops=flops, peak=peak, memory_gb=memory, memory_source=source, device=_jax_device(),
-                  params=_count(params), dtype=str(dtype), **({"profile": profile} if profile_dir else {}))
+                  params=_count(params), dtype=str(dtype), **_profiled(run, profile_dir))
 
 
 def attention_kernel(compiled: Any) -> str:
