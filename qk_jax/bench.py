@@ -425,8 +425,10 @@ def torch_mmdit(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device == "cuda")
     else:
         model.eval().requires_grad_(False)
-        if bf16:
+        if bf16:  # a bf16 model takes bf16 activations (the ids stay as they are: RoPE reads them in float)
             model = model.to(torch.bfloat16)
+            for name in ("encoder_hidden_states", "pooled_projections", "timestep"):
+                data[name] = data[name].to(torch.bfloat16)
     forward = torch.compile(model) if compile_model else model
     guidance = config.get("sample", {})
     cfg_text, cfg_image = float(guidance.get("cfg_text", 4.0)), float(guidance.get("cfg_image", 1.5))

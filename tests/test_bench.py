@@ -82,6 +82,17 @@ def test_cli_prints_jax_and_torch_lines(tmp_path):
     assert [r.get("profile") for r in lines] == [{}, None, {}, None, {}]
 
 
+def test_bf16_sampling_runs_on_both_frameworks():
+    """In bf16 (the paper and bench configs) the diffusers sampling step takes the conditioning in the model's
+    dtype: its float32 context once met bf16 weights in the first projection (found on an H100)."""
+    config = stage2.get_config("tiny")
+    config.compute_dtype = "bfloat16"
+    ours, theirs = bench.run(config, "sample", bench.Shape(2, 16, 8), warmup=1, steps=1, with_torch=True,
+                             torch_compile=False)
+    assert (ours["framework"], ours["dtype"], theirs["framework"]) == ("jax", "bfloat16", "torch")
+    assert theirs["step_s"] > 0
+
+
 def test_bench_config_is_a_paper_block_at_1_4b():
     config = stage2.get_config("bench")
     assert config.mmdit.num_attention_heads * config.mmdit.attention_head_dim == 2560
