@@ -180,6 +180,39 @@ def summarize(task: str, scores: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+OBJECT_CHECKS = ("placed", "color", "shape", "size", "look")
+
+
+def t2i_breakdown(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Where t2i fails: the categories per number of asked objects, and per asked object.
+
+    ``by_objects``: ``{n: {num, metrics}}``, ``summarize`` over the samples whose prompt asks for ``n`` objects
+    (the issue's scale figure counts one- and two-object prompts; GenEval's colour prompts ask for one object).
+    ``per_object``: over every asked object, the fraction whose cell holds an object (``placed``) and whose
+    cell's object has its colour, shape, size, or colour and shape together (``look``); ``extra``: objects
+    drawn in cells no prompt asked for, per sample. ``samples`` are report entries (``target_scene``,
+    ``pred_scene``, ``scores``)."""
+    by_objects: dict[str, Any] = {}
+    for n in sorted({len(s["target_scene"]) for s in samples}):
+        group = [s["scores"] for s in samples if len(s["target_scene"]) == n]
+        by_objects[str(n)] = dict(num=len(group), metrics=summarize("t2i", group))
+    hits = {check: [] for check in OBJECT_CHECKS}
+    extra = []
+    for s in samples:
+        pred, target = _by_cell(s["pred_scene"]), _by_cell(s["target_scene"])
+        extra.append(len(set(pred) - set(target)))
+        for cell, obj in target.items():
+            got = pred.get(cell)
+            hits["placed"].append(got is not None)
+            hits["color"].append(got is not None and _color(got) == _color(obj))
+            hits["shape"].append(got is not None and got["shape"] == obj["shape"])
+            hits["size"].append(got is not None and got["size"] == obj["size"])
+            hits["look"].append(got is not None and _look(got) == _look(obj))
+    per_object = {check: float(np.mean(v)) if v else None for check, v in hits.items()}
+    per_object.update(objects=len(hits["placed"]), extra=float(np.mean(extra)) if extra else None)
+    return dict(by_objects=by_objects, per_object=per_object)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sampling and the report
 # ----------------------------------------------------------------------------------------------------------
@@ -222,6 +255,8 @@ def evaluate(sampler: sample_lib.Sampler, num: int, seed: int, world: shapes.Wor
         report["tasks"][task] = dict(
             num=num, metrics=summarize(task, scores),
             applicable={cat: sum(s[cat] is not None for s in scores) for cat in CATEGORIES[task]}, samples=samples)
+        if task == "t2i":
+            report["tasks"][task]["breakdown"] = t2i_breakdown(samples)
     return report, rows
 
 
@@ -237,7 +272,27 @@ def markdown(report: Mapping[str, Any]) -> str:
             label = f"{name} (L1, lower is better)" if name == "preservation" else name
             lines.append(f"| {label} | {shown} | {block['applicable'].get(name, block['num'])} |")
         lines.append("")
+        if "breakdown" in block:
+            lines += _breakdown_markdown(block["breakdown"])
     return "\n".join(lines)
+
+
+def _breakdown_markdown(breakdown: Mapping[str, Any]) -> list[str]:
+    """``t2i_breakdown`` as two small tables."""
+    groups = breakdown["by_objects"]
+    lines = ["By the number of objects the prompt asks for:", "",
+             "| metric | " + " | ".join(f"{n} ({g['num']} prompts)" for n, g in groups.items()) + " |",
+             "| --- |" + " --- |" * len(groups)]
+    for cat in CATEGORIES["t2i"]:
+        cells = ["n/a" if g["metrics"][cat] is None else f"{100 * g['metrics'][cat]:.1f}%" for g in groups.values()]
+        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    per = breakdown["per_object"]
+    lines += ["", f"Per asked object ({per['objects']}): the asked cell holds an object (placed) of the asked "
+              "colour / shape / size / colour and shape (look); objects drawn where none was asked, per prompt:", "",
+              "| " + " | ".join(OBJECT_CHECKS) + " | extra |", "|" + " --- |" * (len(OBJECT_CHECKS) + 1),
+              "| " + " | ".join("n/a" if per[c] is None else f"{100 * per[c]:.1f}%" for c in OBJECT_CHECKS)
+              + " | " + ("n/a" if per["extra"] is None else f"{per['extra']:.2f}") + " |", ""]
+    return lines
 
 
 def _tile(image: np.ndarray, scale: int, border: tuple[int, int, int] | None = None) -> Image.Image:

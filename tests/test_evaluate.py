@@ -56,6 +56,27 @@ def test_t2i_corruptions():
     assert not s["counting"] and not s["position"] and not s["overall"]
 
 
+def test_t2i_breakdown_counts_by_prompt_size_and_per_object():
+    one = [_plain("red", "circle", [0, 0])]
+    two = [_plain("red", "circle", [0, 0]), _plain("blue", "square", [1, 1], size="small")]
+    samples = [  # (target, prediction): one right; two with a recoloured object; two with a moved one plus an extra
+        (one, one),
+        (two, [two[0], _plain("green", "square", [1, 1], size="small")]),
+        (two, [two[0], _plain("blue", "square", [2, 2], size="small"), _plain("red", "triangle", [0, 2])]),
+    ]
+    samples = [dict(target_scene=t, pred_scene=p, scores=evaluate.score_t2i(p, t)) for t, p in samples]
+    out = evaluate.t2i_breakdown(samples)
+    assert {n: g["num"] for n, g in out["by_objects"].items()} == {"1": 1, "2": 2}
+    assert out["by_objects"]["1"]["metrics"]["colors"] == 1.0 and out["by_objects"]["1"]["metrics"]["overall"] == 1.0
+    two_objects = out["by_objects"]["2"]["metrics"]
+    assert two_objects["colors"] == 0.0 and two_objects["position"] == 0.5 and two_objects["overall"] == 0.0
+    assert two_objects["single_object"] is None
+    # Five asked objects: four placed (the moved square is not in its cell), three of them in the asked colour.
+    assert out["per_object"] == dict(placed=0.8, color=0.6, shape=0.8, size=0.8, look=0.6, objects=5, extra=2 / 3)
+    md = "\n".join(evaluate._breakdown_markdown(out))
+    assert "| colors | 100.0% | 0.0% |" in md and "| 80.0% | 60.0% | 80.0% | 80.0% | 60.0% | 0.67 |" in md
+
+
 def test_edit_preservation_counts_only_unedited_cells():
     item = next(it for it in _samples("edit") if len(it["inputs"][0]["scene"]) >= 2)
     source = item["inputs"][0]["image"]
@@ -125,6 +146,7 @@ def test_cli_on_a_random_tiny_checkpoint(tmp_path):
         assert all(set(evaluate.CATEGORIES[task]) <= set(s["scores"]) for s in block["samples"])
     md = (out / "report.md").read_text()
     assert all(f"## {t}" in md for t in evaluate.TASKS)
+    assert set(report["tasks"]["t2i"]["breakdown"]) == {"by_objects", "per_object"} and "Per asked object" in md
 
 
 def test_evaluation_is_deterministic_for_a_checkpoint_and_seed(tmp_path):
