@@ -14,7 +14,8 @@ generated image is read back with ``parse_scene`` and compared with the scene th
   every asked object is drawn, shape and colour, anywhere; ``counting``: as many objects as asked;
   ``colors``: every asked cell holds an object of the asked colour; ``position``: every asked cell holds an
   object; ``attribute_binding``: every asked cell holds an object of the asked colour *and* shape;
-  ``overall``: the parsed scene is the asked scene exactly (sizes included, nothing extra).
+  ``overall``: the parsed scene is the asked scene exactly (sizes included, nothing extra). ``t2i_breakdown``
+  adds the categories per number of asked objects and per-object rates (placed, colour, shape, size, extras).
 - ``edit`` (``score_edit``): ``success``: the parsed scene is the asked scene; ``preservation``: mean absolute
   difference between output and source on [0, 1] pixels outside the edited cells (lower is better).
   ShapesWorld keeps every cell an edit does not name pixel-identical, so the edited cells are the cells where
