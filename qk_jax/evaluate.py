@@ -181,7 +181,15 @@ def summarize(task: str, scores: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-OBJECT_CHECKS = ("placed", "color", "shape", "size", "look")
+# What ``t2i_breakdown`` asks of the object found in an asked object's cell (``got``), beside being there.
+_OBJECT_CHECKS = dict(
+    placed=lambda got, obj: True,
+    color=lambda got, obj: _color(got) == _color(obj),
+    shape=lambda got, obj: got["shape"] == obj["shape"],
+    size=lambda got, obj: got["size"] == obj["size"],
+    look=lambda got, obj: _look(got) == _look(obj),
+)
+OBJECT_CHECKS = tuple(_OBJECT_CHECKS)
 
 
 def t2i_breakdown(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -204,11 +212,8 @@ def t2i_breakdown(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         extra.append(len(set(pred) - set(target)))
         for cell, obj in target.items():
             got = pred.get(cell)
-            hits["placed"].append(got is not None)
-            hits["color"].append(got is not None and _color(got) == _color(obj))
-            hits["shape"].append(got is not None and got["shape"] == obj["shape"])
-            hits["size"].append(got is not None and got["size"] == obj["size"])
-            hits["look"].append(got is not None and _look(got) == _look(obj))
+            for check, passes in _OBJECT_CHECKS.items():
+                hits[check].append(got is not None and passes(got, obj))
     per_object = {check: float(np.mean(v)) if v else None for check, v in hits.items()}
     per_object.update(objects=len(hits["placed"]), extra=float(np.mean(extra)) if extra else None)
     return dict(by_objects=by_objects, per_object=per_object)
@@ -284,14 +289,14 @@ def _breakdown_markdown(breakdown: Mapping[str, Any]) -> list[str]:
     lines = ["By the number of objects the prompt asks for:", "",
              "| metric | " + " | ".join(f"{n} ({g['num']} prompts)" for n, g in groups.items()) + " |",
              "| --- |" + " --- |" * len(groups)]
+    percent = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for cat in CATEGORIES["t2i"]:
-        cells = ["n/a" if g["metrics"][cat] is None else f"{100 * g['metrics'][cat]:.1f}%" for g in groups.values()]
-        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+        lines.append(f"| {cat} | " + " | ".join(percent(g["metrics"][cat]) for g in groups.values()) + " |")
     per = breakdown["per_object"]
     lines += ["", f"Per asked object ({per['objects']}): the asked cell holds an object (placed) of the asked "
               "colour / shape / size / colour and shape (look); objects drawn where none was asked, per prompt:", "",
               "| " + " | ".join(OBJECT_CHECKS) + " | extra |", "|" + " --- |" * (len(OBJECT_CHECKS) + 1),
-              "| " + " | ".join("n/a" if per[c] is None else f"{100 * per[c]:.1f}%" for c in OBJECT_CHECKS)
+              "| " + " | ".join(percent(per[c]) for c in OBJECT_CHECKS)
               + " | " + ("n/a" if per["extra"] is None else f"{per['extra']:.2f}") + " |", ""]
     return lines
 
