@@ -142,7 +142,7 @@ def markdown(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
             for name in names:
                 task, m = name.split("/")
                 value = r["metrics"].get(task, {}).get(m)
-                cells.append("n/a" if value is None else f"{value:.4f}" if m == "preservation" else f"{100 * value:.1f}%")
+                cells.append(evaluate_lib.format_metric(m, value))
             loss = "n/a" if r["loss"] is None else f"{r['loss']:.4f}"
             lines.append(f"| {r['value']} | {r['steps']} | {loss} | " + " | ".join(cells) + " |")
         lines += ["", f"Measured: {verdict(ablation, rows)}.", ""]

@@ -266,6 +266,11 @@ def evaluate(sampler: sample_lib.Sampler, num: int, seed: int, world: shapes.Wor
     return report, rows
 
 
+def format_metric(name: str, value: float | None) -> str:
+    """A metric as the reports show it: preservation as an L1 (4 decimals), the rest as a percentage."""
+    return "n/a" if value is None else f"{value:.4f}" if name == "preservation" else f"{100 * value:.1f}%"
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     """A table of the metrics per task."""
     c = report["config"]
@@ -274,7 +279,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         metrics = block["metrics"]
         lines += [f"## {task}", "", "| metric | value | samples |", "| --- | --- | --- |"]
         for name, value in metrics.items():
-            shown = "n/a" if value is None else f"{value:.4f}" if name == "preservation" else f"{100 * value:.1f}%"
+            shown = format_metric(name, value)
             label = f"{name} (L1, lower is better)" if name == "preservation" else name
             lines.append(f"| {label} | {shown} | {block['applicable'].get(name, block['num'])} |")
         lines.append("")
@@ -289,14 +294,13 @@ def _breakdown_markdown(breakdown: Mapping[str, Any]) -> list[str]:
     lines = ["By the number of objects the prompt asks for:", "",
              "| metric | " + " | ".join(f"{n} ({g['num']} prompts)" for n, g in groups.items()) + " |",
              "| --- |" + " --- |" * len(groups)]
-    percent = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for cat in CATEGORIES["t2i"]:
-        lines.append(f"| {cat} | " + " | ".join(percent(g["metrics"][cat]) for g in groups.values()) + " |")
+        lines.append(f"| {cat} | " + " | ".join(format_metric(cat, g["metrics"][cat]) for g in groups.values()) + " |")
     per = breakdown["per_object"]
     lines += ["", f"Per asked object ({per['objects']}): the asked cell holds an object (placed) of the asked "
               "colour / shape / size / colour and shape (look); objects drawn where none was asked, per prompt:", "",
               "| " + " | ".join(OBJECT_CHECKS) + " | extra |", "|" + " --- |" * (len(OBJECT_CHECKS) + 1),
-              "| " + " | ".join(percent(per[c]) for c in OBJECT_CHECKS)
+              "| " + " | ".join(format_metric(c, per[c]) for c in OBJECT_CHECKS)
               + " | " + ("n/a" if per["extra"] is None else f"{per['extra']:.2f}") + " |", ""]
     return lines
 
