@@ -38,7 +38,7 @@ STAGE_ARGS = dict(res=0, batch=0, steps=0)
 # ``rope_parameters``; the released config.json has them flat, as here.
 VLM_TEXT_EXTRA_KEYS = ("head_dim", "rope_theta", "mrope_section")
 # diffusers hard-codes RoPE theta 1e4 and the FFN ratio 4 in FLUX; LoRA is ours.
-MMDIT_EXTRA_KEYS = ("lora", "mlp_ratio", "rope_theta")
+MMDIT_EXTRA_KEYS = ("lora", "mlp_ratio", "pos_embed", "rope_theta")
 
 # LoRA on the LLM's attention and MLP projections (transformers names). ``layers_N`` are the LLM's decoder
 # layers; the ViT's ``blocks_N`` also have an ``mlp/gate_proj`` and must not match.
@@ -308,7 +308,7 @@ def mmdit(variant, *, light=False):
         # The VAE latents are packed 2x2 into tokens, FLUX's "patch 2" (table 11): the transformer's own patch is 1.
         patch_size=1, in_channels=4 * vae(variant).latent_channels, out_channels=None,
         guidance_embeds=False,  # no distilled guidance: the model is trained with real CFG dropout
-        rope_theta=10000, mlp_ratio=4.0))
+        rope_theta=10000, mlp_ratio=4.0, pos_embed="none"))
     layers, single_layers, heads, head_dim = pick(
         variant,
         paper=(10, 0, 24, 64) if light else (42, 0, 40, 64),

@@ -19,7 +19,7 @@ from configs import stage1
 from qk_jax.convert import diffusers_mmdit
 from qk_jax.convert.safetensors_io import CheckpointError, SafetensorsReader
 from qk_jax.models.lora import LoRAConfig
-from qk_jax.models.mmdit import MMDiT, MMDiTConfig, abstract_params, param_count, with_layout
+from qk_jax.models.mmdit import MMDiT, MMDiTConfig, abstract_params, param_count, sincos_pos_embed, with_layout
 from qk_jax.ops import rope
 from qk_jax.pytree import leaf_paths
 
@@ -131,6 +131,21 @@ def test_load_bfloat16(flux):
     _, path = flux
     _, params = diffusers_mmdit.load(path, dtype=jnp.bfloat16)
     assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype(jnp.bfloat16)}
+
+
+def test_sincos_pos_embed_matches_diffusers():
+    """SD3's embedding (diffusers) of a square target grid, and of shifted in-context ids through its grid form."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_2d_sincos_pos_embed_from_grid
+    dim, side = 32, 5
+    ids = rope.image_position_ids(side, side)  # [side * side, 3] (0, row, col), row-major like diffusers
+    want = get_2d_sincos_pos_embed(dim, side, base_size=side, output_type="pt").numpy()
+    chex.assert_trees_all_close(sincos_pos_embed(ids, dim), want.astype(np.float32), atol=1e-6)
+    layout = rope.in_context_layout(2, 3, jnp.asarray([[rope.SOURCE, rope.REFERENCE]]))
+    ids = np.asarray(layout.ids[0])
+    assert ids[:, 1:].min() < 0 and ids[:, 1:].max() > 2  # negative (source) and shifted (reference) positions
+    grid = torch.from_numpy(np.stack([ids[:, 2], ids[:, 1]]).astype(np.float64))  # diffusers: (col, row)
+    want = get_2d_sincos_pos_embed_from_grid(dim, grid, output_type="pt").numpy()
+    chex.assert_trees_all_close(sincos_pos_embed(ids, dim), want.astype(np.float32), atol=1e-5)
 
 
 def test_table_covers_exactly_our_params():

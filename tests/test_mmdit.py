@@ -19,8 +19,8 @@ import pytest
 
 from configs import common, stage1, stage2, stage3
 from qk_jax.models.lora import LoRAConfig, merge_lora, strip_lora
-from qk_jax.models.mmdit import (MMDiT, MMDiTConfig, abstract_params, param_count, stack_layers, unstack_layers,
-                                 with_layout)
+from qk_jax.models.mmdit import (MMDiT, MMDiTConfig, abstract_params, param_count, sincos_pos_embed, stack_layers,
+                                 unstack_layers, with_layout)
 from qk_jax.ops import rope
 from qk_jax.pytree import leaf_paths
 
@@ -200,6 +200,25 @@ def test_unknown_remat_policy_is_refused():
             jax.random.key(0), **_inputs([[rope.SOURCE], [rope.REFERENCE]])[0])
 
 
+def test_sincos_pos_embed_is_an_input_embedding(params):
+    """``pos_embed='sincos'`` adds the embedding of each token's ids after ``x_embedder``: the same as a plain model
+    whose inputs carry the embedding as extra channels, mapped through an identity block of the kernel."""
+    inputs, layout = _inputs([[rope.SOURCE], [rope.REFERENCE]])
+    pos_cfg = dataclasses.replace(CFG, pos_embed="sincos")
+    out = _apply(MMDiT(pos_cfg))({"params": params}, **inputs)
+
+    wide_cfg = dataclasses.replace(CFG, in_channels=CFG.in_channels + CFG.inner_dim, out_channels=CFG.in_channels)
+    wide = dict(params, x_embedder=dict(params["x_embedder"], kernel=jnp.concatenate(
+        [params["x_embedder"]["kernel"], jnp.eye(CFG.inner_dim)], axis=0)))
+    pos = sincos_pos_embed(jnp.asarray(layout.ids), CFG.inner_dim)
+    wide_inputs = dict(inputs, hidden_states=jnp.concatenate([inputs["hidden_states"], pos], axis=-1))
+    chex.assert_trees_all_close(out, _apply(MMDiT(wide_cfg))({"params": params | wide}, **wide_inputs), atol=1e-5)
+    # It carries position: the plain model's output differs.
+    assert float(jnp.abs(out - _apply(MMDiT(CFG))({"params": params}, **inputs)).max()) > 1e-2
+    with pytest.raises(ValueError, match="pos_embed must be one of"):
+        dataclasses.replace(CFG, pos_embed="learned")
+
+
 def test_bf16_compute_keeps_fp32_params(params):
     inputs, _ = _inputs([[rope.SOURCE], [rope.REFERENCE]])
     model = MMDiT(CFG, dtype=jnp.bfloat16)
@@ -233,6 +252,8 @@ def test_config_round_trip():
     assert MMDiTConfig.from_config(diffusers_cfg) == CFG
     with pytest.raises(ValueError, match="hard-codes"):
         MMDiTConfig(attention_head_dim=16, axes_dims_rope=(4, 6, 6), rope_theta=500.0).to_diffusers_config()
+    with pytest.raises(ValueError, match="no absolute position embedding"):
+        dataclasses.replace(CFG, pos_embed="sincos").to_diffusers_config()
 
 
 FSDP_SCRIPT = textwrap.dedent(

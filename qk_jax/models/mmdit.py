@@ -67,15 +67,19 @@ TIMESTEP_CHANNELS = 256  # diffusers Timesteps(num_channels=256) in CombinedTime
 NORM_EPS = 1e-6  # every LayerNorm and q/k RMSNorm of FLUX
 DIFFUSERS_ROPE_THETA = 10000.0  # hard-coded in FluxTransformer2DModel (FluxPosEmbed(theta=10000))
 DIFFUSERS_MLP_RATIO = 4.0  # hard-coded in FluxTransformerBlock / FluxSingleTransformerBlock
+POS_EMBEDS = ("none", "sincos")  # MMDiTConfig.pos_embed
 
 
 @dataclasses.dataclass(frozen=True)
 class MMDiTConfig:
-    """``FluxTransformer2DModel``'s config (same field names and defaults) plus ``rope_theta``/``mlp_ratio``.
+    """``FluxTransformer2DModel``'s config (same field names and defaults) plus ``rope_theta``/``mlp_ratio``
+    and ``pos_embed``.
 
     diffusers hard-codes RoPE theta 1e4 and an FFN ratio of 4; they are fields here so that the model is
     readable from its config, and ``to_diffusers_config`` refuses other values. ``out_channels=None`` means
-    ``in_channels``, as in diffusers.
+    ``in_channels``, as in diffusers. ``pos_embed='sincos'`` adds SD3's fixed 2D sin-cos embedding of each image
+    token's (row, col) id to its embedding (``sincos_pos_embed``), for an MMDiT trained from scratch on a small
+    grid; FLUX has none (``'none'``), and a diffusers FLUX config cannot carry it.
     """
 
     patch_size: int = 1
@@ -91,9 +95,15 @@ class MMDiTConfig:
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
     rope_theta: float = DIFFUSERS_ROPE_THETA
     mlp_ratio: float = DIFFUSERS_MLP_RATIO
+    pos_embed: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(d) for d in self.axes_dims_rope))
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+        if self.pos_embed == "sincos" and (self.inner_dim % 4 or len(self.axes_dims_rope) != 3):
+            raise ValueError(f"pos_embed='sincos' needs (axis0, row, col) ids and an inner_dim divisible by 4,"
+                             f" got axes_dims_rope={self.axes_dims_rope}, inner_dim={self.inner_dim}")
         if sum(self.axes_dims_rope) != self.attention_head_dim:
             raise ValueError(
                 f"axes_dims_rope {self.axes_dims_rope} sums to {sum(self.axes_dims_rope)} but attention_head_dim is"
@@ -119,14 +129,16 @@ class MMDiTConfig:
 
     def to_diffusers_config(self) -> dict[str, Any]:
         """The ``FluxTransformer2DModel`` keyword arguments (config.json without metadata)."""
-        if self.rope_theta != DIFFUSERS_ROPE_THETA or self.mlp_ratio != DIFFUSERS_MLP_RATIO:
+        if (self.rope_theta != DIFFUSERS_ROPE_THETA or self.mlp_ratio != DIFFUSERS_MLP_RATIO
+                or self.pos_embed != "none"):
             raise ValueError(
                 f"diffusers' FluxTransformer2DModel hard-codes rope_theta={DIFFUSERS_ROPE_THETA:g} and"
-                f" mlp_ratio={DIFFUSERS_MLP_RATIO:g}; this config has rope_theta={self.rope_theta:g},"
-                f" mlp_ratio={self.mlp_ratio:g} and cannot be expressed as a diffusers config"
+                f" mlp_ratio={DIFFUSERS_MLP_RATIO:g} and has no absolute position embedding; this config has"
+                f" rope_theta={self.rope_theta:g}, mlp_ratio={self.mlp_ratio:g}, pos_embed={self.pos_embed!r} and"
+                " cannot be expressed as a diffusers config"
             )
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        del out["rope_theta"], out["mlp_ratio"]
+        del out["rope_theta"], out["mlp_ratio"], out["pos_embed"]
         out["axes_dims_rope"] = list(self.axes_dims_rope)
         return out
 
@@ -162,6 +174,24 @@ def timestep_embedding(t: jax.Array, dim: int = TIMESTEP_CHANNELS, max_period: f
     freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
     args = t.astype(jnp.float32)[:, None] * jnp.asarray(freqs)[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_pos_embed(ids: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """SD3's fixed 2D position embedding (diffusers ``get_2d_sincos_pos_embed_from_grid``) of sRoPE ids, float32.
+
+    ``ids`` ``[..., 3]`` (axis0, row, col) -> ``[..., dim]``: the first half embeds the column, the second the
+    row (diffusers' order), each ``[sin(p w), cos(p w)]`` with ``w_i = max_period ** (-i / (dim / 4))``. Taken from
+    the ids, not from a grid size, so in-context images get their shifted sRoPE positions and any bucket shape
+    works; diffusers' ``base_size``/``interpolation_scale`` rescaling is left out (positions are token indices).
+    """
+    quarter = dim // 4
+    omega = 1.0 / max_period ** (np.arange(quarter, dtype=np.float64) / quarter)
+
+    def embed_1d(pos):  # [...] -> [..., dim / 2]
+        args = pos.astype(jnp.float32)[..., None] * jnp.asarray(omega, jnp.float32)
+        return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+    return jnp.concatenate([embed_1d(ids[..., 2]), embed_1d(ids[..., 1])], axis=-1)
 
 
 def layer_norm(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
@@ -557,6 +587,9 @@ class MMDiT(nn.Module):
         dense = _dense(**kw)
 
         x = dense(cfg.inner_dim, ("conv_in", "embed"), "x_embedder")(hidden_states)
+        if cfg.pos_embed == "sincos":
+            pos = sincos_pos_embed(_batched_ids(img_ids, batch, img_len, "img_ids"), cfg.inner_dim)
+            x = x + pos.astype(x.dtype)
         temb = TimeTextEmbed(cfg, **kw, name="time_text_embed")(timestep, pooled_projections, guidance)
         context = dense(cfg.inner_dim, ("mlp", "embed"), "context_embedder")(encoder_hidden_states)
 
