@@ -405,4 +405,6 @@ def optim(lr, warmup_steps):
         name="adamw", lr=lr, schedule="constant", warmup_steps=warmup_steps,
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,
         grad_accum_steps=1,
+        # (path regex, multiplier) pairs, first match wins, others 1: a learning rate per parameter group.
+        lr_multipliers=(),
         max_nonfinite=10))  # updates skipped for NaN/inf gradients before the run stops

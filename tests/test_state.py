@@ -77,6 +77,31 @@ def test_adamw_first_step_matches_the_formula():
         np.testing.assert_allclose(state.trainable[path][leaf], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_lr_multipliers_scale_each_groups_step():
+    """optim.lr_multipliers: the first matching regex's multiplier scales that leaf's AdamW step (decay included)."""
+    params = {"vlm": {"kernel": jnp.asarray([[1.0, -2.0], [3.0, 0.5]])}, "mmdit": {"kernel": jnp.ones((2, 2))},
+              "connector": {"bias": jnp.asarray([1.0, 2.0])}}
+    grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 2.0, p.size).reshape(p.shape), params)
+    plain = _optim(weight_decay=0.1, grad_clip_norm=0.0, warmup_steps=0)
+    scaled = _optim(weight_decay=0.1, grad_clip_norm=0.0, warmup_steps=0,
+                    lr_multipliers=((r"^vlm/", 0.1), (r"^(vlm|connector)/", 3.0)))
+    steps = {}
+    for name, optim in (("plain", plain), ("scaled", scaled)):
+        opt = st.make_optimizer(optim, total_steps=10)
+        state = st.init_state(params, (".*",), opt, jax.random.key(0))
+        for _ in range(2):  # the warmup's step 0 has lr 0: the second step is the first that moves
+            state = st.apply_gradients(state, grads, opt)
+        steps[name] = jax.tree.map(lambda new, old: np.asarray(new - old), state.trainable, params)
+    for group, multiplier in (("vlm", 0.1), ("mmdit", 1.0), ("connector", 3.0)):
+        for leaf in steps["plain"][group]:
+            assert np.abs(steps["plain"][group][leaf]).max() > 1e-3
+            np.testing.assert_allclose(steps["scaled"][group][leaf], multiplier * steps["plain"][group][leaf],
+                                       rtol=1e-3)  # float32 (p + step) - p
+    assert (st.lr_multiplier("vlm/q/kernel", scaled.lr_multipliers), st.lr_multiplier("mmdit/x", ())) == (0.1, 1.0)
+    with pytest.raises(ValueError, match="negative multiplier"):
+        st.make_optimizer(_optim(lr_multipliers=(("^vlm/", -1.0),)), 10)
+
+
 def test_weight_decay_mask_skips_biases_norms_embeddings_queries():
     params = {"a": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2, 2))}, "norm_q": {"scale": jnp.ones(2)},
               "embed_tokens": {"embedding": jnp.ones((4, 2))}, "kontext_queries": jnp.ones((3, 2)),

@@ -6,7 +6,8 @@ trainable one only (frozen leaves get no moments) and the step differentiates wi
 leaves get no gradient computation). ``combine`` puts the halves back together for the forward pass.
 
 The optimizer is optax throughout: AdamW with a warmup + constant/cosine schedule, global-norm clipping, a
-weight-decay mask (no decay on biases, norms, embeddings and kontext queries), optional gradient accumulation
+weight-decay mask (no decay on biases, norms, embeddings and kontext queries), per-path learning-rate multipliers
+(``optim.lr_multipliers``, e.g. a pretrained VLM at a tenth of a new MMDiT's rate), optional gradient accumulation
 (``optax.MultiSteps``) and a non-finite guard (``optax.apply_if_finite``) that skips an update whose gradients
 hold a NaN/inf and counts it; the trainer stops with a message once ``optim.max_nonfinite`` are skipped.
 """
@@ -97,6 +98,35 @@ def weight_decay_mask(params: Params, no_decay: Iterable[str] = NO_WEIGHT_DECAY)
     )
 
 
+def lr_multiplier(path: str, multipliers: Iterable[tuple[str, float]]) -> float:
+    """The multiplier of the first ``(regex, multiplier)`` pair whose regex ``re.search``-matches ``path``, else 1."""
+    for regex, multiplier in multipliers:
+        if match_any(path, (regex,)):
+            return float(multiplier)
+    return 1.0
+
+
+def scale_by_lr_multipliers(multipliers: Iterable[tuple[str, float]]) -> optax.GradientTransformation:
+    """Scales each leaf's update by ``lr_multiplier`` of its path: a learning rate per parameter group.
+
+    After AdamW, so the multiplier scales the step and its decoupled weight decay alike, as a per-group lr
+    does. By hand because optax has no per-leaf scale by path; ``optax.multi_transform`` would keep one AdamW
+    per group, and changing a multiplier would change the optimizer state's structure.
+    """
+    multipliers = tuple((str(r), float(m)) for r, m in multipliers)
+    for regex, multiplier in multipliers:
+        if multiplier < 0:
+            raise ValueError(f"optim.lr_multipliers: {regex!r} has a negative multiplier {multiplier}")
+    if not multipliers:
+        return optax.identity()
+
+    def scale(updates, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * lr_multiplier(path_str(p), multipliers), updates)
+
+    return optax.stateless(scale)
+
+
 def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
     """The optax chain described in the module docstring, from ``config.optim``."""
     if optim.get("name", "adamw") != "adamw":
@@ -111,6 +141,7 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> optax.Gradient
             weight_decay=float(optim["weight_decay"]),
             mask=lambda params: weight_decay_mask(params, optim.get("no_weight_decay", NO_WEIGHT_DECAY)),
         ),
+        scale_by_lr_multipliers(optim.get("lr_multipliers", ())),
     )
     accumulate = int(optim.get("grad_accum_steps", 1))
     if accumulate > 1:
