@@ -98,6 +98,8 @@ def test_lr_multipliers_scale_each_groups_step():
             np.testing.assert_allclose(steps["scaled"][group][leaf], multiplier * steps["plain"][group][leaf],
                                        rtol=1e-3)  # float32 (p + step) - p
     assert (st.lr_multiplier("vlm/q/kernel", scaled.lr_multipliers), st.lr_multiplier("mmdit/x", ())) == (0.1, 1.0)
+    # Without multipliers the chain (and so the optimizer state that checkpoints hold) is what it was before them.
+    assert len(st.make_optimizer(plain, 10).init(params).inner_state) == 2
     with pytest.raises(ValueError, match="negative multiplier"):
         st.make_optimizer(_optim(lr_multipliers=(("^vlm/", -1.0),)), 10)
 

@@ -117,8 +117,6 @@ def scale_by_lr_multipliers(multipliers: Iterable[tuple[str, float]]) -> optax.G
     for regex, multiplier in multipliers:
         if multiplier < 0:
             raise ValueError(f"optim.lr_multipliers: {regex!r} has a negative multiplier {multiplier}")
-    if not multipliers:
-        return optax.identity()
 
     def scale(updates, params=None):
         del params
@@ -131,6 +129,9 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> optax.Gradient
     """The optax chain described in the module docstring, from ``config.optim``."""
     if optim.get("name", "adamw") != "adamw":
         raise ValueError(f"unknown optim.name {optim['name']!r}; only 'adamw' is implemented")
+    # lr multipliers join the chain only when given: the optimizer state of a run without them keeps the
+    # structure older checkpoints were saved with.
+    multipliers = tuple(optim.get("lr_multipliers", ()))
     inner = optax.chain(
         optax.clip_by_global_norm(float(optim["grad_clip_norm"])) if optim.get("grad_clip_norm") else optax.identity(),
         optax.adamw(
@@ -141,7 +142,7 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> optax.Gradient
             weight_decay=float(optim["weight_decay"]),
             mask=lambda params: weight_decay_mask(params, optim.get("no_weight_decay", NO_WEIGHT_DECAY)),
         ),
-        scale_by_lr_multipliers(optim.get("lr_multipliers", ())),
+        *([scale_by_lr_multipliers(multipliers)] if multipliers else []),
     )
     accumulate = int(optim.get("grad_accum_steps", 1))
     if accumulate > 1:
