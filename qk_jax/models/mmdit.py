@@ -586,15 +586,15 @@ class MMDiT(nn.Module):
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
         dense = _dense(**kw)
 
+        img_ids = _batched_ids(img_ids, batch, img_len, "img_ids")  # [B, S, 3]
         x = dense(cfg.inner_dim, ("conv_in", "embed"), "x_embedder")(hidden_states)
         if cfg.pos_embed == "sincos":
-            pos = sincos_pos_embed(_batched_ids(img_ids, batch, img_len, "img_ids"), cfg.inner_dim)
-            x = x + pos.astype(x.dtype)
+            x = x + sincos_pos_embed(img_ids, cfg.inner_dim).astype(x.dtype)
         temb = TimeTextEmbed(cfg, **kw, name="time_text_embed")(timestep, pooled_projections, guidance)
         context = dense(cfg.inner_dim, ("mlp", "embed"), "context_embedder")(encoder_hidden_states)
 
         ids = jnp.concatenate([_batched_ids(txt_ids, batch, text_len, "txt_ids"),
-                               _batched_ids(img_ids, batch, img_len, "img_ids")], axis=1)  # [B, L+S, 3]
+                               img_ids], axis=1)  # [B, L+S, 3]
         cos, sin = rope_cos_sin(ids, cfg.axes_dims_rope, cfg.rope_theta)  # [B, L+S, head_dim] float32
         kv_mask = None
         if text_mask is not None or image_mask is not None:

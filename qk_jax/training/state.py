@@ -14,6 +14,7 @@ hold a NaN/inf and counts it; the trainer stops with a message once ``optim.max_
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -100,10 +101,7 @@ def weight_decay_mask(params: Params, no_decay: Iterable[str] = NO_WEIGHT_DECAY)
 
 def lr_multiplier(path: str, multipliers: Iterable[tuple[str, float]]) -> float:
     """The multiplier of the first ``(regex, multiplier)`` pair whose regex ``re.search``-matches ``path``, else 1."""
-    for regex, multiplier in multipliers:
-        if match_any(path, (regex,)):
-            return float(multiplier)
-    return 1.0
+    return next((float(m) for regex, m in multipliers if re.search(regex, path)), 1.0)
 
 
 def scale_by_lr_multipliers(multipliers: Iterable[tuple[str, float]]) -> optax.GradientTransformation:
