@@ -48,6 +48,9 @@ def get_config(arg=None):
         # verb is not read. From a 3,500-step stage 2, 1,000 steps of t2i + edit (50/50) with the MMDiT and the
         # VLM training reached edit success 10% and preservation 0.024 (50 held-out edits), t2i position 66%,
         # colours 10%; 500 steps of this mix (edit 40%): 0% and 0.028.
+        # The VLM trains at the full rate here, unlike stage 2 (its lr_multipliers): from one stage 2, a tenth of
+        # the rate in this stage too gave t2i position 40% against 28%, but edit preservation 0.043 against 0.039,
+        # subject_edit 0.070 against 0.052, and edit success 1% either way (README, "ShapesWorld scores").
         config.trainable = (r"kontext_queries$", r"^connector/", r"^mmdit/", r"^vlm/")
         config.tasks = dict(edit=0.45, t2i=0.25, custom=0.1, multi=0.1, subject_edit=0.1)
 
