@@ -126,6 +126,10 @@ def test_shapes_curriculum(variant):
         assert stage.data.world == config.world
         assert stage.batch_size == module.get_config(variant).batch_size
     assert set(config.evaluate.tasks) <= set(config.stages[-1].tasks.keys())
+    # Stage 3 continues stage 2's MMDiT: every field that defines its function agrees (pos_embed and rope_theta
+    # have no parameters, so a checkpoint would load into a different model without a word).
+    large2, large3 = (dict(s.mmdit.to_dict(), lora=None) for s in config.stages[1:])
+    assert large2 == large3
     with pytest.raises(ValueError, match="'paper'"):
         shapes.get_config("paper")
 
