@@ -101,28 +101,52 @@ def test_condition_matches_jax(conditioned):
     chex.assert_trees_all_close(np.asarray(ours.pooled), ref.pooled.numpy(), atol=ATOL, rtol=0)
 
 
-def test_velocity_edit_and_customization_match_jax(exported, conditioned):
+def _velocities(model, params, pipe, conditioned):
     """Sample 0: editing (slot 0 a source, slot 1 empty); sample 1: customization with two references. Each side
-    uses its own conditioning (the joint VLM -> connector -> MMDiT path)."""
-    params, pipe = exported
+    uses its own conditioning (the joint VLM -> connector -> MMDiT path). Returns (JAX of ``params``, torch, and
+    the JAX velocity as a function of the params)."""
     cond, ref_cond = conditioned
     rng = np.random.default_rng(1)
-    channels = MODEL.config.mmdit.in_channels
+    channels = model.config.mmdit.in_channels
     noisy = rng.standard_normal((2, H * W, channels)).astype(np.float32)
     in_context = rng.standard_normal((2, 2, H * W, channels)).astype(np.float32)
     roles = np.array([[rope.SOURCE, rope.NONE], [rope.REFERENCE, rope.REFERENCE]], np.int32)
     t = np.array([0.3, 0.8], np.float32)
 
-    velocity = lambda p: np.asarray(MODEL.velocity(p, cond, jnp.asarray(noisy), jnp.asarray(t), (H, W),
+    velocity = lambda p: np.asarray(model.velocity(p, cond, jnp.asarray(noisy), jnp.asarray(t), (H, W),
                                                    jnp.asarray(in_context), jnp.asarray(roles)))
-    ours = velocity(params)
     ref = pipe.velocity(ref_cond, torch.from_numpy(noisy), torch.from_numpy(t), (H, W), torch.from_numpy(in_context),
                         torch.from_numpy(roles)).numpy()
+    return velocity(params), ref, velocity
+
+
+def test_velocity_edit_and_customization_match_jax(exported, conditioned):
+    params, pipe = exported
+    ours, ref, velocity = _velocities(MODEL, params, pipe, conditioned)
     print("velocity max abs err:", np.abs(ours - ref).max(), "scale:", np.abs(ref).max())
     chex.assert_trees_all_close(ours, ref, atol=ATOL, rtol=0)
     # The randomised LoRA matters: without it the velocity is far off, so the export did merge it.
     no_lora = unflatten({k: np.zeros_like(v) if k.endswith("lora_b") else v for k, v in flatten(params).items()})
     assert np.abs(velocity(no_lora) - ref).max() > 100 * ATOL
+
+
+def test_sincos_pos_embed_exports_and_matches_jax(tmp_path, exported, conditioned):
+    """An MMDiT with SD3's sin-cos position embedding (ShapesWorld's) exports to a plain FluxTransformer2DModel
+    plus ``pos_embed`` in ``kontext_config.json``; the reference adds the embedding (negative source ids and
+    shifted reference ids included) and matches JAX, and without it the velocity is far off."""
+    params, plain = exported
+    config = CONFIG.copy_and_resolve_references()
+    config.mmdit.pos_embed = "sincos"
+    model = QueryKontext(QueryKontextConfig.from_config(config))
+    ckpt.save_model(tmp_path / "ckpt", config, params, meta=dict(stage=3))
+    cli.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "export")])
+    pipe = torch_reference.KontextPipeline.from_exported(tmp_path / "export")
+    assert pipe.settings["pos_embed"] == "sincos" and "get_2d_sincos" in (tmp_path / "export" / "README.md").read_text()
+    ours, ref, _ = _velocities(model, params, pipe, conditioned)
+    print("velocity max abs err:", np.abs(ours - ref).max(), "scale:", np.abs(ref).max())
+    chex.assert_trees_all_close(ours, ref, atol=ATOL, rtol=0)
+    _, without, _ = _velocities(MODEL, params, plain, conditioned)  # the same weights, no embedding
+    assert np.abs(without - ref).max() > 100 * ATOL
 
 
 @pytest.mark.parametrize("source_offset", rope.SOURCE_OFFSETS)

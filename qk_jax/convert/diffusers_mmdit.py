@@ -185,6 +185,7 @@ def export(
     dtype: Any = None,
     lora_alpha: float | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    allow_pos_embed: bool = False,
 ) -> Path:
     """Write ``params`` as a folder that ``FluxTransformer2DModel.from_pretrained(path)`` loads.
 
@@ -196,11 +197,13 @@ def export(
       lora_alpha: when the params hold LoRA adapters they are merged with this alpha (``config.mmdit.lora.alpha``);
         without it, adapters raise ``ValueError``.
       max_shard_bytes: shard size of the safetensors files.
+      allow_pos_embed: write a ``pos_embed='sincos'`` model too; the folder then lacks that embedding and the
+        caller must tell its users to add it (``export.export_model`` does, in ``kontext_config.json``).
 
     Returns:
       The folder.
     """
-    diffusers_config = config.to_diffusers_config()
+    diffusers_config = config.to_diffusers_config(allow_pos_embed=allow_pos_embed)
     params = nn.meta.unbox(params)
     if set(params) == {"params"}:
         params = params["params"]

@@ -259,6 +259,9 @@ def kontext_config(config: Any, model_config: QueryKontextConfig) -> dict[str, A
                        out_features=c.connector.out_features, act="gelu_exact"),
         in_context=c.in_context,
         max_references=c.max_references,
+        # 'sincos': SD3's 2D embedding of each image token's (row, col) id, added to x_embedder's output (the
+        # exported FluxTransformer2DModel does not add it; see the README).
+        pos_embed=c.mmdit.pos_embed,
         flow=dataclasses.asdict(c.flow),
         vae=dict(scaling_factor=c.vae.scaling_factor, shift_factor=c.vae.shift_factor,
                  downsample_factor=c.vae.downsample_factor, latent_channels=c.vae.latent_channels, pack=2),
@@ -269,6 +272,15 @@ def kontext_config(config: Any, model_config: QueryKontextConfig) -> dict[str, A
                    reference_n="(0, r + h*n, c + w*n), n = 1..N", order="source, target, reference_1..N"),
     )
 
+
+POS_EMBED_README = """
+**Absolute position embedding (`pos_embed: "sincos"` in `kontext_config.json`).** This MMDiT also adds SD3's 2D
+sin-cos embedding of every image token's ids to the output of `transformer.x_embedder`, which
+`FluxTransformer2DModel` does not do by itself: add
+`diffusers.models.embeddings.get_2d_sincos_pos_embed_from_grid(inner_dim, grid)` with `grid = [col, row]` of each
+token's `img_ids` (the first axis is not embedded; `inner_dim` = heads x head dim), for instance with a forward
+hook on `x_embedder` (`torch_reference.py` does).
+"""
 
 EXPORT_README = """\
 # Query-Kontext, exported from qk_jax
@@ -327,7 +339,7 @@ with the position ids (`img_ids`, 3 axes; `axes_dims_rope` of the transformer co
 
 diffusers' `FluxTransformer2DModel` takes ids shared by the batch: run samples with different layouts one at a
 time. The velocity is the transformer's output at the target block's positions.
-
+{pos_embed}
 ## Sampling
 
 Rectified flow, `x_t = (1 - t) x_0 + t noise`, the network predicts `v = noise - x_0`; `timestep` is t in [0, 1]
@@ -355,7 +367,8 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, log: 
     hf_qwen_vl.export(mc.vlm, params["vlm"], out / VLM_DIR)
     log(f"exporting the MMDiT to {out / TRANSFORMER_DIR}" + (f" (LoRA merged, alpha {mc.mmdit_lora.alpha})"
                                                              if mc.mmdit_lora.rank else ""))
-    diffusers_mmdit.export(mc.mmdit, params["mmdit"], out / TRANSFORMER_DIR, lora_alpha=mc.mmdit_lora.alpha)
+    diffusers_mmdit.export(mc.mmdit, params["mmdit"], out / TRANSFORMER_DIR, lora_alpha=mc.mmdit_lora.alpha,
+                           allow_pos_embed=True)  # kontext_config.json and the README say how to add it
     log(f"exporting the VAE to {out / VAE_DIR}")
     diffusers_vae.export(mc.vae, params["vae"], out / VAE_DIR)
     tensors = kontext_tensors(params)
@@ -367,7 +380,8 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, log: 
         stage=settings["stage"], num_queries=mc.vlm.num_queries, hidden=mc.vlm.text.hidden_size,
         conn_in=c.in_features, conn_hidden=c.hidden_features, conn_out=c.out_features,
         query_attention=mc.vlm.query_attention, conditioning=mc.conditioning, max_references=mc.max_references,
-        scale=mc.vae.scaling_factor, shift=mc.vae.shift_factor))
+        scale=mc.vae.scaling_factor, shift=mc.vae.shift_factor,
+        pos_embed=POS_EMBED_README if mc.mmdit.pos_embed == "sincos" else ""))
     log(f"wrote {out}: {VLM_DIR}/, {TRANSFORMER_DIR}/, {VAE_DIR}/, {KONTEXT_WEIGHTS}, {KONTEXT_CONFIG}, {README}")
     return out
 

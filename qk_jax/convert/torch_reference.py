@@ -19,6 +19,7 @@ Import this module only where torch, transformers and diffusers are installed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -185,11 +187,33 @@ class KontextPipeline:
                                                        sample_roles, h, w,
                                                        self.settings.get("source_offset", "negate"))
             context = cond.context[b][cond.context_mask[b]]  # masked tokens dropped
-            v = self.transformer(hidden_states=stream[None], encoder_hidden_states=context[None],
-                                 pooled_projections=cond.pooled[b:b + 1], timestep=t[b:b + 1].to(stream.dtype),
-                                 img_ids=img_ids, txt_ids=torch.zeros(context.shape[0], 3)).sample
+            with self._pos_embed(img_ids):
+                v = self.transformer(hidden_states=stream[None], encoder_hidden_states=context[None],
+                                     pooled_projections=cond.pooled[b:b + 1], timestep=t[b:b + 1].to(stream.dtype),
+                                     img_ids=img_ids, txt_ids=torch.zeros(context.shape[0], 3)).sample
             out.append(v[0, start:start + h * w])
         return torch.stack(out)
+
+    @contextlib.contextmanager
+    def _pos_embed(self, img_ids: torch.Tensor):
+        """``pos_embed: "sincos"``: SD3's 2D sin-cos embedding of the image ids' (row, col), added to
+        ``x_embedder``'s output by a forward hook for one call (``FluxTransformer2DModel`` has no such embedding)."""
+        kind = self.settings.get("pos_embed", "none")
+        if kind == "none":
+            yield
+            return
+        if kind != "sincos":
+            raise ValueError(f"kontext_config.json: unknown pos_embed {kind!r}; this reference knows 'none', 'sincos'")
+        c = self.transformer.config
+        grid = img_ids[:, [2, 1]].T.to(torch.float64)  # diffusers' order: (col, row)
+        embed = get_2d_sincos_pos_embed_from_grid(c.num_attention_heads * c.attention_head_dim, grid,
+                                                  output_type="pt")
+        handle = self.transformer.x_embedder.register_forward_hook(
+            lambda module, args, output: output + embed.to(output.dtype))
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def sigmas(self, num_steps: int, image_seq_len: int) -> torch.Tensor:
         """FLUX's schedule: ``linspace(1, 1/n, n)`` time-shifted by ``mu(image_seq_len)``, then 0."""

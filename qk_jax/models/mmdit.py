@@ -127,10 +127,15 @@ class MMDiTConfig:
             raise ValueError(f"unknown MMDiT config keys {unknown}; valid keys: {sorted(fields)}")
         return cls(**{k: v for k, v in cfg.items() if k in fields})
 
-    def to_diffusers_config(self) -> dict[str, Any]:
-        """The ``FluxTransformer2DModel`` keyword arguments (config.json without metadata)."""
+    def to_diffusers_config(self, *, allow_pos_embed: bool = False) -> dict[str, Any]:
+        """The ``FluxTransformer2DModel`` keyword arguments (config.json without metadata).
+
+        ``allow_pos_embed``: accept ``pos_embed='sincos'``, which diffusers' model lacks; the caller then owes its
+        users the embedding, added to ``x_embedder``'s output (the whole-model export records it in
+        ``kontext_config.json`` and ``torch_reference`` adds it).
+        """
         if (self.rope_theta != DIFFUSERS_ROPE_THETA or self.mlp_ratio != DIFFUSERS_MLP_RATIO
-                or self.pos_embed != "none"):
+                or (self.pos_embed != "none" and not allow_pos_embed)):
             raise ValueError(
                 f"diffusers' FluxTransformer2DModel hard-codes rope_theta={DIFFUSERS_ROPE_THETA:g} and"
                 f" mlp_ratio={DIFFUSERS_MLP_RATIO:g} and has no absolute position embedding; this config has"
