@@ -313,9 +313,10 @@ def mmdit(variant, *, light=False):
         # ShapesWorld's large MMDiT starts from random weights (the paper's is a pretrained FLUX-like model) and
         # must learn the layout within stage 2's ~30 CPU minutes: SD3's absolute sin-cos embedding of each image
         # token's (row, col), on top of sRoPE, tells every token its cell from the first step. Stage 2 from the
-        # README curriculum's stage 0/1 (seed 0, VLM at a tenth), 100 held-out t2i prompts, position at 1,000 /
-        # 1,500 steps: 34% / 30% with it, 4% / 14% without (README, "ShapesWorld scores"). A model with it has
-        # no diffusers FluxTransformer2DModel counterpart: ``to_diffusers_config`` refuses it.
+        # README curriculum's stage 0/1 (VLM at a tenth), 100 held-out t2i prompts, position at 1,000 / 1,500
+        # steps: seed 0 34% / 30% with it, 4% / 14% without; seed 1 6% / 20% against 5% / 15% (README,
+        # "ShapesWorld scores"): a modest gain, not a fix. diffusers' FluxTransformer2DModel has no such
+        # embedding: the export records it for the user to add (``qk_jax.convert.export``).
         config.pos_embed = "sincos"
     layers, single_layers, heads, head_dim = pick(
         variant,

@@ -219,6 +219,12 @@ def test_shortened_shapes_curriculum_learns_t2i_colors(tmp_path):
     Measured (2026-11-26, 50 prompts, untrained in brackets): after 2,400 stage-2 steps colours 8% (0%), position
     52% (8%), single object 80% (0%); continued to 4,000 steps: colours 32%, position 98%, single object 80%.
     This test as written, from scratch (65 minutes): colours 22%, position 88%, single object 100%.
+    2026-11-27 (stage 2's VLM at a tenth, the MMDiT's sin-cos position embedding; 69 minutes, another training
+    sharing the cores for 40 of them): colours 16% (0%), position 48% (8%), single object 100% (0%), overall
+    12%. That run failed only on the floating-point comparison 0.48 >= 0.08 + 0.4; with the tolerance below the
+    same figures pass, with no prompt to spare (colours 8 of 50, 7.5 needed; position 24, 24 needed). The same
+    first 50 prompts from the same base without the embedding (3,500 steps): colours 6%, position 22%, single
+    object 80%.
     """
     config = shapes_config.get_config("shapes")
     config.stages = config.stages[:2]  # stage 1, stage 2
@@ -236,6 +242,9 @@ def test_shortened_shapes_curriculum_learns_t2i_colors(tmp_path):
 
     trained, untrained = scores("trained"), scores("untrained")
     print(json.dumps(dict(trained=trained, untrained=untrained)))
-    assert trained["colors"] >= untrained["colors"] + 0.15, (trained, untrained)
-    assert trained["position"] >= untrained["position"] + 0.4, (trained, untrained)
-    assert trained["single_object"] >= untrained["single_object"] + 0.5, (trained, untrained)
+    # Margins in score points; shares of 50 prompts are multiples of 0.02, so compare with a rounding tolerance
+    # (0.08 + 0.4 > 0.48 in floating point).
+    beats = lambda key, margin: trained[key] >= untrained[key] + margin - 1e-9
+    assert beats("colors", 0.15), (trained, untrained)
+    assert beats("position", 0.4), (trained, untrained)
+    assert beats("single_object", 0.5), (trained, untrained)
