@@ -130,6 +130,7 @@ def test_shapes_curriculum(variant):
     # have no parameters, so a checkpoint would load into a different model without a word).
     large2, large3 = (dict(s.mmdit.to_dict(), lora=None) for s in config.stages[1:])
     assert large2 == large3
+    assert config.stages[1].flow == config.stages[2].flow  # and is trained on the same noise levels
     with pytest.raises(ValueError, match="'paper'"):
         shapes.get_config("paper")
 
