@@ -67,7 +67,6 @@ def get_config(arg=None):
         # steps and 61% at 3,500, colours 39%, overall 16% (full rate: 5%, 2%, 1%); VLM frozen: 26% at 2,000,
         # colours 1% (README, "ShapesWorld scores").
         config.optim.lr_multipliers = ((r"^vlm/", 0.1),)
-    if arg.variant == "shapes":
         config.flow.mean = common.SHAPES_LARGE_FLOW_MEAN  # more training at high noise (common.py)
     if bench:
         # The paper's MMDiT block (2560 wide, 40 heads x 64, FFN 10240), 6 of its 42 layers: 1.4B parameters,
