@@ -422,6 +422,7 @@ def optim(lr, warmup_steps):
     """
     return ml_collections.ConfigDict(dict(
         name="adamw", lr=lr, schedule="constant", warmup_steps=warmup_steps,
+        decay_fraction=0.2,  # schedule 'wsd': the last share of the steps, decaying linearly to 0
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,
         grad_accum_steps=1,
         # (path regex, multiplier) pairs, first match wins, others 1: a learning rate per parameter group.

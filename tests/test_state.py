@@ -154,6 +154,13 @@ def test_schedules_and_unknown_names():
     sched = st.learning_rate_schedule(_optim(warmup_steps=4, schedule="cosine"), total_steps=12)
     np.testing.assert_allclose([sched(0), sched(2), sched(4), sched(12)], [0.0, 5e-3, 1e-2, 0.0], atol=1e-8)
     assert float(st.learning_rate_schedule(_optim(warmup_steps=4), 12)(100)) == pytest.approx(1e-2)
+    # warmup-stable-decay: 4 warmup steps, constant, linear to 0 over the last quarter of 20 steps.
+    sched = st.learning_rate_schedule(_optim(warmup_steps=4, schedule="wsd", decay_fraction=0.25), total_steps=20)
+    steps = np.arange(21)
+    expected = 1e-2 * np.minimum(np.minimum(steps / 4, 1.0), np.clip((20 - steps) / 5, 0.0, 1.0))
+    np.testing.assert_allclose([float(sched(i)) for i in steps], expected, atol=1e-8)
+    with pytest.raises(ValueError, match="decay_fraction"):
+        st.learning_rate_schedule(_optim(schedule="wsd", decay_fraction=0.0), 10)
     with pytest.raises(ValueError, match="optim.schedule"):
         st.learning_rate_schedule(_optim(schedule="linear"), 10)
     with pytest.raises(ValueError, match="optim.name"):

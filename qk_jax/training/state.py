@@ -5,7 +5,7 @@ split is structural: ``partition`` returns two pruned nested dicts, the optimize
 trainable one only (frozen leaves get no moments) and the step differentiates with respect to it only (frozen
 leaves get no gradient computation). ``combine`` puts the halves back together for the forward pass.
 
-The optimizer is optax throughout: AdamW with a warmup + constant/cosine schedule, global-norm clipping, a
+The optimizer is optax throughout: AdamW with a warmup + constant/cosine/warmup-stable-decay schedule, global-norm clipping, a
 weight-decay mask (no decay on biases, norms, embeddings and kontext queries), per-path learning-rate multipliers
 (``optim.lr_multipliers``, e.g. a pretrained VLM at a tenth of a new MMDiT's rate), optional gradient accumulation
 (``optax.MultiSteps``) and a non-finite guard (``optax.apply_if_finite``) that skips an update whose gradients
@@ -81,14 +81,29 @@ def combine(a: Mapping[str, Any], b: Mapping[str, Any]) -> Params:
 
 
 def learning_rate_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to ``optim.lr`` over ``optim.warmup_steps``, then constant or cosine to 0."""
-    lr, warmup = float(optim["lr"]), int(optim["warmup_steps"])
+    """Linear warmup from 0 to ``optim.lr`` over ``optim.warmup_steps``, then one of (``optim.schedule``):
+
+    - ``constant``;
+    - ``cosine``: cosine decay to 0 at ``total_steps``;
+    - ``wsd`` (warmup-stable-decay): constant, then a linear decay to 0 over the last ``optim.decay_fraction``
+      of ``total_steps`` (0.2 if unset). Most of the run at the full rate, an annealing phase at the end.
+    """
+    lr, warmup = float(optim["lr"]), max(int(optim["warmup_steps"]), 1)
     kind = optim.get("schedule", "constant")
     if kind == "constant":
-        return optax.warmup_constant_schedule(0.0, lr, max(warmup, 1))
+        return optax.warmup_constant_schedule(0.0, lr, warmup)
     if kind == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total_steps, warmup + 1))
-    raise ValueError(f"unknown optim.schedule {kind!r}; use 'constant' or 'cosine'")
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1))
+    if kind == "wsd":
+        fraction = float(optim.get("decay_fraction", 0.2))
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"optim.decay_fraction={fraction}: give the decaying share of the steps, in (0, 1]")
+        decay_start = max(total_steps - max(int(round(fraction * total_steps)), 1), warmup)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr),
+             optax.linear_schedule(lr, 0.0, max(total_steps - decay_start, 1))],
+            [warmup, decay_start])
+    raise ValueError(f"unknown optim.schedule {kind!r}; use 'constant', 'cosine' or 'wsd'")
 
 
 def weight_decay_mask(params: Params, no_decay: Iterable[str] = NO_WEIGHT_DECAY) -> Any:
