@@ -226,7 +226,7 @@ def test_shortened_shapes_curriculum_learns_t2i_colors(tmp_path):
     first 50 prompts from the same base without the embedding (3,500 steps): colours 6%, position 22%, single
     object 80%. Since 2026-11-27 (eighth session) stage 2 trains at higher noise (``flow.mean`` 1.0); this test
     has not been rerun with it (the README's 3,500-step seed-0 stage 2 with it, 100 prompts: colours 64%,
-    position 96%).
+    position 96%), nor with the warmup-stable-decay schedule of the ninth session (its last 800 steps anneal).
     """
     config = shapes_config.get_config("shapes")
     config.stages = config.stages[:2]  # stage 1, stage 2
