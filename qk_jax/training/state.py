@@ -5,11 +5,11 @@ split is structural: ``partition`` returns two pruned nested dicts, the optimize
 trainable one only (frozen leaves get no moments) and the step differentiates with respect to it only (frozen
 leaves get no gradient computation). ``combine`` puts the halves back together for the forward pass.
 
-The optimizer is optax throughout: AdamW with a warmup + constant/cosine/warmup-stable-decay schedule, global-norm clipping, a
-weight-decay mask (no decay on biases, norms, embeddings and kontext queries), per-path learning-rate multipliers
-(``optim.lr_multipliers``, e.g. a pretrained VLM at a tenth of a new MMDiT's rate), optional gradient accumulation
-(``optax.MultiSteps``) and a non-finite guard (``optax.apply_if_finite``) that skips an update whose gradients
-hold a NaN/inf and counts it; the trainer stops with a message once ``optim.max_nonfinite`` are skipped.
+The optimizer is optax throughout: AdamW with a warmup + constant/cosine/warmup-stable-decay schedule, global-norm
+clipping, a weight-decay mask (no decay on biases, norms, embeddings and kontext queries), per-path learning-rate
+multipliers (``optim.lr_multipliers``, e.g. a pretrained VLM at a tenth of a new MMDiT's rate), optional gradient
+accumulation (``optax.MultiSteps``) and a non-finite guard (``optax.apply_if_finite``) that skips an update whose
+gradients hold a NaN/inf and counts it; the trainer stops with a message once ``optim.max_nonfinite`` are skipped.
 """
 
 from __future__ import annotations
