@@ -102,6 +102,12 @@ def test_lr_multipliers_scale_each_groups_step():
     assert len(st.make_optimizer(plain, 10).init(params).inner_state) == 2
     with pytest.raises(ValueError, match="negative multiplier"):
         st.make_optimizer(_optim(lr_multipliers=(("^vlm/", -1.0),)), 10)
+    # A regex that matches no trainable leaf (a typo, or a group the stage freezes) is an error, not a no-op.
+    typo = st.make_optimizer(_optim(lr_multipliers=((r"^vlm/", 0.1), (r"^mmdit/norm_q/", 10.0))), 10)
+    with pytest.raises(ValueError, match=r"\['\^mmdit/norm_q/'\] match no trainable parameter"):
+        st.init_state(params, (".*",), typo, jax.random.key(0))
+    with pytest.raises(ValueError, match="match no trainable parameter"):  # the VLM frozen: ^vlm/ is unmatched
+        st.init_state(params, ("^mmdit/", "^connector/"), st.make_optimizer(scaled, 10), jax.random.key(0))
 
 
 def test_weight_decay_mask_skips_biases_norms_embeddings_queries():

@@ -123,19 +123,29 @@ def scale_by_lr_multipliers(multipliers: Iterable[tuple[str, float]]) -> optax.G
     """Scales each leaf's update by ``lr_multiplier`` of its path: a learning rate per parameter group.
 
     After AdamW, so the multiplier scales the step and its decoupled weight decay alike, as a per-group lr
-    does. By hand because optax has no per-leaf scale by path; ``optax.multi_transform`` would keep one AdamW
-    per group, and changing a multiplier would change the optimizer state's structure.
+    does. Its ``init`` raises when a regex matches none of the trainable leaves. By hand because optax has no
+    per-leaf scale by path; ``optax.multi_transform`` would keep one AdamW per group, and changing a multiplier
+    would change the optimizer state's structure.
     """
     multipliers = tuple((str(r), float(m)) for r, m in multipliers)
     for regex, multiplier in multipliers:
         if multiplier < 0:
             raise ValueError(f"optim.lr_multipliers: {regex!r} has a negative multiplier {multiplier}")
 
-    def scale(updates, params=None):
-        del params
-        return jax.tree_util.tree_map_with_path(lambda p, u: u * lr_multiplier(path_str(p), multipliers), updates)
+    def init(params):
+        # A regex that matches no trainable leaf is a typo or a frozen group: say so, as config.trainable does.
+        paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+        unmatched = [regex for regex, _ in multipliers if not any(re.search(regex, p) for p in paths)]
+        if unmatched:
+            raise ValueError(f"optim.lr_multipliers: {unmatched} match no trainable parameter (e.g. {paths[:3]})")
+        return optax.EmptyState()
 
-    return optax.stateless(scale)
+    def update(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(lambda p, u: u * lr_multiplier(path_str(p), multipliers), updates)
+        return scaled, state
+
+    return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
