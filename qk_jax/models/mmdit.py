@@ -367,6 +367,9 @@ class Attention(nn.Module):
             q, k, v = (jnp.concatenate([c, i], axis=1) for c, i in ((cq, q), (ck, k), (cv, v)))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = checkpoint_name(attention(q, k, v, kv_mask=kv_mask), "attention")  # [B, L+S, H, Dh]
+        # For qk_jax.diagnose; no-ops unless the "intermediates" collection is mutable.
+        for name, value in (("query", q), ("key", k), ("value", v), ("output", out)):
+            self.sow("intermediates", name, value)
         out = out.reshape(out.shape[:2] + (self.heads * self.head_dim,))
         if not self.joint:
             return out

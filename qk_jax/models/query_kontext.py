@@ -245,6 +245,24 @@ class QueryKontext:
         roles: jax.Array | None = None,  # int32 [B, M]
     ) -> jax.Array:
         """The MMDiT's velocity for the target tokens only, ``[B, T, 4C]``."""
+        return self._mmdit(params, cond, noisy, t, latent_hw, in_context, roles)[0]
+
+    def velocity_with_attention(
+        self, params: Mapping[str, Any], cond: ConnectorOutput, noisy: jax.Array, t: jax.Array,
+        latent_hw: tuple[int, int], in_context: jax.Array | None = None, roles: jax.Array | None = None,
+    ) -> tuple[jax.Array, rope.Layout, dict[str, Any]]:
+        """``velocity``, the image stream's ``rope.Layout`` and what every MMDiT attention sowed (its post-RoPE
+        ``query``/``key``, ``value`` and ``output`` over ``[text; image stream]``), for ``qk_jax.diagnose``.
+        Needs a model built with ``remat='none'`` and ``scan_layers=False``."""
+        if self.config.remat != "none" or self.config.scan_layers:
+            raise ValueError("velocity_with_attention needs remat='none' and scan_layers=False (it reads the sown "
+                             f"attentions); got remat={self.config.remat!r}, scan_layers={self.config.scan_layers}")
+        (v, state), layout = self._mmdit(params, cond, noisy, t, latent_hw, in_context, roles,
+                                         mutable=["intermediates"])
+        return v, layout, state["intermediates"]
+
+    def _mmdit(self, params, cond, noisy, t, latent_hw, in_context, roles, **apply_kwargs):
+        """The MMDiT on ``[target; in-context]`` in sRoPE order: ``(its apply's result, the layout)``."""
         batch, tokens, channels = noisy.shape
         h, w = latent_hw
         if h * w != tokens:
@@ -260,7 +278,7 @@ class QueryKontext:
         return self.mmdit.apply(
             {"params": params["mmdit"]}, stream, layout.ids, cond.context, rope.text_position_ids(cond.context.shape[1]),
             t, cond.pooled, text_mask=cond.context_mask, image_mask=layout.kind != rope.KIND_PAD,
-            target_start=target_start, target_len=tokens)
+            target_start=target_start, target_len=tokens, **apply_kwargs), layout
 
     # ------------------------------------------------------------------------------------------------------
     # Training loss
