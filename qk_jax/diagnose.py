@@ -147,13 +147,16 @@ def probe(sampler: sample_lib.Sampler, task: str = "edit", num: int = 16, t: flo
     prepared = sampler.prepare(requests, size=(world.size, world.size), steps=1)
     batch = prepared.batch  # branch-major rows: the first num rows are the fully conditioned branch
     rows = lambda key: jnp.asarray(batch[key][:num])
-    cond = model.condition(params, rows("input_ids"), rows("attention_mask"), rows("pixel_values"),
-                           prepared.image_grid, rows("image_present"))
-    inputs = jnp.asarray(batch["inputs"])  # [num, M, H, W, 3] in [-1, 1]
-    in_context = model.encode(params, inputs.reshape((-1,) + inputs.shape[2:]))
-    in_context = in_context.reshape(inputs.shape[:2] + in_context.shape[1:])
+    cond = jax.jit(model.condition, static_argnums=4)(
+        params, rows("input_ids"), rows("attention_mask"), rows("pixel_values"), prepared.image_grid,
+        rows("image_present"))
     targets = np.stack([it["target"] for it in items])
-    x0 = model.encode(params, jnp.asarray(targets, jnp.float32) / 127.5 - 1.0)  # [num, T, 4C]
+    inputs = jnp.asarray(batch["inputs"])  # [num, M, H, W, 3] in [-1, 1]
+    images = jnp.concatenate([inputs.reshape((-1,) + inputs.shape[2:]),
+                              jnp.asarray(targets, jnp.float32) / 127.5 - 1.0])
+    encoded = jax.jit(model.encode)(params, images)  # the VAE once: in-context slots, then the targets
+    in_context = encoded[:-num].reshape(inputs.shape[:2] + encoded.shape[1:])  # [num, M, T, 4C]
+    x0 = encoded[-num:]  # [num, T, 4C]
     noise = jax.random.normal(jax.random.key(seed), x0.shape, x0.dtype)
     times = jnp.full((num,), t, jnp.float32)
     v, layout, sown = jax.jit(model.velocity_with_attention, static_argnums=4)(
