@@ -55,7 +55,8 @@ def get_config(arg=None):
         config.tasks = dict(edit=0.45, t2i=0.25, custom=0.1, multi=0.1, subject_edit=0.1)
         # Editing is limited by its steps: the model learns to copy kept pixels from the source slowly
         # (``python -m qk_jax.diagnose``). Edit-only from the curriculum's stage 2 at 1e-3: success 0% / 6% / 28%
-        # after 500 / 1,000 / 1,500 steps (32% with 250 more at 3e-4); this mix gives it the equivalent of 450 (README, tenth session).
+        # after 500 / 1,000 / 1,500 steps (32% with 250 more at 3e-4); this mix gives it the equivalent of 450
+        # (README, tenth session).
         config.flow.mean = common.SHAPES_LARGE_FLOW_MEAN  # more training at high noise (common.py)
 
     # Table 3: global batch 512, 30K steps, lr 2e-5. ShapesWorld: its new tasks are learnt here from scratch, at
