@@ -164,10 +164,9 @@ def probe(sampler: sample_lib.Sampler, task: str = "edit", num: int = 16, t: flo
 
     sources = np.stack([next(i["image"] for i in it["inputs"] if i["role"] == "source") for it in items])
     error = np.asarray(jnp.mean((v.astype(jnp.float32) - (noise - x0)) ** 2, axis=-1))
-    kind = np.asarray(layout.kind)
-    return Probe(error=error, changed=changed_tokens(sources, targets, prepared.latent_hw),
-                 layout=jax.tree.map(np.asarray, layout),
-                 kv_mask=np.concatenate([np.asarray(cond.context_mask, bool), kind != rope.KIND_PAD], axis=1),
+    layout = jax.tree.map(np.asarray, layout)
+    return Probe(error=error, changed=changed_tokens(sources, targets, prepared.latent_hw), layout=layout,
+                 kv_mask=np.concatenate([np.asarray(cond.context_mask, bool), layout.kind != rope.KIND_PAD], axis=1),
                  text_len=int(cond.context.shape[1]), tokens=int(error.shape[1]),
                  sown=jax.tree.map(np.asarray, sown))
 

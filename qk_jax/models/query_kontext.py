@@ -245,7 +245,7 @@ class QueryKontext:
         roles: jax.Array | None = None,  # int32 [B, M]
     ) -> jax.Array:
         """The MMDiT's velocity for the target tokens only, ``[B, T, 4C]``."""
-        return self._mmdit(params, cond, noisy, t, latent_hw, in_context, roles)[0]
+        return self._run_mmdit(params, cond, noisy, t, latent_hw, in_context, roles)[0]
 
     def velocity_with_attention(
         self, params: Mapping[str, Any], cond: ConnectorOutput, noisy: jax.Array, t: jax.Array,
@@ -257,11 +257,11 @@ class QueryKontext:
         if self.config.remat != "none" or self.config.scan_layers:
             raise ValueError("velocity_with_attention needs remat='none' and scan_layers=False (it reads the sown "
                              f"attentions); got remat={self.config.remat!r}, scan_layers={self.config.scan_layers}")
-        (v, state), layout = self._mmdit(params, cond, noisy, t, latent_hw, in_context, roles,
+        (v, state), layout = self._run_mmdit(params, cond, noisy, t, latent_hw, in_context, roles,
                                          mutable=["intermediates"])
         return v, layout, state["intermediates"]
 
-    def _mmdit(self, params, cond, noisy, t, latent_hw, in_context, roles, **apply_kwargs):
+    def _run_mmdit(self, params, cond, noisy, t, latent_hw, in_context, roles, **apply_kwargs):
         """The MMDiT on ``[target; in-context]`` in sRoPE order: ``(its apply's result, the layout)``."""
         batch, tokens, channels = noisy.shape
         h, w = latent_hw
