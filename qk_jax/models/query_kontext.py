@@ -258,7 +258,7 @@ class QueryKontext:
             raise ValueError("velocity_with_attention needs remat='none' and scan_layers=False (it reads the sown "
                              f"attentions); got remat={self.config.remat!r}, scan_layers={self.config.scan_layers}")
         (v, state), layout = self._run_mmdit(params, cond, noisy, t, latent_hw, in_context, roles,
-                                         mutable=["intermediates"])
+                                             mutable=["intermediates"])
         return v, layout, state["intermediates"]
 
     def _run_mmdit(self, params, cond, noisy, t, latent_hw, in_context, roles, **apply_kwargs):
