@@ -9,7 +9,7 @@ table 3 changes. The variant is the first word of the config argument (``--confi
 
 ShapesWorld's model, counted with transformers/diffusers: VLM 1.23M (plus 16 x 128 kontext queries), MMDiT 2.52M
 (stage 1's light head 0.36M), VAE 0.25M, connector 33K: 4,045,907 parameters in stage 2 (the trainer's count). Its
-recipe is sized so that the README's curriculum (stage 0, stages 1-3 and the evaluation) runs in about an hour on
+recipe is sized so that the README's curriculum (stage 0, stages 1-3 and the evaluation) runs in about 75 minutes on
 2 CPU cores: issue 9 asked for 35 minutes, and at that length (800 stage-2 steps) the model followed no prompt.
 
 Names that the rest of qk_jax relies on:
@@ -324,8 +324,8 @@ def mmdit(variant, *, light=False):
         # must learn the layout within stage 2's ~30 CPU minutes: SD3's absolute sin-cos embedding of each image
         # token's (row, col), on top of sRoPE, tells every token its cell from the first step. Stage 2 from the
         # README curriculum's stage 0/1 (VLM at a tenth), 100 held-out t2i prompts, position at 1,000 / 1,500
-        # steps: seed 0 34% / 30% with it, 4% / 14% without; seed 1 6% / 20% against 5% / 15% (README,
-        # "ShapesWorld scores"): a modest gain, not a fix. diffusers' FluxTransformer2DModel has no such
+        # steps: seed 0 34% / 30% with it, 4% / 14% without; seed 1 6% / 20% against 5% / 15%
+        # (docs/shapesworld_log.md): a modest gain, not a fix. diffusers' FluxTransformer2DModel has no such
         # embedding: the export records it for the user to add (``qk_jax.convert.export``).
         config.pos_embed = "sincos"
     layers, single_layers, heads, head_dim = pick(
