@@ -56,9 +56,9 @@ def get_config(arg=None):
         # Editing is limited by its steps: the model learns to copy kept pixels from the source slowly
         # (``python -m qk_jax.diagnose``). Edit-only from the curriculum's stage 2 at 1e-3: success 0% / 6% / 28%
         # after 500 / 1,000 / 1,500 steps. From the same stage 2, 100 held-out samples per task: 1,000 steps of
-        # edit 0.45, t2i 0.25, custom / multi / subject_edit 0.1 (the 2026-11-28 default) gave edit success 9%,
-        # t2i overall 31%; these 1,500 steps 23% and 31%; the same 1,500 after a 2,500-step stage 2, 20% and 20%
-        # (docs/shapesworld_log.md, eleventh session).
+        # edit 0.45, t2i 0.25, custom / multi / subject_edit 0.1 (the default before) gave edit success 9%,
+        # t2i overall 31%; these 1,500 steps 23% and 31% (seed 1: 7% and 26% before, 21% and 24% now); the same
+        # 1,500 after a 2,500-step stage 2, 20% and 20% (docs/shapesworld_log.md, eleventh session).
         config.flow.mean = common.SHAPES_LARGE_FLOW_MEAN  # more training at high noise (common.py)
 
     # Table 3: global batch 512, 30K steps, lr 2e-5. ShapesWorld: its new tasks are learnt here from scratch, at
@@ -69,8 +69,8 @@ def get_config(arg=None):
                                 warmup_steps=common.pick(arg.variant, paper=500, shapes=30, tiny=1))
     if arg.variant == "shapes":
         # Warmup-stable-decay, as stage 2: the rate falls linearly to 0 over the last 20% of the steps. From the
-        # README's 3,500-step constant-rate stage 2, 100 held-out samples per task, 1,000 steps: constant 1e-3
-        # t2i overall 22%, edit success 8% (preservation 0.016), custom identity 8%, subject_edit 6% (0.023);
+        # eighth session's 3,500-step constant-rate stage 2, 100 held-out samples per task, 1,000 steps: constant
+        # 1e-3 t2i overall 22%, edit success 8% (preservation 0.016), custom identity 8%, subject_edit 6% (0.023);
         # this schedule 30%, 16% (0.016), 10%, 9% (0.015). What helps is the annealing, not a lower rate: a
         # constant 3e-4 gave 25% and 7%; the constant-1e-3 run continued 250 steps at 3e-4, 39% and 23%.
         # From the annealed stage 2 (t2i overall 48%) 1,000 steps of it ended at 31% and edit success 9%.
