@@ -35,8 +35,9 @@ def get_config(arg=None):
         # LoRA had turned the VLM's last hidden states into one vector (cosine 1.0 between "red" and "blue").
         # The 1.2M-parameter stage-0 VLM barely tells colours apart at the colour word (cosine 0.992), so with
         # it frozen stage 2 learns layouts but not colours: t2i only, 2,900 steps at 1e-3, 50 held-out prompts:
-        # colours 6% frozen vs 18% trained, single object 20% vs 100%, overall 2% vs 8% (docs/shapesworld_log.md). Trained, 4,000
-        # steps from a fresh stage 0 and 1 (tests/test_train.py, slow): colours 22%, position 88%.
+        # colours 6% frozen vs 18% trained, single object 20% vs 100%, overall 2% vs 8%
+        # (docs/shapesworld_log.md). Trained, 4,000 steps from a fresh stage 0 and 1 (tests/test_train.py, slow):
+        # colours 22%, position 88%.
         config.trainable += (r"^vlm/",)
     # Table 3: T2I and I2I. Relative weights are ours: the paper gives none. ShapesWorld: t2i alone, another
     # deviation. With 30% reconstruction and the VLM trained, 3,000 steps (2026-11-26, the README's curriculum)
@@ -71,7 +72,8 @@ def get_config(arg=None):
         # Warmup-stable-decay: the rate falls linearly to 0 over the last 20% of the steps. From the 3,500-step
         # constant-rate stage 2 (t mean 1, seed 0), 250 more steps at 3e-4 took 100 held-out t2i prompts from
         # overall 34% to 51%, colours 64% to 71%, position 96% to 100%, shape per object 72% to 86%.
-        # This schedule itself (3,500 steps, same seed): overall 48%, colours 72%, position 98% (docs/shapesworld_log.md).
+        # This schedule itself (3,500 steps, same seed): overall 48%, colours 72%, position 98%
+        # (docs/shapesworld_log.md).
         config.optim.schedule = "wsd"
     if bench:
         # The paper's MMDiT block (2560 wide, 40 heads x 64, FFN 10240), 6 of its 42 layers: 1.4B parameters,
