@@ -3,7 +3,7 @@ r"""ShapesWorld evaluation: sample the held-out prompts of every task and score 
 ::
 
     python -m qk_jax.evaluate --checkpoint /tmp/qk_stage3/final --out /tmp/eval [--split test] [--num 200] \
-        [--seed 0] [--steps 28] [--batch 8] [--tasks t2i --tasks edit ...]
+        [--seed 0] [--steps 28] [--batch 8] [--tasks t2i --tasks edit ...] [--untrained | --ceiling]
 
 Sample ``k`` of a task is ``shapes.generate_sample(world, [seed, k], task, split)`` (``split='test'``, the
 held-out one, by default), sampled with noise seed ``seed + k``: the same arguments give the same report. The
@@ -226,8 +226,13 @@ def t2i_breakdown(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def evaluate(sampler: sample_lib.Sampler, num: int, seed: int, world: shapes.World,
              tasks: Sequence[str] = TASKS, *, split: str = "test", steps: int | None = None,
-             batch: int = 8) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+             batch: int = 8, ceiling: bool = False) -> tuple[dict[str, Any], dict[str, list[dict]]]:
     """Samples and scores ``num`` prompts per task.
+
+    ``ceiling``: score the sampler's VAE reconstructions of the targets (``sample.reconstruct``) in place of
+    samples: what a model on this VAE would score if its flow ended exactly at the target's latents, i.e. the
+    upper bound that the autoencoder and ``parse_scene`` leave to every score (no sampling; 100% means the
+    reconstruction loses nothing the scoring reads).
 
     Returns ``(report, rows)``: the JSON report ``{config: ..., tasks: {task: {num, metrics, samples}}}`` and,
     per task, the samples with their images (``item`` from ``generate_sample``, ``output``, ``scores``) for
@@ -238,13 +243,18 @@ def evaluate(sampler: sample_lib.Sampler, num: int, seed: int, world: shapes.Wor
         raise ValueError(f"no evaluation for tasks {unknown}; choose from {', '.join(TASKS)}")
     if num < 1 or batch < 1:
         raise ValueError(f"num={num}, batch={batch}: both must be >= 1")
+    meta = dict(sampler.meta, ceiling=True) if ceiling else sampler.meta
     report: dict[str, Any] = dict(config=dict(num=num, seed=seed, split=split, steps=steps, size=world.size,
-                                              meta=sampler.meta), tasks={})
+                                              meta=meta), tasks={})
     rows: dict[str, list[dict]] = {}
     for task in tasks:
         items = [shapes.generate_sample(world, [seed, k], task, split) for k in range(num)]
         outputs = []
         for start in range(0, num, batch):
+            if ceiling:
+                targets = np.stack([it["target"] for it in items[start:start + batch]])
+                outputs.extend(np.asarray(sample_lib.reconstruct(sampler.params, targets, config=sampler.model_config)))
+                continue
             requests = [sample_lib.Request(task=task, prompt=it["prompt"],
                                            images=tuple(i["image"] for i in it["inputs"]), seed=seed + k)
                         for k, it in enumerate(items[start:start + batch], start=start)]
@@ -367,15 +377,17 @@ def untrained(sampler: sample_lib.Sampler, seed: int = 0) -> sample_lib.Sampler:
 
 def evaluate_seeds(sampler: sample_lib.Sampler, out: str | os.PathLike, world: shapes.World, *, num: int,
                    seeds: Sequence[int], tasks: Sequence[str] = TASKS, split: str = "test", steps: int | None = None,
-                   batch: int = 8) -> dict[str, Any]:
+                   batch: int = 8, ceiling: bool = False) -> dict[str, Any]:
     """``evaluate`` once per seed into ``out/seed_<s>``; ``out/summary.json``/``summary.md`` hold every metric's
     mean, min and max over the seeds. Returns the summary."""
     per_seed = {}
     for seed in seeds:
-        report, rows = evaluate(sampler, num, seed, world, tasks, split=split, steps=steps, batch=batch)
+        report, rows = evaluate(sampler, num, seed, world, tasks, split=split, steps=steps, batch=batch,
+                                ceiling=ceiling)
         write_report(os.path.join(out, f"seed_{seed}"), report, rows)
         per_seed[seed] = {task: block["metrics"] for task, block in report["tasks"].items()}
-    summary: dict[str, Any] = dict(num=num, seeds=list(seeds), split=split, steps=steps, meta=sampler.meta, tasks={})
+    summary: dict[str, Any] = dict(num=num, seeds=list(seeds), split=split, steps=steps,
+                                   meta=dict(sampler.meta, ceiling=True) if ceiling else sampler.meta, tasks={})
     for task in tasks:
         summary["tasks"][task] = {}
         for name in per_seed[seeds[0]][task]:
@@ -425,10 +437,14 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_multi_enum("tasks", list(TASKS), TASKS, "Tasks to score (repeat the flag for several).", **kw)
     flags.DEFINE_bool("untrained", False, "Score the baseline: this config with random VLM, connector and MMDiT"
                       " (see untrained).", **kw)
+    flags.DEFINE_bool("ceiling", False, "Score the VAE's reconstructions of the targets, not samples: the bound the"
+                      " autoencoder and parse_scene leave to every score (see evaluate).", **kw)
 
 
 def run_flags(fv: flags.FlagValues) -> list[str]:
     """Evaluates as the parsed flags say; prints the markdown report and returns the paths written."""
+    if fv.untrained and fv.ceiling:
+        raise app.UsageError("--untrained and --ceiling: choose one (the ceiling samples nothing)")
     sampler = sample_lib.Sampler.from_checkpoint(fv.checkpoint)
     if fv.untrained:
         sampler = untrained(sampler, fv.seed)
@@ -438,7 +454,7 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
                              " ('shapes' or 'tiny') checkpoint")
     world = shapes.World.from_config(data["world"], size=int(data["resolution"]))
     report, rows = evaluate(sampler, fv.num, fv.seed, world, tuple(fv.tasks), split=fv.split, steps=fv.steps,
-                            batch=fv.batch)
+                            batch=fv.batch, ceiling=fv.ceiling)
     paths = write_report(fv.out, report, rows)
     print(markdown(report))
     return paths

@@ -243,10 +243,27 @@ def generate(params: Mapping[str, Any], batch: Mapping[str, jax.Array], *, confi
         return x
 
     latents = jax.lax.fori_loop(0, num_steps, step, noise)
-    z = vae_lib.unscale_latents(vae_lib.unpack_latents(latents, 2 * h, 2 * w), config.vae)
+    return latents, _decode(model, params, latents, latent_hw)
+
+
+def _decode(model: QueryKontext, params: Mapping[str, Any], latents: jax.Array, latent_hw: tuple[int, int]
+            ) -> jax.Array:
+    """Packed, normalised latent tokens ``[B, h*w, 4C]`` -> images uint8 ``[B, H, W, 3]`` (float32 decoder)."""
+    h, w = latent_hw
+    z = vae_lib.unscale_latents(vae_lib.unpack_latents(latents, 2 * h, 2 * w), model.config.vae)
     images = model.vae.apply({"params": params["vae"]}, z, method=model.vae.decode)  # float32, as in training
-    images = jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-    return latents, images
+    return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def reconstruct(params: Mapping[str, Any], images: jax.Array, *, config: QueryKontextConfig) -> jax.Array:
+    """Images uint8 ``[B, H, W, 3]`` through the VAE and back: encoded to the latent tokens the MMDiT predicts
+    (posterior mean), decoded as ``generate`` decodes. What a sampler whose flow ended exactly at an image's
+    latents would return, so scores of these bound every score of models on this VAE."""
+    model = QueryKontext(config)
+    f = 2 * config.vae.downsample_factor  # pixels per packed token side
+    latents = model.encode(params, images.astype(jnp.float32) / 127.5 - 1.0)
+    return _decode(model, params, latents, (images.shape[1] // f, images.shape[2] // f))
 
 
 @functools.lru_cache(maxsize=8)

@@ -241,8 +241,9 @@ def run_curriculum(config, workdir: str) -> None:
 
 
 def evaluate_curriculum(config, final_dir: str, out: str) -> str:
-    """Scores the last stage's model and its untrained baseline (``qk_jax.evaluate.untrained``) on the held-out
-    split as ``config.evaluate`` says; ``out/report.md`` puts them side by side. Skipped when it exists."""
+    """Scores the last stage's model, its untrained baseline (``qk_jax.evaluate.untrained``) and the VAE's
+    ceiling (the targets' reconstructions, ``evaluate(ceiling=True)``) on the held-out split as
+    ``config.evaluate`` says; ``out/report.md`` puts them side by side. Skipped when it exists."""
     from qk_jax import evaluate as evaluate_lib
     from qk_jax import sample as sample_lib
 
@@ -255,17 +256,20 @@ def evaluate_curriculum(config, final_dir: str, out: str) -> str:
     world = shapes.World.from_config(config.world, size=int(config.stages[-1].resolution))
     kwargs = dict(num=int(e.samples_per_task), tasks=tuple(e.tasks), steps=e.get("steps"), batch=int(e.get("batch", 8)))
     summaries = {}
-    for name, model, seeds, num in (
-            ("trained", sampler, tuple(e.seeds), kwargs.pop("num")),
+    num = kwargs.pop("num")
+    for name, model, seeds, n, ceiling in (
+            ("trained", sampler, tuple(e.seeds), num, False),
             ("untrained", evaluate_lib.untrained(sampler), tuple(e.seeds)[:1], int(e.get("untrained_samples", 0))
-             or int(e.samples_per_task))):
-        logging.info("evaluating the %s model: %d samples per task, seeds %s", name, num, seeds)
-        summaries[name] = evaluate_lib.evaluate_seeds(model, os.path.join(out, name), world, seeds=seeds, num=num,
-                                                      **kwargs)
+             or num, False),
+            ("ceiling", sampler, tuple(e.seeds)[:1], num, True)):
+        logging.info("evaluating the %s model: %d samples per task, seeds %s", name, n, seeds)
+        summaries[name] = evaluate_lib.evaluate_seeds(model, os.path.join(out, name), world, seeds=seeds, num=n,
+                                                      ceiling=ceiling, **kwargs)
     table = evaluate_lib.summary_markdown(summaries)
     with open(report, "w") as f:
-        f.write(f"# {final_dir}: trained vs untrained (untrained: seed {tuple(e.seeds)[0]},"
-                f" {summaries['untrained']['num']} samples per task)\n\n{table}")
+        f.write(f"# {final_dir}: trained vs untrained (seed {tuple(e.seeds)[0]},"
+                f" {summaries['untrained']['num']} samples per task) vs the VAE's ceiling (the targets'"
+                f" reconstructions scored, seed {tuple(e.seeds)[0]})\n\n{table}")
     logging.info("evaluation:\n%s", table)
     return report
 

@@ -6,9 +6,11 @@ import os
 import jax
 import numpy as np
 import pytest
+from absl import app
 
 from configs import stage3
 from qk_jax import evaluate
+from qk_jax import sample as sample_lib
 from qk_jax.data import shapes
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
 from qk_jax.training import checkpoint as ckpt
@@ -167,3 +169,31 @@ def test_evaluation_is_deterministic_for_a_checkpoint_and_seed(tmp_path):
         for first, second in (("a", "b"), ("untrained_a", "untrained_b")):
             assert (tmp_path / first / f"{task}.png").read_bytes() == (tmp_path / second / f"{task}.png").read_bytes()
     assert (tmp_path / "a" / "edit.png").read_bytes() != (tmp_path / "untrained_a" / "edit.png").read_bytes()
+
+
+def test_ceiling_scores_the_targets_through_the_vae_without_sampling(tmp_path, monkeypatch):
+    """``--ceiling`` feeds each target image through ``sample.reconstruct`` and scores that; with a lossless
+    autoencoder (an identity put in its place) it scores exactly as the ground truth does (at the tiny
+    config's 32 px, ``parse_scene`` misreads some sizes, so not 100% everywhere), and the sampler is never
+    called."""
+    config = stage3.get_config("tiny")
+    params = QueryKontext(QueryKontextConfig.from_config(config)).init(jax.random.key(0))
+    ckpt.save_model(tmp_path / "model", config, params, meta={"stage": 3, "step": 0})
+    seen = []
+    monkeypatch.setattr(sample_lib, "reconstruct", lambda p, images, config: seen.append(images.shape) or images)
+    monkeypatch.setattr(sample_lib.Sampler, "sample", lambda *a, **k: pytest.fail("the ceiling samples nothing"))
+    evaluate.main(["--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "ceiling"), "--num", "3",
+                   "--batch", "2", "--ceiling"])
+    report = json.loads((tmp_path / "ceiling" / "report.json").read_text())
+    assert report["config"]["meta"]["ceiling"] is True
+    assert seen == [(2, 32, 32, 3), (1, 32, 32, 3)] * len(evaluate.TASKS)
+    world = shapes.World.from_config(config.data.world, size=32)
+    for task, block in report["tasks"].items():
+        items = [shapes.generate_sample(world, [0, k], task, "test") for k in range(3)]
+        truth = evaluate.summarize(task, [evaluate.score_sample(it, it["target"], world)["scores"] for it in items])
+        assert block["metrics"] == truth, task
+        if task in evaluate.PRESERVATION_TASKS:
+            assert block["metrics"]["preservation"] == 0.0
+    with pytest.raises(app.UsageError, match="choose one"):
+        evaluate.main(["--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "x"), "--untrained",
+                       "--ceiling"])

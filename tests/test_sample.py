@@ -318,3 +318,17 @@ def test_library_errors(sampler):
         sampler.prepare([sample.Request("edit", "x", (np.zeros((8, 8), np.uint8),))])
     with pytest.raises(ValueError, match="at least one step"):
         sampler.prepare([edit], steps=0)
+
+
+def test_reconstruct_is_the_vae_round_trip_through_the_mmdit_latent_layout(sampler):
+    """``reconstruct`` packs and normalises the posterior mean as the MMDiT sees it, then decodes as ``generate``
+    does; the scaling and packing must cancel: the result is the VAE's own encode-mean-decode, rounded."""
+    images = np.stack([_image(32, 32, 20), _image(32, 32, 21)])
+    got = np.asarray(sample.reconstruct(sampler.params, images, config=sampler.model_config))
+    vae = QueryKontext(sampler.model_config).vae
+    x = images.astype(np.float32) / 127.5 - 1.0
+    expected = vae.apply({"params": sampler.params["vae"]}, x)  # decode(encode(x).mean)
+    expected = np.clip(np.round((np.asarray(expected, np.float64) + 1.0) * 127.5), 0, 255)
+    assert got.dtype == np.uint8 and got.shape == images.shape
+    np.testing.assert_allclose(got.astype(np.float64), expected, atol=1)  # float32 rounding at .5 boundaries
+    assert np.mean(got == expected) > 0.99

@@ -53,13 +53,14 @@ def test_curriculum_runs_every_stage(curriculum):
 
 def test_curriculum_ends_with_the_evaluation_beside_the_untrained_baseline(curriculum):
     summaries = {name: json.load(open(os.path.join(curriculum, "eval", name, "summary.json")))
-                 for name in ("trained", "untrained")}
+                 for name in ("trained", "untrained", "ceiling")}
     assert summaries["untrained"]["meta"]["untrained"] and not summaries["trained"]["meta"].get("untrained")
+    assert summaries["ceiling"]["meta"]["ceiling"] and not summaries["trained"]["meta"].get("ceiling")
     for summary in summaries.values():
         assert set(summary["tasks"]) == {"t2i", "edit", "custom", "multi", "subject_edit"}
         assert 0.0 <= summary["tasks"]["edit"]["preservation"]["mean"] <= 1.0
     report = open(os.path.join(curriculum, "eval", "report.md")).read()
-    assert "| t2i | colors |" in report and "trained | untrained" in report
+    assert "| t2i | colors |" in report and "trained | untrained | ceiling" in report
     assert os.path.getsize(os.path.join(curriculum, "eval", "trained", "seed_0", "t2i.png")) > 1000
 
 
