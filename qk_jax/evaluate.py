@@ -19,9 +19,11 @@ generated image is read back with ``parse_scene`` and compared with the scene th
 - ``edit`` (``score_edit``): ``success``: the parsed scene is the asked scene; ``preservation``: mean absolute
   difference between output and source on [0, 1] pixels outside the edited cells (lower is better).
   ShapesWorld keeps every cell an edit does not name pixel-identical, so the edited cells are the cells where
-  the target and the source differ (``changed_cells``).
+  the target and the source differ (``changed_cells``). ``edit_breakdown`` gives both per operation
+  (remove, add, recolor).
 - ``custom`` / ``multi`` (``score_subjects``): ``identity``: each reference subject is drawn (shape, texture,
   both colours), anywhere; ``placement``: each is drawn in the asked cell; ``overall``: exact scene.
+  ``subject_breakdown`` says, per asked subject, which part of its look its cell gets right.
 - ``subject_edit``: identity and placement of the subject, ``overall``, and preservation of the rest of the
   source as for ``edit``.
 
@@ -219,6 +221,52 @@ def t2i_breakdown(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return dict(by_objects=by_objects, per_object=per_object)
 
 
+# What ``subject_breakdown`` asks of the object found in an asked subject's cell, beside being there.
+_SUBJECT_CHECKS = dict(
+    placed=lambda got, obj: True,
+    subject=lambda got, obj: shapes.is_subject(got),
+    shape=lambda got, obj: got["shape"] == obj["shape"],
+    texture=lambda got, obj: got.get("texture") == obj["texture"],
+    colors=lambda got, obj: _color(got) == _color(obj),
+    look=lambda got, obj: _look(got) == _look(obj),
+)
+SUBJECT_CHECKS = tuple(_SUBJECT_CHECKS)
+
+
+def subject_breakdown(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Where custom / multi / subject_edit fail, per asked subject (every textured object of a target scene):
+    the fraction whose cell holds an object (``placed``), a textured subject (``subject``), one of its shape,
+    texture, colours (both, in order, as ``identity`` asks) or all of these (``look``), and ``anywhere``: the
+    fraction drawn somewhere (``identity`` per subject). ``samples`` are report entries."""
+    hits = {check: [] for check in SUBJECT_CHECKS + ("anywhere",)}
+    for s in samples:
+        pred = _by_cell(s["pred_scene"])
+        drawn = {shapes.subject_key(o) for o in s["pred_scene"] if shapes.is_subject(o)}
+        for obj in s["target_scene"]:
+            if not shapes.is_subject(obj):
+                continue
+            got = pred.get(tuple(obj["cell"]))
+            for check, passes in _SUBJECT_CHECKS.items():
+                hits[check].append(got is not None and passes(got, obj))
+            hits["anywhere"].append(shapes.subject_key(obj) in drawn)
+    out = {check: float(np.mean(v)) if v else None for check, v in hits.items()}
+    out["subjects"] = len(hits["placed"])
+    return dict(per_subject=out)
+
+
+def edit_breakdown(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Edit success and preservation per operation (``op['kind']``: remove, add, recolor, ...)."""
+    by_op: dict[str, Any] = {}
+    for kind in sorted({s["op"]["kind"] for s in samples}):
+        group = [s["scores"] for s in samples if s["op"]["kind"] == kind]
+        by_op[kind] = dict(num=len(group), metrics=summarize("edit", group))
+    return dict(by_op=by_op)
+
+
+BREAKDOWNS = dict(t2i=t2i_breakdown, edit=edit_breakdown, custom=subject_breakdown, multi=subject_breakdown,
+                  subject_edit=subject_breakdown)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sampling and the report
 # ----------------------------------------------------------------------------------------------------------
@@ -271,8 +319,7 @@ def evaluate(sampler: sample_lib.Sampler, num: int, seed: int, world: shapes.Wor
         report["tasks"][task] = dict(
             num=num, metrics=summarize(task, scores),
             applicable={cat: sum(s[cat] is not None for s in scores) for cat in CATEGORIES[task]}, samples=samples)
-        if task == "t2i":
-            report["tasks"][task]["breakdown"] = t2i_breakdown(samples)
+        report["tasks"][task]["breakdown"] = BREAKDOWNS[task](samples)
     return report, rows
 
 
@@ -299,7 +346,20 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 
 def _breakdown_markdown(breakdown: Mapping[str, Any]) -> list[str]:
-    """``t2i_breakdown`` as two small tables."""
+    """A task's breakdown (``BREAKDOWNS``) as small tables."""
+    if "by_op" in breakdown:
+        lines = ["By operation:", "", "| operation | samples | success | preservation (L1) |", "| --- | --- | --- | --- |"]
+        for kind, g in breakdown["by_op"].items():
+            lines.append(f"| {kind} | {g['num']} | {format_metric('success', g['metrics']['success'])} | "
+                         f"{format_metric('preservation', g['metrics']['preservation'])} |")
+        return lines + [""]
+    if "per_subject" in breakdown:
+        per = breakdown["per_subject"]
+        checks = SUBJECT_CHECKS + ("anywhere",)
+        return [f"Per asked subject ({per['subjects']}): its cell holds an object (placed), a textured subject, its "
+                "shape / texture / colours / all of them (look); the subject drawn anywhere:", "",
+                "| " + " | ".join(checks) + " |", "|" + " --- |" * len(checks),
+                "| " + " | ".join(format_metric(c, per[c]) for c in checks) + " |", ""]
     groups = breakdown["by_objects"]
     lines = ["By the number of objects the prompt asks for:", "",
              "| metric | " + " | ".join(f"{n} ({g['num']} prompts)" for n, g in groups.items()) + " |",

@@ -197,3 +197,31 @@ def test_ceiling_scores_the_targets_through_the_vae_without_sampling(tmp_path, m
     with pytest.raises(app.UsageError, match="choose one"):
         evaluate.main(["--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "x"), "--untrained",
                        "--ceiling"])
+
+
+def test_subject_breakdown_says_which_part_of_the_look_fails():
+    subject = dict(WORLD.subjects[0], size="large")
+    retextured = dict(subject, texture="checker" if subject["texture"] == "stripes" else "stripes")
+    flipped = dict(subject, colors=list(reversed(subject["colors"])))
+    plain = _plain("red", "circle", [0, 0])
+    samples = [  # (target, prediction): right; retextured; colours swapped and a plain object beside; missing
+        ([dict(subject, cell=[0, 2])], [dict(subject, cell=[0, 2])]),
+        ([dict(subject, cell=[1, 1])], [dict(retextured, cell=[1, 1])]),
+        ([dict(subject, cell=[2, 2]), plain], [dict(flipped, cell=[2, 2]), plain]),
+        ([dict(subject, cell=[2, 0])], [_plain("red", subject["shape"], [2, 0]), dict(subject, cell=[0, 0])]),
+    ]
+    out = evaluate.subject_breakdown([dict(target_scene=t, pred_scene=p) for t, p in samples])["per_subject"]
+    assert out == dict(placed=1.0, subject=0.75, shape=1.0, texture=0.5, colors=0.5, look=0.25, anywhere=0.5,
+                       subjects=4)
+    md = "\n".join(evaluate._breakdown_markdown(dict(per_subject=out)))
+    assert "| 100.0% | 75.0% | 100.0% | 50.0% | 50.0% | 25.0% | 50.0% |" in md
+
+
+def test_edit_breakdown_per_operation():
+    samples = [dict(op=dict(kind=kind), scores=dict(success=ok, preservation=p))
+               for kind, ok, p in (("remove", True, 0.0), ("remove", False, 0.02), ("recolor", False, 0.01))]
+    out = evaluate.edit_breakdown(samples)["by_op"]
+    assert out == dict(recolor=dict(num=1, metrics=dict(success=0.0, preservation=0.01)),
+                       remove=dict(num=2, metrics=dict(success=0.5, preservation=0.01)))
+    md = "\n".join(evaluate._breakdown_markdown(dict(by_op=out)))
+    assert "| remove | 2 | 50.0% | 0.0100 |" in md
