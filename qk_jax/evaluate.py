@@ -348,7 +348,8 @@ def markdown(report: Mapping[str, Any]) -> str:
 def _breakdown_markdown(breakdown: Mapping[str, Any]) -> list[str]:
     """A task's breakdown (``BREAKDOWNS``) as small tables."""
     if "by_op" in breakdown:
-        lines = ["By operation:", "", "| operation | samples | success | preservation (L1) |", "| --- | --- | --- | --- |"]
+        lines = ["By operation:", "", "| operation | samples | success | preservation (L1) |",
+                 "| --- | --- | --- | --- |"]
         for kind, g in breakdown["by_op"].items():
             lines.append(f"| {kind} | {g['num']} | {format_metric('success', g['metrics']['success'])} | "
                          f"{format_metric('preservation', g['metrics']['preservation'])} |")
@@ -440,14 +441,14 @@ def evaluate_seeds(sampler: sample_lib.Sampler, out: str | os.PathLike, world: s
                    batch: int = 8, ceiling: bool = False) -> dict[str, Any]:
     """``evaluate`` once per seed into ``out/seed_<s>``; ``out/summary.json``/``summary.md`` hold every metric's
     mean, min and max over the seeds. Returns the summary."""
-    per_seed = {}
+    per_seed, meta = {}, sampler.meta
     for seed in seeds:
         report, rows = evaluate(sampler, num, seed, world, tasks, split=split, steps=steps, batch=batch,
                                 ceiling=ceiling)
         write_report(os.path.join(out, f"seed_{seed}"), report, rows)
         per_seed[seed] = {task: block["metrics"] for task, block in report["tasks"].items()}
-    summary: dict[str, Any] = dict(num=num, seeds=list(seeds), split=split, steps=steps,
-                                   meta=dict(sampler.meta, ceiling=True) if ceiling else sampler.meta, tasks={})
+        meta = report["config"]["meta"]
+    summary: dict[str, Any] = dict(num=num, seeds=list(seeds), split=split, steps=steps, meta=meta, tasks={})
     for task in tasks:
         summary["tasks"][task] = {}
         for name in per_seed[seeds[0]][task]:

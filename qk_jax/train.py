@@ -254,9 +254,8 @@ def evaluate_curriculum(config, final_dir: str, out: str) -> str:
     e = config.evaluate
     sampler = sample_lib.Sampler.from_checkpoint(final_dir)
     world = shapes.World.from_config(config.world, size=int(config.stages[-1].resolution))
-    kwargs = dict(num=int(e.samples_per_task), tasks=tuple(e.tasks), steps=e.get("steps"), batch=int(e.get("batch", 8)))
-    summaries = {}
-    num = kwargs.pop("num")
+    kwargs = dict(tasks=tuple(e.tasks), steps=e.get("steps"), batch=int(e.get("batch", 8)))
+    summaries, num = {}, int(e.samples_per_task)
     for name, model, seeds, n, ceiling in (
             ("trained", sampler, tuple(e.seeds), num, False),
             ("untrained", evaluate_lib.untrained(sampler), tuple(e.seeds)[:1], int(e.get("untrained_samples", 0))
