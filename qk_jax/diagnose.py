@@ -1,21 +1,28 @@
-r"""Does the MMDiT copy from its source image? ``python -m qk_jax.diagnose --checkpoint DIR [--task edit]
+r"""Does the MMDiT copy from its in-context images? ``python -m qk_jax.diagnose --checkpoint DIR [--task edit]
 [--num 16] [--t 0.9] [--seed 0] [--out FILE.json]``
 
 In-context editing (FLUX.1 Kontext, and Query-Kontext's stage 3) keeps what the instruction leaves alone by
 copying it: a target token whose pixels the edit keeps can take them from the source token of the same pixel,
-which sRoPE places at a fixed offset. This measures whether the model does, on ShapesWorld's held-out samples
-of a task with a source image (``edit``, ``subject_edit``), at one noise level ``t``:
+which sRoPE places at a fixed offset. Subject-driven generation must instead find the subject in a reference
+image and carry its look (texture, colours) to wherever the prompt puts it: a content lookup, not a fixed offset.
+This measures both, on ShapesWorld's held-out samples of a task with in-context images (``edit``, ``custom``,
+``multi``, ``subject_edit``), at one noise level ``t``:
 
 - for every MMDiT attention layer and head, the share of the target tokens' attention on the **same-pixel
   source token**, on all source tokens, on reference tokens, on the target's own tokens and on the text/kontext
   stream (these four sum to 1 per query), and on the query itself (part of the target's share);
-- the flow-matching loss on the target tokens whose pixels the edit keeps (``kept``) and on those it changes.
+- for the tasks with references, the share of the attention of the target tokens a subject covers on **its
+  reference's subject tokens** (``subject_reference``), beside ``subject_uniform``: what a head attending
+  every key alike would give them;
+- the flow-matching loss on the target tokens the instruction keeps (``kept``: equal to the source, or for tasks
+  without one to the empty canvas) and on those it changes.
 
 A head that ignores position gives the same-pixel token about ``1 / (source tokens)`` of its source share (1/64
 at 64 px); a copying head gives it most of it. A model that copies has a ``kept`` loss far below the
-``changed`` one and below a text-to-image model's loss at the same t. Probabilities are recomputed here from
-the post-RoPE queries and keys each attention sows (``MMDiT`` ``Attention``), with its key mask; the test checks
-that they reproduce the layer's own output. By hand because no library reads attention maps of our model.
+``changed`` one and below a text-to-image model's loss at the same t. A head that looks up the subject gives
+``subject_reference`` many times ``subject_uniform``. Probabilities are recomputed here from the post-RoPE
+queries and keys each attention sows (``MMDiT`` ``Attention``), with its key mask; the test checks that they
+reproduce the layer's own output. By hand because no library reads attention maps of our model.
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ from qk_jax.models import mmdit as mmdit_lib
 from qk_jax.models.query_kontext import QueryKontext
 from qk_jax.ops import flow, rope
 
-TASKS = ("edit", "subject_edit")  # the tasks with a source image
-SHARES = ("same_pixel_source", "source", "reference", "target", "self", "text")
+TASKS = ("edit", "custom", "multi", "subject_edit")  # the tasks with in-context images
+SHARES = ("same_pixel_source", "source", "reference", "target", "self", "text", "subject_reference")
 
 
 def attention_probabilities(q: np.ndarray, k: np.ndarray, kv_mask: np.ndarray | None) -> np.ndarray:
@@ -68,13 +75,52 @@ def same_pixel_index(layout: rope.Layout, tokens: int) -> np.ndarray:
     return out
 
 
-def attention_shares(probs: np.ndarray, kind: np.ndarray, same_pixel: np.ndarray, text_len: int
-                     ) -> dict[str, np.ndarray]:
+class SubjectTokens(NamedTuple):
+    """Where each subject is in the image stream: ``R`` subjects per sample (padded with empty rows)."""
+
+    queries: np.ndarray  # [B, R, S] bool: target tokens the subject covers
+    keys: np.ndarray  # [B, R, S] bool: the subject's tokens in its reference image
+
+    def uniform(self, kv_mask: np.ndarray) -> float:
+        """The ``subject_reference`` share of a head attending every key alike (``kv_mask`` ``[B, L+S]``)."""
+        per = self.keys.sum(-1) / kv_mask.sum(-1, keepdims=True)  # [B, R]
+        w = self.queries.sum(-1)
+        return float((per * w).sum() / w.sum()) if w.sum() else float("nan")
+
+
+def subject_tokens(items: Sequence[Mapping[str, Any]], layout: rope.Layout, latent_hw: tuple[int, int],
+                   world: shapes.World) -> SubjectTokens:
+    """``SubjectTokens`` of ShapesWorld samples (``shapes.generate_sample`` dicts) laid out as ``layout`` says:
+    each reference's subject is found in the target scene (same shape, texture and colours), drawn alone, and
+    its tokens matched to the reference image's non-empty tokens. Input ``m`` of a sample is its slot ``m``."""
+    tokens = latent_hw[0] * latent_hw[1]
+    order, (batch, length) = np.asarray(layout.order), np.asarray(layout.kind).shape
+    refs = [[m for m, x in enumerate(it["inputs"]) if x["role"] == "reference"] for it in items]
+    queries = np.zeros((batch, max(map(len, refs), default=0), length), bool)
+    keys = np.zeros_like(queries)
+    blank = shapes.render([], world)[None]
+    for b, item in enumerate(items):
+        block = {int(o): j for j, o in enumerate(order[b])}  # block of [target, slot_1..] -> sequence block
+        for r, m in enumerate(refs[b]):
+            want = shapes.subject_key(item["inputs"][m]["subject"])
+            drawn = [o for o in item["target_scene"] if shapes.is_subject(o) and shapes.subject_key(o) == want]
+            if not drawn:
+                raise ValueError(f"sample {b}: the subject of input {m + 1} is not in its target")
+            where = changed_tokens(blank, shapes.render(drawn[:1], world)[None], latent_hw)[0]
+            queries[b, r, block[0] * tokens:(block[0] + 1) * tokens] = where
+            ref = changed_tokens(blank, item["inputs"][m]["image"][None], latent_hw)[0]
+            keys[b, r, block[m + 1] * tokens:(block[m + 1] + 1) * tokens] = ref
+    return SubjectTokens(queries=queries, keys=keys)
+
+
+def attention_shares(probs: np.ndarray, kind: np.ndarray, same_pixel: np.ndarray, text_len: int,
+                     subjects: SubjectTokens | None = None) -> dict[str, np.ndarray]:
     """Per head ``[H]``: the mean over target queries (all samples) of each share in ``SHARES``.
 
     ``probs`` ``[B, H, L+S, L+S]`` over ``[text; image stream]``; ``kind`` ``[B, S]`` (``rope.KIND_*``);
     ``same_pixel`` ``[B, S]`` from ``same_pixel_index``. ``same_pixel_source`` averages over the target queries
-    that have one (NaN when none has)."""
+    that have one, ``subject_reference`` over the target tokens of every subject of ``subjects`` (its mass on
+    that subject's reference tokens); each is NaN when there is nothing to average."""
     image = probs[:, :, text_len:, :]  # [B, H, S, L+S]: the image stream's queries
     on_image = image[..., text_len:]  # [B, H, S, S]
     is_target = kind == rope.KIND_TARGET  # [B, S]
@@ -87,6 +133,12 @@ def attention_shares(probs: np.ndarray, kind: np.ndarray, same_pixel: np.ndarray
         return (on_image * (kind == key_kind)[:, None, None, :]).sum(-1)
 
     same = np.take_along_axis(on_image, np.maximum(same_pixel, 0)[:, None, :, None], -1)[..., 0]
+    if subjects is None or not subjects.queries.any():
+        subject_reference = np.full(probs.shape[1], np.nan)
+    else:
+        mass = np.einsum("bhqk,brk->bhrq", on_image, subjects.keys.astype(np.float64))  # on subject r's ref tokens
+        w = subjects.queries[:, None].astype(np.float64)  # [B, 1, R, S]
+        subject_reference = (mass * w).sum((0, 2, 3)) / w.sum()
     return dict(
         same_pixel_source=mean_over_targets(same, is_target & (same_pixel >= 0)),
         source=mean_over_targets(on(rope.KIND_SOURCE), is_target),
@@ -94,6 +146,7 @@ def attention_shares(probs: np.ndarray, kind: np.ndarray, same_pixel: np.ndarray
         target=mean_over_targets(on(rope.KIND_TARGET), is_target),
         self=mean_over_targets(np.diagonal(on_image, axis1=2, axis2=3), is_target),
         text=mean_over_targets(image[..., :text_len].sum(-1), is_target),
+        subject_reference=subject_reference,
     )
 
 
@@ -115,6 +168,7 @@ class Probe(NamedTuple):
     kv_mask: np.ndarray  # [B, L+S] bool: the keys every attention attends
     text_len: int  # L
     tokens: int  # T, target tokens
+    subjects: SubjectTokens  # the subjects' tokens (no rows for tasks without references)
     sown: Mapping[str, Any]  # {block name: {"attn": {"query"|"key"|"value"|"output": (array [B, L+S, H, D],)}}}
 
 
@@ -124,7 +178,7 @@ def probe(sampler: sample_lib.Sampler, task: str = "edit", num: int = 16, t: flo
     as ``qk_jax.evaluate`` draws them), noised to ``t`` with noise from ``seed``, conditioned as the sampler's
     fully conditioned branch."""
     if task not in TASKS:
-        raise ValueError(f"task {task!r} has no source image to copy from; choose from {', '.join(TASKS)}")
+        raise ValueError(f"task {task!r} has no in-context image to copy from; choose from {', '.join(TASKS)}")
     if not 0.0 < t <= 1.0 or num < 1:
         raise ValueError(f"t={t}, num={num}: t must be in (0, 1] and num >= 1")
     config = sampler.model_config
@@ -162,13 +216,14 @@ def probe(sampler: sample_lib.Sampler, task: str = "edit", num: int = 16, t: flo
     v, layout, sown = jax.jit(model.velocity_with_attention, static_argnums=4)(
         params, cond, flow.interpolate(x0, noise, times), times, prepared.latent_hw, in_context, rows("roles"))
 
-    sources = np.stack([next(i["image"] for i in it["inputs"] if i["role"] == "source") for it in items])
+    blank = shapes.render([], world)  # what a task without a source starts from
+    sources = np.stack([next((i["image"] for i in it["inputs"] if i["role"] == "source"), blank) for it in items])
     error = np.asarray(jnp.mean((v.astype(jnp.float32) - (noise - x0)) ** 2, axis=-1))
     layout = jax.tree.map(np.asarray, layout)
     return Probe(error=error, changed=changed_tokens(sources, targets, prepared.latent_hw), layout=layout,
                  kv_mask=np.concatenate([np.asarray(cond.context_mask, bool), layout.kind != rope.KIND_PAD], axis=1),
                  text_len=int(cond.context.shape[1]), tokens=int(error.shape[1]),
-                 sown=jax.tree.map(np.asarray, sown))
+                 subjects=subject_tokens(items, layout, prepared.latent_hw, world), sown=jax.tree.map(np.asarray, sown))
 
 
 def copy_report(sampler: sample_lib.Sampler, task: str = "edit", num: int = 16, t: float = 0.9, seed: int = 0,
@@ -180,12 +235,18 @@ def copy_report(sampler: sample_lib.Sampler, task: str = "edit", num: int = 16, 
     for name in sorted(p.sown, key=_block_order):
         attn = p.sown[name]["attn"]
         shares = attention_shares(attention_probabilities(attn["query"][0], attn["key"][0], p.kv_mask),
-                                  p.layout.kind, same, p.text_len)
-        layers.append(dict(layer=name, **{k: [float(x) for x in v] for k, v in shares.items()}))
+                                  p.layout.kind, same, p.text_len, p.subjects)
+        layers.append(dict(layer=name, **{k: [_number(x) for x in v] for k, v in shares.items()}))
     kept, changed = p.error[~p.changed], p.error[p.changed]
     return dict(task=task, num=num, t=t, seed=seed, tokens=p.tokens, meta=sampler.meta,
                 kept_tokens=float(np.mean(~p.changed)), loss_kept=float(kept.mean()) if kept.size else None,
-                loss_changed=float(changed.mean()) if changed.size else None, layers=layers)
+                loss_changed=float(changed.mean()) if changed.size else None,
+                subject_uniform=_number(p.subjects.uniform(p.kv_mask)), layers=layers)
+
+
+def _number(x: float) -> float | None:
+    """A JSON-safe figure: None for NaN (nothing to average)."""
+    return None if np.isnan(x) else float(x)
 
 
 def _block_order(name: str) -> tuple[int, int]:
@@ -200,10 +261,15 @@ def markdown(report: Mapping[str, Any]) -> str:
              + ("n/a" if report["loss_kept"] is None else f"{report['loss_kept']:.4f}")
              + f" ({report['kept_tokens']:.0%} of the target), on changed tokens "
              + ("n/a" if report["loss_changed"] is None else f"{report['loss_changed']:.4f}"),
-             f"uniform share of one source token: {1 / report['tokens']:.3f}", "",
-             "| layer | " + " | ".join(SHARES) + " |", "|---" * (len(SHARES) + 1) + "|"]
+             f"uniform share of one source token: {1 / report['tokens']:.3f}"]
+    if report["subject_uniform"] is not None:
+        lines.append(f"uniform share of a subject's reference tokens: {report['subject_uniform']:.3f}")
+    # Columns with nothing to average in this task (same-pixel without a source, subject without a reference) go.
+    shares = [k for k in SHARES if any(x is not None for row in report["layers"] for x in row[k])]
+    lines += ["", "| layer | " + " | ".join(shares) + " |", "|---" * (len(shares) + 1) + "|"]
+    cell = lambda values: " ".join("-" if x is None else f"{x:.2f}" for x in values)
     for row in report["layers"]:
-        lines.append(f"| {row['layer']} | " + " | ".join(" ".join(f"{x:.2f}" for x in row[k]) for k in SHARES) + " |")
+        lines.append(f"| {row['layer']} | " + " | ".join(cell(row[k]) for k in shares) + " |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """qk_jax.diagnose: attention shares on constructed heads, the same-pixel index under both source offsets, the
-changed-token mask, and on a random tiny stage-3 model: the recomputed probabilities reproduce every attention's
-own output; the CLI and its errors."""
+changed-token mask, the subjects' tokens of ShapesWorld samples, and on a random tiny stage-3 model: the
+recomputed probabilities reproduce every attention's own output; the CLI and its errors."""
 
 import json
 
@@ -11,6 +11,7 @@ import pytest
 
 from configs import stage2, stage3
 from qk_jax import diagnose, sample
+from qk_jax.data import shapes
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
 from qk_jax.ops import rope
 from qk_jax.training import checkpoint as ckpt
@@ -65,6 +66,65 @@ def test_shares_of_a_copying_head_and_of_a_uniform_head(source_offset):
         np.testing.assert_allclose(shares[name], value, rtol=1e-9, err_msg=name)
 
 
+def test_subject_share_of_a_lookup_head_and_of_a_uniform_head():
+    """Target tokens 0-1 hold the subject, reference tokens 4-6 (sequence: 9 target then 9 reference tokens)."""
+    layout = jax.tree.map(np.asarray, rope.in_context_layout(H, W, jnp.asarray([[rope.REFERENCE]])))
+    kind, length, text_len = layout.kind, 2 * H * W, 2
+    assert (kind[0, :H * W] == rope.KIND_TARGET).all() and (kind[0, H * W:] == rope.KIND_REFERENCE).all()
+    queries, keys = np.zeros((1, 1, length), bool), np.zeros((1, 1, length), bool)
+    queries[0, 0, [0, 1]] = True
+    keys[0, 0, H * W + np.arange(4, 7)] = True
+    subjects = diagnose.SubjectTokens(queries=queries, keys=keys)
+    same = diagnose.same_pixel_index(layout, H * W)
+    # Lookup head: the subject's target queries share one direction with its reference keys; others are 0.
+    q = np.zeros((1, text_len + length, 1, 2))
+    k = np.zeros_like(q)
+    q[0, text_len + np.flatnonzero(queries[0, 0]), 0, 0] = 30.0
+    k[0, text_len + np.flatnonzero(keys[0, 0]), 0, 0] = 30.0
+    shares = diagnose.attention_shares(diagnose.attention_probabilities(q, k, None), kind, same, text_len, subjects)
+    np.testing.assert_allclose(shares["subject_reference"], 1.0, atol=1e-6)
+    assert np.isnan(shares["same_pixel_source"]).all()  # no source: nothing to average
+    # Uniform head: the share is the subject's key count over all keys, as SubjectTokens.uniform says.
+    mask = np.ones((1, text_len + length), bool)
+    shares = diagnose.attention_shares(diagnose.attention_probabilities(np.zeros_like(q), k, mask), kind, same,
+                                       text_len, subjects)
+    np.testing.assert_allclose(shares["subject_reference"], 3 / (text_len + length), rtol=1e-9)
+    np.testing.assert_allclose(subjects.uniform(mask), 3 / (text_len + length), rtol=1e-9)
+    no_subject = diagnose.attention_shares(diagnose.attention_probabilities(q, k, None), kind, same, text_len)
+    assert np.isnan(no_subject["subject_reference"]).all()
+
+
+@pytest.mark.parametrize("task", ["custom", "multi", "subject_edit"])
+def test_subject_tokens_find_each_subject_in_target_and_reference(task):
+    world = shapes.default_world(32)
+    items = [shapes.generate_sample(world, [0, k], task, "test") for k in range(3)]
+    num = len(items[0]["inputs"])
+    roles = jnp.asarray([[rope.SOURCE if x["role"] == "source" else rope.REFERENCE for x in it["inputs"]]
+                         for it in items])
+    hw = (4, 4)
+    layout = jax.tree.map(np.asarray, rope.in_context_layout(*hw, roles))
+    subjects = diagnose.subject_tokens(items, layout, hw, world)
+    refs = 2 if task == "multi" else 1
+    assert subjects.queries.shape == subjects.keys.shape == (3, refs, (1 + num) * 16)
+    for b, item in enumerate(items):
+        slots = [m for m, x in enumerate(item["inputs"]) if x["role"] == "reference"]  # input m is slot m + 1
+        reference_blocks = [list(layout.order[b]).index(m + 1) for m in slots]
+        for r in range(refs):
+            q, k = subjects.queries[b, r], subjects.keys[b, r]
+            assert q.any() and k.any()
+            assert (layout.kind[b, q] == rope.KIND_TARGET).all() and (layout.kind[b, k] == rope.KIND_REFERENCE).all()
+            assert np.flatnonzero(k)[0] // 16 == reference_blocks[r]  # reference r sits in its own block
+            # A subject is large and at the reference's centre: its tokens there, none on the border row.
+            k_grid = k.reshape(-1, 4, 4)[reference_blocks[r]]
+            assert k_grid[1:3, 1:3].all() and not k_grid[0].any()
+            # The target tokens are those of the cell the target scene puts that subject in.
+            subject = item["inputs"][slots[r]]["subject"]
+            obj = next(o for o in item["target_scene"]
+                       if shapes.is_subject(o) and shapes.subject_key(o) == shapes.subject_key(subject))
+            alone = diagnose.changed_tokens(shapes.render([], world)[None], shapes.render([obj], world)[None], hw)[0]
+            np.testing.assert_array_equal(q.reshape(-1, 16)[list(layout.order[b]).index(0)], alone)
+
+
 def test_changed_tokens_flags_the_patches_that_differ():
     source = np.full((2, 12, 12, 3), 255, np.uint8)
     target = source.copy()
@@ -85,7 +145,7 @@ def tiny_stage3(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("task", ["edit", "subject_edit"])
+@pytest.mark.parametrize("task", ["edit", "custom", "subject_edit"])
 def test_probabilities_reproduce_each_attention_output(tiny_stage3, task):
     """softmax(q k^T / sqrt(d), key mask) @ v, from what each layer sowed, is what the layer computed."""
     p = diagnose.probe(sample.Sampler.from_checkpoint(tiny_stage3), task, num=3, t=0.7)
@@ -97,7 +157,8 @@ def test_probabilities_reproduce_each_attention_output(tiny_stage3, task):
         out = np.einsum("bhqk,bkhd->bqhd", probs, attn["value"].astype(np.float64))
         np.testing.assert_allclose(out, attn["output"], rtol=1e-4, atol=1e-5, err_msg=name)
     assert p.error.shape == p.changed.shape == (3, p.tokens) and np.isfinite(p.error).all()
-    assert p.changed.any() and not p.changed.all()  # an edit changes some cells and keeps others
+    assert p.changed.any() and not p.changed.all()  # the instruction draws some cells and keeps others
+    assert p.subjects.queries.shape[1] == (0 if task == "edit" else 1)
 
 
 def test_cli_report_and_errors(tiny_stage3, tmp_path):
@@ -109,9 +170,17 @@ def test_cli_report_and_errors(tiny_stage3, tmp_path):
         np.testing.assert_allclose(total, 1.0, atol=1e-6)
         assert all(0.0 <= s <= f + 1e-9 for s, f in zip(row["same_pixel_source"], row["source"]))
     assert report["loss_kept"] > 0 and report["loss_changed"] > 0 and 0 < report["kept_tokens"] < 1
-    assert "same_pixel_source" in diagnose.markdown(report)
+    assert "same_pixel_source" in diagnose.markdown(report) and "subject_reference" not in diagnose.markdown(report)
+    assert report["subject_uniform"] is None
+    multi = diagnose.main(["--checkpoint", str(tiny_stage3), "--num", "2", "--task", "multi"])
+    assert 0 < multi["subject_uniform"] < 1 and multi["loss_kept"] > 0
+    for row in multi["layers"]:
+        assert all(0.0 <= s <= f + 1e-9 for s, f in zip(row["subject_reference"], row["reference"]))
+        assert row["same_pixel_source"] == [None] * len(row["source"])
+    text = diagnose.markdown(multi)
+    assert "subject_reference" in text and "same_pixel_source" not in text
     sampler = sample.Sampler.from_checkpoint(tiny_stage3)
-    with pytest.raises(ValueError, match="no source image"):
+    with pytest.raises(ValueError, match="no in-context image"):
         diagnose.probe(sampler, "t2i")
     with pytest.raises(ValueError, match="t must be in"):
         diagnose.probe(sampler, "edit", t=0.0)
