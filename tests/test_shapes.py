@@ -4,6 +4,7 @@ import filecmp
 import io
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -42,6 +43,18 @@ def test_parse_scene_reads_every_subject():
     for subject in WORLD.subjects:
         assert shapes.parse_scene(shapes.render_subject(subject, WORLD), WORLD) == [
             dict(subject, size="large", cell=[1, 1])]
+
+
+def test_parse_scene_reads_a_two_colour_sliver_as_checker_without_warnings():
+    """A component no row of which has 3 pixels (a stray edge in a bad reconstruction) has no row to read bands
+    from; it parses (as checker) without NumPy's empty-mean warning."""
+    image = np.full((64, 64, 3), WORLD.palette[0], np.uint8)
+    image[10:40, 30] = WORLD.palette[1]
+    image[10:40, 31] = WORLD.palette[2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (obj,) = shapes.parse_scene(image, WORLD)
+    assert obj["texture"] == "checker" and obj["colors"] == sorted(obj["colors"], key=WORLD.color_names.index)
 
 
 def test_world_matches_config():

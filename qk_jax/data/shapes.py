@@ -354,7 +354,8 @@ def parse_scene(image: np.ndarray, world: World | None = None, *, min_area_fract
             row = row[row >= 0]
             if row.size >= 3:
                 uniformity.append(np.bincount(row).max() / row.size)
-        texture = "stripes" if np.mean(uniformity) >= 0.85 else "checker"
+        # A sliver no row of which is 3 px wide (a reconstruction's stray edge) has no readable bands: checker.
+        texture = "stripes" if uniformity and np.mean(uniformity) >= 0.85 else "checker"
         scene.append(dict(shape=shape, texture=texture, colors=[names[i] for i in pair], size=size, cell=cell))
     return _canonical(scene)
 
