@@ -274,8 +274,12 @@ BREAKDOWNS = dict(t2i=t2i_breakdown, edit=edit_breakdown, custom=subject_breakdo
 
 def evaluate(sampler: sample_lib.Sampler, num: int, seed: int, world: shapes.World,
              tasks: Sequence[str] = TASKS, *, split: str = "test", steps: int | None = None,
-             batch: int = 8, ceiling: bool = False) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+             batch: int = 8, ceiling: bool = False, cfg_text: float | None = None, cfg_image: float | None = None
+             ) -> tuple[dict[str, Any], dict[str, list[dict]]]:
     """Samples and scores ``num`` prompts per task.
+
+    ``cfg_text`` / ``cfg_image``: guidance scales for every request (default: the checkpoint's
+    ``config.sample``), recorded in the report's config.
 
     ``ceiling``: score the sampler's VAE reconstructions of the targets (``sample.reconstruct``) in place of
     samples: what a model on this VAE would score if its flow ended exactly at the target's latents, i.e. the
@@ -292,8 +296,12 @@ def evaluate(sampler: sample_lib.Sampler, num: int, seed: int, world: shapes.Wor
     if num < 1 or batch < 1:
         raise ValueError(f"num={num}, batch={batch}: both must be >= 1")
     meta = dict(sampler.meta, ceiling=True) if ceiling else sampler.meta
+    if ceiling and (cfg_text is not None or cfg_image is not None):
+        raise ValueError("the ceiling samples nothing: guidance scales do not apply to it")
     report: dict[str, Any] = dict(config=dict(num=num, seed=seed, split=split, steps=steps, size=world.size,
                                               meta=meta), tasks={})
+    if cfg_text is not None or cfg_image is not None:
+        report["config"].update(cfg_text=cfg_text, cfg_image=cfg_image)
     rows: dict[str, list[dict]] = {}
     for task in tasks:
         items = [shapes.generate_sample(world, [seed, k], task, split) for k in range(num)]
@@ -304,7 +312,8 @@ def evaluate(sampler: sample_lib.Sampler, num: int, seed: int, world: shapes.Wor
                 outputs.extend(np.asarray(sample_lib.reconstruct(sampler.params, targets, config=sampler.model_config)))
                 continue
             requests = [sample_lib.Request(task=task, prompt=it["prompt"],
-                                           images=tuple(i["image"] for i in it["inputs"]), seed=seed + k)
+                                           images=tuple(i["image"] for i in it["inputs"]), seed=seed + k,
+                                           cfg_text=cfg_text, cfg_image=cfg_image)
                         for k, it in enumerate(items[start:start + batch], start=start)]
             outputs.extend(sampler.sample(requests, size=(world.size, world.size), steps=steps))
         rows[task] = []
@@ -500,12 +509,16 @@ def define_flags(fv: flags.FlagValues) -> None:
                       " (see untrained).", **kw)
     flags.DEFINE_bool("ceiling", False, "Score the VAE's reconstructions of the targets, not samples: the bound the"
                       " autoencoder and parse_scene leave to every score (see evaluate).", **kw)
+    sample_lib.define_guidance_flags(fv)
 
 
 def run_flags(fv: flags.FlagValues) -> list[str]:
     """Evaluates as the parsed flags say; prints the markdown report and returns the paths written."""
     if fv.untrained and fv.ceiling:
         raise app.UsageError("--untrained and --ceiling: choose one (the ceiling samples nothing)")
+    guidance = dict(cfg_text=fv["cfg-text"].value, cfg_image=fv["cfg-image"].value)
+    if fv.ceiling and any(v is not None for v in guidance.values()):
+        raise app.UsageError("--cfg-text / --cfg-image and --ceiling: the ceiling samples nothing")
     sampler = sample_lib.Sampler.from_checkpoint(fv.checkpoint)
     if fv.untrained:
         sampler = untrained(sampler, fv.seed)
@@ -515,7 +528,7 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
                              " ('shapes' or 'tiny') checkpoint")
     world = shapes.World.from_config(data["world"], size=int(data["resolution"]))
     report, rows = evaluate(sampler, fv.num, fv.seed, world, tuple(fv.tasks), split=fv.split, steps=fv.steps,
-                            batch=fv.batch, ceiling=fv.ceiling)
+                            batch=fv.batch, ceiling=fv.ceiling, **guidance)
     paths = write_report(fv.out, report, rows)
     print(markdown(report))
     return paths

@@ -520,6 +520,14 @@ def parse_size(text: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def define_guidance_flags(flag_values: flags.FlagValues) -> None:
+    """``--cfg-text`` / ``--cfg-image`` (default: the checkpoint's ``config.sample``), for every tool that samples."""
+    flags.DEFINE_float("cfg-text", None, "Text guidance scale (default: config.sample.cfg_text).",
+                       flag_values=flag_values)
+    flags.DEFINE_float("cfg-image", None, "Image guidance scale (default: config.sample.cfg_image).",
+                       flag_values=flag_values)
+
+
 def define_flags(flag_values: flags.FlagValues) -> None:
     """The CLI's flags, on ``flag_values`` (not at import: other entry points may use the same names)."""
     fv = dict(flag_values=flag_values)
@@ -530,8 +538,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("prompt", None, "The instruction; '<image k>' places input image k in it.", **fv)
     flags.DEFINE_multi_string("image", [], "An input image (repeat the flag, in the task's order).", **fv)
     flags.DEFINE_integer("steps", None, "Euler steps (default: config.sample.steps).", **fv)
-    flags.DEFINE_float("cfg-text", None, "Text guidance scale (default: config.sample.cfg_text).", **fv)
-    flags.DEFINE_float("cfg-image", None, "Image guidance scale (default: config.sample.cfg_image).", **fv)
+    define_guidance_flags(flag_values)
     flags.DEFINE_string("negative-prompt", None, "Text of the unconditional-text branches (default: "
                         "config.sample.negative_prompt).", **fv)
     flags.DEFINE_integer("seed", 0, "Image i uses seed + i.", lower_bound=0, **fv)

@@ -199,6 +199,33 @@ def test_ceiling_scores_the_targets_through_the_vae_without_sampling(tmp_path, m
                        "--ceiling"])
 
 
+def test_guidance_flags_reach_every_request(tmp_path, monkeypatch):
+    """``--cfg-text`` / ``--cfg-image`` go into every request the sampler gets (unset ones stay None: the
+    checkpoint's config.sample) and into the report's config; with ``--ceiling`` they are a usage error."""
+    config = stage3.get_config("tiny")
+    params = QueryKontext(QueryKontextConfig.from_config(config)).init(jax.random.key(0))
+    ckpt.save_model(tmp_path / "model", config, params, meta={"stage": 3, "step": 0})
+    seen = []
+
+    def fake_sample(self, requests, *, size, steps=None):
+        seen.extend((r.task, r.cfg_text, r.cfg_image) for r in requests)
+        return [np.zeros(size + (3,), np.uint8) for _ in requests]
+
+    monkeypatch.setattr(sample_lib.Sampler, "sample", fake_sample)
+    base = ["--checkpoint", str(tmp_path / "model"), "--num", "3", "--batch", "2", "--tasks", "t2i", "--tasks",
+            "custom"]
+    evaluate.main(base + ["--out", str(tmp_path / "a"), "--cfg-image", "3"])
+    assert seen == [("t2i", None, 3.0)] * 3 + [("custom", None, 3.0)] * 3
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["config"]["cfg_image"] == 3.0 and report["config"]["cfg_text"] is None
+    seen.clear()
+    evaluate.main(base + ["--out", str(tmp_path / "b")])
+    assert {(text, image) for _, text, image in seen} == {(None, None)}
+    assert "cfg_image" not in json.loads((tmp_path / "b" / "report.json").read_text())["config"]
+    with pytest.raises(app.UsageError, match="ceiling samples nothing"):
+        evaluate.main(base + ["--out", str(tmp_path / "c"), "--ceiling", "--cfg-text", "2"])
+
+
 def test_subject_breakdown_says_which_part_of_the_look_fails():
     subject = dict(WORLD.subjects[0], size="large")
     retextured = dict(subject, texture="checker" if subject["texture"] == "stripes" else "stripes")
