@@ -7,3 +7,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_stage0(tmp_path_factory):
+    """Stage 0 of the tiny ShapesWorld curriculum (``qk_jax.pretrain``), trained once per test session:
+    ``(directory, pretrain.Result)``. Read it in place; copy the directory before running anything that writes
+    there (``Result`` keeps paths relative to it)."""
+    from configs import shapes as shapes_config
+    from qk_jax import pretrain
+
+    directory = str(tmp_path_factory.mktemp("tiny_stage0") / pretrain.DIRNAME)
+    return directory, pretrain.run(shapes_config.get_config("tiny"), directory)
