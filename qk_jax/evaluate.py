@@ -272,6 +272,12 @@ BREAKDOWNS = dict(t2i=t2i_breakdown, edit=edit_breakdown, custom=subject_breakdo
 # ----------------------------------------------------------------------------------------------------------
 
 
+def check_guidance(ceiling: bool, cfg_text: float | None, cfg_image: float | None) -> None:
+    """Guidance scales apply to samples; the ceiling (``evaluate(ceiling=True)``) samples nothing."""
+    if ceiling and (cfg_text is not None or cfg_image is not None):
+        raise ValueError("guidance scales (--cfg-text / --cfg-image) with --ceiling: the ceiling samples nothing")
+
+
 def evaluate(sampler: sample_lib.Sampler, num: int, seed: int, world: shapes.World,
              tasks: Sequence[str] = TASKS, *, split: str = "test", steps: int | None = None,
              batch: int = 8, ceiling: bool = False, cfg_text: float | None = None, cfg_image: float | None = None
@@ -296,8 +302,7 @@ def evaluate(sampler: sample_lib.Sampler, num: int, seed: int, world: shapes.Wor
     if num < 1 or batch < 1:
         raise ValueError(f"num={num}, batch={batch}: both must be >= 1")
     meta = dict(sampler.meta, ceiling=True) if ceiling else sampler.meta
-    if ceiling and (cfg_text is not None or cfg_image is not None):
-        raise ValueError("the ceiling samples nothing: guidance scales do not apply to it")
+    check_guidance(ceiling, cfg_text, cfg_image)
     report: dict[str, Any] = dict(config=dict(num=num, seed=seed, split=split, steps=steps, size=world.size,
                                               meta=meta), tasks={})
     if cfg_text is not None or cfg_image is not None:
@@ -517,8 +522,10 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
     if fv.untrained and fv.ceiling:
         raise app.UsageError("--untrained and --ceiling: choose one (the ceiling samples nothing)")
     guidance = dict(cfg_text=fv["cfg-text"].value, cfg_image=fv["cfg-image"].value)
-    if fv.ceiling and any(v is not None for v in guidance.values()):
-        raise app.UsageError("--cfg-text / --cfg-image and --ceiling: the ceiling samples nothing")
+    try:
+        check_guidance(fv.ceiling, **guidance)  # before the checkpoint loads
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     sampler = sample_lib.Sampler.from_checkpoint(fv.checkpoint)
     if fv.untrained:
         sampler = untrained(sampler, fv.seed)
