@@ -179,6 +179,7 @@ def main(argv) -> None:
     config, workdir = fv.config, fv.workdir
     if config is None or not workdir or "stages" not in config:
         raise app.UsageError("give --config configs/shapes.py (a curriculum) and --workdir (where it ran)")
+    train.use_compilation_cache(workdir)  # the curriculum's cache: shapes that it or another variant compiled load
     out = os.path.join(workdir, "ablations")
     results = earlier_results(out, keep=[a for a in ABLATIONS if a not in fv.which])
     for ablation in fv.which:

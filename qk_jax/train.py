@@ -7,7 +7,9 @@ A stage, in order: set-up (mesh, model, the stage's starting params from ``confi
 shardings, train state, data pipeline, resume from the latest checkpoint), the jitted step, the loop (progress
 line, metrics JSONL/TensorBoard, periodic asynchronous checkpoints with the data iterator's state), and the end
 (a final checkpoint and a self-contained model in ``<workdir>/final``, which the next stage and the sampler
-read). Rerunning the same command resumes where the last checkpoint left off; a finished stage is skipped.
+read). Rerunning the same command resumes where the last checkpoint left off; a finished stage is skipped, and
+compiled programs come back from JAX's persistent compilation cache in ``<workdir>/xla_cache``
+(``use_compilation_cache``).
 
 The ShapesWorld configs generate their data under ``<workdir>/data`` (curriculum) when ``config.data.manifest``
 is unset.
@@ -51,6 +53,21 @@ MODEL_KEYS = ("target", "inputs", "roles", "image_present", "input_ids", "attent
 # Step metrics summed between two log lines (divided by the step count for the line); lr and the non-finite
 # counter are read at the last step.
 SUMMED = ("loss", "grad_norm", "task_loss_sum", "task_count")
+COMPILATION_CACHE = "xla_cache"
+
+
+def use_compilation_cache(workdir: str) -> str:
+    """Turn on JAX's persistent compilation cache in ``<workdir>/xla_cache``, unless one is set already
+    (``JAX_COMPILATION_CACHE_DIR``, e.g. one folder shared by runs side by side, or a bucket on a pod), and
+    return the folder in use. A resumed or rerun stage, the ablations and the evaluation then load the programs
+    of shapes compiled before instead of compiling them again: on an H200 each batch shape of the ShapesWorld
+    stage-3 step took 32-52 s to compile (2026-11-28), and a stage meets four to six of them. Call it before
+    the first compilation: JAX decides once per process whether the cache is used."""
+    directory = jax.config.jax_compilation_cache_dir
+    if not directory:
+        directory = os.path.join(workdir, COMPILATION_CACHE)
+        jax.config.update("jax_compilation_cache_dir", directory)
+    return directory
 
 
 def _param_shardings(model: QueryKontext, mesh, config) -> dict[str, Any]:
@@ -298,6 +315,7 @@ def main(argv) -> None:
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
         jax.distributed.initialize()  # multi-host: TPU pod workers or one process per GPU node
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.info("compilation cache: %s", use_compilation_cache(workdir))
     logging.info("config:\n%s", config)
     if "stages" in config:
         run_curriculum(config, workdir)

@@ -1,8 +1,17 @@
-"""Shared test set-up: float32 numerics at full matmul precision, on the CPU."""
+"""Shared test set-up: float32 numerics at full matmul precision, on the CPU; one persistent compilation cache
+per test session (a temporary folder), so that tests compiling the same program, in this process or in the
+multi-device subprocesses, which inherit it, compile it once."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qk_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 

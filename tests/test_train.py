@@ -191,6 +191,36 @@ def test_sharded_step_equals_single_device(tmp_path):
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-4000:]
 
 
+CACHED = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp
+    from qk_jax import train
+    hits = []
+    jax.monitoring.register_event_listener(lambda event, **_: hits.append(event))
+    directory = train.use_compilation_cache(sys.argv[1])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((16, 16))).block_until_ready()
+    print(directory, hits.count("/jax/compilation_cache/cache_hits"))
+    """
+)
+
+
+def test_compilation_cache_is_the_workdirs_unless_set_and_serves_the_next_process(tmp_path):
+    """A run with no cache set keeps compiled programs in ``<workdir>/xla_cache``, and the next process (a resume,
+    a rerun) loads them from there; a cache already set (here the test session's) is left alone."""
+    assert train.use_compilation_cache(str(tmp_path)) == os.environ["JAX_COMPILATION_CACHE_DIR"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
+    env.pop("JAX_COMPILATION_CACHE_DIR")
+    runs = [subprocess.run([sys.executable, "-c", CACHED, str(tmp_path)], env=env, capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), runs[-1].stderr[-4000:]
+    expected = str(tmp_path / train.COMPILATION_CACHE)
+    (first, first_hits), (second, second_hits) = (run.stdout.split() for run in runs)
+    assert first == second == expected and int(first_hits) == 0 and int(second_hits) > 0, runs[-1].stdout
+    assert os.listdir(expected)
+
+
 @pytest.mark.slow
 def test_kill_and_resume_continues_the_same_run(tmp_path):
     """kill -9 after a checkpoint, rerun the same command: the losses after resume equal an uninterrupted run."""
