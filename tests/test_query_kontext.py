@@ -123,9 +123,10 @@ def test_image_stream_follows_design_for_every_task_in_one_batch(stage3_setup):
     cond = ConnectorOutput(*cond)
     t = jnp.linspace(0.1, 0.9, b)
     v = jax.jit(model.velocity, static_argnums=4)(params, cond, noisy, t, (h, w), slots, roles)
+    mmdit = jax.jit(model.mmdit.apply)  # one compilation per stream length, not op by op
     for i in range(b):
         stream, ids, start = _paper_stream(np.asarray(roles[i]), noisy[i], slots[i], h, w)
-        full = model.mmdit.apply({"params": params["mmdit"]}, stream[None], ids[None], cond.context[i:i + 1],
+        full = mmdit({"params": params["mmdit"]}, stream[None], ids[None], cond.context[i:i + 1],
                                  rope.text_position_ids(5), t[i:i + 1], cond.pooled[i:i + 1])
         chex.assert_trees_all_close(v[i], full[0, start:start + h * w], atol=1e-5)
 
@@ -141,7 +142,9 @@ def test_trimmed_text_padding_changes_no_output(stage3_setup):
             continue
         chex.assert_trees_all_close(loss(params, trimmed, grid), loss(params, batch, grid), rtol=1e-5, atol=1e-6)
         checked += 1
-    assert checked >= 2
+        if checked == 2:  # two trimmed batches are enough: every shape costs a compilation
+            break
+    assert checked == 2
 
 
 def test_empty_slots_do_not_matter_and_placement_ablation(stage3_setup):
