@@ -56,6 +56,21 @@ SUMMED = ("loss", "grad_norm", "task_loss_sum", "task_count")
 COMPILATION_CACHE = "xla_cache"
 
 
+def new_shape_message(seen: set, step: int, host_batch: Mapping[str, Any], grid: tuple) -> str | None:
+    """A log line the first time a batch shape comes, else ``None`` (``seen`` collects the shapes). The step
+    compiles once per shape, tens of seconds each on a GPU host in stage 3 (0, 1 or 2 input images, a few text
+    lengths), with no other line meanwhile: this says why the log goes quiet."""
+    signature = (grid, *((key, np.shape(host_batch[key])) for key in MODEL_KEYS if key in host_batch))
+    if signature in seen:
+        return None
+    seen.add(signature)
+    batch, height, width = np.shape(host_batch["target"])[:3]
+    slots = np.shape(host_batch["roles"])[1] if "roles" in host_batch else 0  # input images per sample
+    return (f"step {step}: batch shape #{len(seen)} ({batch} x {height}x{width} px, {slots} input image slot(s), "
+            f"{np.shape(host_batch['input_ids'])[1]} text tokens): compiling the step (or loading it from the "
+            f"compilation cache)")
+
+
 def use_compilation_cache(workdir: str) -> str:
     """Turn on JAX's persistent compilation cache in ``<workdir>/xla_cache``, unless one is set already
     (``JAX_COMPILATION_CACHE_DIR``, e.g. one folder shared by runs side by side, or a bucket on a pod), and
@@ -192,11 +207,13 @@ def train_stage(config, workdir: str) -> str:
     start = int(state.step)
     writer = metrics_lib.MetricsWriter(workdir, start_step=start) if jax.process_index() == 0 else None
     progress = metrics_lib.Progress(total, start_step=start, every=log_every)
-    acc, last_logged = None, start
+    acc, last_logged, shapes_seen = None, start, set()
     max_nonfinite = int(config.optim.get("max_nonfinite", 10))
     for step in range(start + 1, total + 1):
         host_batch = next(iterator)
         grid = vlm_image_grid(host_batch)
+        if (message := new_shape_message(shapes_seen, step, host_batch, grid)) is not None:
+            logging.info(message)
         batch = mesh_lib.shard_batch({k: host_batch[k] for k in MODEL_KEYS if k in host_batch}, mesh)
         state, metrics = step_fn(state, batch, grid)
         summed = {k: metrics[k] for k in SUMMED}

@@ -191,6 +191,26 @@ def test_sharded_step_equals_single_device(tmp_path):
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-4000:]
 
 
+def test_each_new_batch_shape_is_logged_once():
+    """The loop logs a line when a batch shape first comes (its step compiles meanwhile), never twice; host-only
+    entries (record indices) do not count."""
+
+    def batch(slots, text):
+        return dict(target=np.zeros((2, 32, 32, 3), np.float32), input_ids=np.zeros((2, text), np.int32),
+                    roles=np.zeros((2, slots), np.int32), record_index=np.zeros((2,), np.int64))
+
+    seen, grid2 = set(), ((1, 4, 4), (1, 4, 4))
+    assert train.new_shape_message(seen, 1, batch(0, 24), ()) == (
+        "step 1: batch shape #1 (2 x 32x32 px, 0 input image slot(s), 24 text tokens): compiling the step "
+        "(or loading it from the compilation cache)")
+    assert train.new_shape_message(seen, 2, batch(0, 24), ()) is None
+    assert train.new_shape_message(seen, 3, batch(2, 24), grid2).startswith(
+        "step 3: batch shape #2 (2 x 32x32 px, 2 input image slot(s), 24 text tokens)")
+    assert train.new_shape_message(seen, 4, batch(0, 32), ()).startswith("step 4: batch shape #3")
+    assert train.new_shape_message(seen, 5, dict(batch(2, 24), record_index=np.zeros((3,))), grid2) is None
+    assert train.new_shape_message(seen, 6, batch(2, 24), ((1, 4, 4), (1, 2, 8))).startswith("step 6: batch shape #4")
+
+
 CACHED = textwrap.dedent(
     """
     import sys
