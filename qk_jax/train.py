@@ -34,6 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qk_jax import pretrain
+from qk_jax.data import buckets
 from qk_jax.data import pipeline as pipeline_lib
 from qk_jax.data import shapes
 from qk_jax.data.manifest import TASKS
@@ -60,7 +61,7 @@ def new_shape_message(seen: set, step: int, host_batch: Mapping[str, Any], grid:
     """A log line the first time a batch shape comes, else ``None`` (``seen`` collects the shapes). The step
     compiles once per shape, tens of seconds each on a GPU host in stage 3 (0, 1 or 2 input images, a few text
     lengths), with no other line meanwhile: this says why the log goes quiet."""
-    signature = (grid, *((key, np.shape(host_batch[key])) for key in MODEL_KEYS if key in host_batch))
+    signature = (grid, buckets.shape_key({k: v for k, v in host_batch.items() if k in MODEL_KEYS}))
     if signature in seen:
         return None
     seen.add(signature)
