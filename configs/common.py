@@ -1,7 +1,10 @@
 """What the Query-Kontext stage configs share, at three scales.
 
-A stage file (``stage1.py`` ... ``stage3b.py``) calls ``base(variant)`` and sets only what its row of paper
-table 3 changes. The variant is the first word of the config argument (``--config configs/stage3.py:shapes``):
+A stage file (``stage1.py`` ... ``stage3b.py``) assembles its config from the builders here, each call in view:
+``settings`` (what the stages share), the model (``vlm``, ``connector``, ``mmdit``, ``vae``), ``data``, ``mesh``
+and ``sharding``, then its own rows of paper table 3 (trainable leaves, tasks, batch, steps, optimizer). ``base``
+is the same assembly with stage 2's model, for tests and tools that need a whole config of no particular stage.
+The variant is the first word of the config argument (``--config configs/stage3.py:shapes``):
 
 - ``paper`` (the default): the paper's sizes and recipe (section 3.3, tables 3 and 11, appendix D).
 - ``shapes``: ShapesWorld on 2 CPU cores: 64x64 images, a model of a few million parameters.
@@ -9,8 +12,9 @@ table 3 changes. The variant is the first word of the config argument (``--confi
 
 ShapesWorld's model, counted with transformers/diffusers: VLM 1.23M (plus 16 x 128 kontext queries), MMDiT 2.52M
 (stage 1's light head 0.36M), VAE 0.25M, connector 33K: 4,045,907 parameters in stage 2 (the trainer's count). Its
-recipe is sized so that the README's curriculum (stage 0, stages 1-3 and the evaluation) runs in about 75 minutes on
-2 CPU cores: issue 9 asked for 35 minutes, and at that length (800 stage-2 steps) the model followed no prompt.
+recipe is sized for the README's curriculum (stage 0, stages 1-3 and the evaluation) on 2 CPU cores: longer than
+issue 9 asked for, because at that length the model followed no prompt (docs/shapesworld_log.md: Sessions one to
+seven, "Time"; Eleventh session).
 
 Names that the rest of qk_jax relies on:
 
@@ -58,12 +62,9 @@ MMDIT_LORA_TARGETS = (
 
 # ShapesWorld's large MMDiT (stages 2 and 3) draws its training t from a logit-normal with this mean (on top of
 # FLUX's shift, mu = 0.47 at 64 tokens) in place of 0: median t 0.81 instead of 0.62. Flat images keep their
-# layout and colours up to very high noise: on the slow test's stage 2, the flow loss with a shuffled prompt
-# exceeds the own-prompt loss by 0.32-0.40 at t >= 0.8 and by 0.03-0.05 at t <= 0.5, yet mean 0 puts 10% of
-# the training t above 0.85 (mean 1: 39%). Stage 2 from the README curriculum's stage 0/1, 100 held-out
-# prompts, position / colours at 1,500 steps: seed 0 96% / 22% (mean 0: 30% / 7%), seed 1 19% / 3% (mean 0:
-# 20% / 7%), and 89% / 24% at 2,500; seed 0 at 3,500: 96% / 64%, overall 34% (mean 0, no sin-cos: 24% / 6% / 2%).
-# Stage 1 keeps 0, so that stages 0-1 are unchanged.
+# layout and colours up to very high noise, so what the prompt decides is learnt at high t, where mean 0 puts few
+# training samples; with mean 1 stage 2 learnt the layout in both seeds tried (docs/shapesworld_log.md: Eighth
+# session). Stage 1 keeps 0, so that stages 0-1 are unchanged.
 SHAPES_LARGE_FLOW_MEAN = 1.0
 
 # Appendix D's aspect-ratio buckets as (w, h): 1:1, 1:2, 2:3, 3:4, 3:5, 4:5, 9:16 and their transposes.
@@ -71,8 +72,8 @@ SHAPES_LARGE_FLOW_MEAN = 1.0
 ASPECT_RATIOS = ((1, 1), (1, 2), (2, 1), (2, 3), (3, 2), (3, 4), (4, 3), (3, 5), (5, 3), (4, 5), (5, 4),
                  (9, 16), (16, 9))
 
-# ShapesWorld's words (``qk_jax.data.shapes.prompt_words``, ``<image k>`` aside) and the world's texture names: the
-# vocabulary of the word-level tokenizer (``qk_jax.data.pipeline.WordProcessor``). Word i is token i + 1 (0 is the
+# ShapesWorld's words (``qk_jax.data.shapesworld.prompt_words``, ``<image k>`` aside) and the world's texture names: the
+# vocabulary of the word-level tokenizer (``qk_jax.data.processors.WordProcessor``). Word i is token i + 1 (0 is the
 # unknown word), so a checkpoint is tied to this order: append new words, never reorder.
 SHAPES_VOCABULARY = (
     ",", "a", "add", "and", "at", "blue", "bottom", "center", "circle", "colors", "down", "everything", "from",
@@ -81,7 +82,7 @@ SHAPES_VOCABULARY = (
     "with", "yellow", "checker", "stripes",
 )
 
-# Logical axis names of the parameters (``nn.with_logical_partitioning``) and of the activations.
+# Logical axis names of the parameters (``nn.with_logical_partitioning``); the activations' are in ``sharding``.
 PARAM_AXES = ("embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "lora_rank", "norm", "conv_in", "conv_out",
               "layers")
 # Appendix D: tensor parallelism on the VLM: attention heads, MLP hidden units and the vocabulary are split
@@ -148,10 +149,28 @@ def override(config, arg):
 
 
 def base(variant):
-    """Everything a stage config has before the stage sets its own rows of table 3.
+    """A whole config of no particular stage: ``settings``, stage 2's model, ``data``, ``mesh`` and ``sharding``.
 
-    The defaults here are stage 2's model (the large MMDiT, no LoRA anywhere, no in-context images), with
-    ``stage``, ``trainable``, ``tasks``, ``batch_size``, ``total_steps`` and ``optim`` left to the stage file.
+    For tests and tools that need a complete config. The stage files assemble theirs from the same builders, in
+    view, and add ``stage``, ``trainable``, ``tasks``, ``batch_size``, ``total_steps`` and ``optim``
+    (``tests/test_configs.py`` checks that stage 2 is this plus those).
+    """
+    config = settings(variant)
+    config.vlm = vlm(variant)
+    config.connector = connector(variant)
+    config.mmdit = mmdit(variant)
+    config.vae = vae(variant)
+    config.data = data(variant, config)
+    config.mesh = mesh(variant)
+    config.sharding = sharding()
+    return config
+
+
+def settings(variant):
+    """What every stage starts from: image size and references, ablation switches, precision, flow matching,
+    sampling, seed, logging, checkpointing and imported weights. A stage file sets the rest in view (see the module
+    docstring) and changes a few of these, in view too (stage 3's ``in_context`` and ``source_offset``, stage 3b's
+    ``resolution``, ShapesWorld's ``flow.mean`` in stages 2 and 3).
     """
     config = ml_collections.ConfigDict()
     # One value, several readers: the trainer, the bucketer (data.resolution) and ShapesWorld's canvas.
@@ -169,24 +188,6 @@ def base(variant):
     # Kontext's (1, r, c)); an editing ablation.
     config.source_offset = "negate"
 
-    config.vlm = vlm(variant)
-    config.connector = connector(variant)
-    config.vae = vae(variant)
-    config.mmdit = mmdit(variant)
-
-    config.data = ml_collections.ConfigDict()
-    config.data.resolution = config.get_ref("resolution")  # the bucket area is resolution**2
-    config.data.aspect_ratios = ASPECT_RATIOS
-    # Bucket sides are multiples of the VAE's downsampling times the 2x2 latent packing (paper: 8 * 2 = 16).
-    config.data.side_multiple = 2 * 2 ** (len(config.vae.block_out_channels) - 1)
-    config.data.max_references = config.get_ref("max_references")
-    if variant != "paper":
-        config.data.world = shapes_world()
-    # Grain worker processes drawing/decoding and batching (0: in the trainer's process, right for 2 CPU cores).
-    # On a GPU host one process draws ~14 ShapesWorld batches of 32 a second and the shapes step runs ~45 a
-    # second, so give it 8-12. The batch order depends on the count: resume with the same one.
-    config.data.workers = 0
-
     # Appendix D: bf16 mixed precision (float32 params, bf16 compute). The CPU scales stay in float32.
     config.compute_dtype = pick(variant, paper="bfloat16", shapes="float32", tiny="float32")
     # What each MMDiT block keeps for the backward pass (``qk_jax.models.mmdit.REMAT_POLICIES``): "none" keeps
@@ -199,27 +200,21 @@ def base(variant):
     # paper's MMDiT starts pretrained. Off at test scale, where random gates exercise every path.
     config.adaln_zero = pick(variant, paper=False, shapes=True, tiny=False)
     config.ema_decay = ml_collections.config_dict.placeholder(float)  # the paper mentions no EMA
-    # Classifier-free guidance needs the model to see missing conditions. The paper gives no rates: 10% each,
-    # drawn independently, so 1% of samples lose both (the unconditional branch).
+    # Classifier-free guidance needs the model to see missing conditions. The paper gives no rates: 0.1 each,
+    # drawn independently, so 0.01 of the samples lose both (the unconditional branch).
     config.cfg_dropout = ml_collections.ConfigDict(dict(text=0.1, image=0.1))
-    # FLUX's flow matching (DESIGN.md): logit-normal t, shifted by mu linear in the number of image tokens
-    # (256 tokens -> 0.5, 4096 -> 1.15; a 512x512 image has 1024 tokens).
+    # FLUX's flow matching (DESIGN.md): logit-normal t (mean, std), shifted by mu linear in the number of image
+    # tokens (256 tokens -> 0.5, 4096 -> 1.15; a 512x512 image has 1024 tokens).
     config.flow = ml_collections.ConfigDict(dict(
-        t_sampling="logit_normal", mean=0.0, std=1.0,
-        base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15))
+        mean=0.0, std=1.0, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15))
     # Euler sampling with three-branch guidance; FLUX-dev-like step count, guidance scales our choice. Flat
     # ShapesWorld images need fewer steps, and its evaluation samples thousands of them on CPU. ShapesWorld's
-    # image guidance is 3: on the README curriculum's stage 3 (50 held-out samples per task, `qk_jax.evaluate
-    # --cfg-image`), 1.5 -> 3 kept edit success (22%) and improved everything else it touches: edit preservation
-    # 0.0202 -> 0.0138, custom identity 6% -> 16%, subject_edit identity 14% -> 20% (preservation 0.0151 ->
-    # 0.0130); on a subject-trained stage 3, custom 34% -> 44%, subject_edit 38% -> 42%, and 5 lost subject_edit
-    # identity (26%) to the source's pull (docs/shapesworld_log.md, 2026-11-28).
+    # image guidance is 3: on the stage-3 models measured it scored at least as well as 1.5 on every task and
+    # kept sources and subjects better; 5 lost the subject to the source (docs/shapesworld_log.md: Fourteenth
+    # session; Thirteenth session, "Image guidance").
     config.sample = ml_collections.ConfigDict(dict(
         steps=pick(variant, paper=28, shapes=16, tiny=28), cfg_text=4.0,
         cfg_image=pick(variant, paper=1.5, shapes=3.0, tiny=1.5), negative_prompt=""))
-
-    config.mesh = mesh(variant)
-    config.sharding = sharding()
 
     # The run: seed (params, data order, noise), how often to print/log and to checkpoint, how many to keep.
     config.seed = 0
@@ -231,18 +226,42 @@ def base(variant):
     config.pretrained = ml_collections.ConfigDict(dict(
         vlm=ml_collections.config_dict.placeholder(str), vae=ml_collections.config_dict.placeholder(str),
         mmdit=ml_collections.config_dict.placeholder(str)))
-    # A JSONL manifest (``qk_jax.data.manifest``). Unset on the ShapesWorld configs: the trainer draws
-    # ``data.num_samples`` ShapesWorld records as it reads them (``shapes.ShapesManifest``), or writes them once
-    # into ``data.dir`` when that is set. Fresh scenes matter: 4,000 written samples gave each text-to-image
-    # prompt ~50 epochs in stages 1-2, and the MMDiT memorised their layouts instead of reading the prompt.
-    config.data.manifest = ml_collections.config_dict.placeholder(str)
-    config.data.dir = ml_collections.config_dict.placeholder(str)
-    config.data.num_samples = pick(variant, paper=0, shapes=1_000_000, tiny=64)
-    # ``pipeline.trim_text``: cut each batch's shared text padding to a multiple of this (0: keep max_text_tokens).
-    # ShapesWorld prompts fill a third of max_text_tokens and the MMDiT's text stream computes every position:
-    # 16 makes a shapes stage-2 step 1.3x faster. Single-process only (each host would trim its own way).
-    config.data.text_multiple = pick(variant, paper=0, shapes=16, tiny=0)
     return config
+
+
+def data(variant, config):
+    """``config.data``: the buckets (at ``config.resolution``, a reference), the records and their loading.
+
+    ``config`` must have ``resolution``, ``max_references`` and ``vae`` already: ``data.resolution`` and
+    ``data.max_references`` follow the config's (``--config.resolution=...`` moves both), and bucket sides are
+    multiples of the VAE's downsampling.
+    """
+    block = ml_collections.ConfigDict()
+    block.resolution = config.get_ref("resolution")  # the bucket area is resolution**2
+    block.aspect_ratios = ASPECT_RATIOS
+    # Bucket sides are multiples of the VAE's downsampling times the 2x2 latent packing (paper: 8 * 2 = 16).
+    block.side_multiple = 2 * 2 ** (len(config.vae.block_out_channels) - 1)
+    block.max_references = config.get_ref("max_references")
+    if variant != "paper":
+        block.world = shapesworld_block()
+    # Grain worker processes drawing/decoding and batching (0: in the trainer's process, right for 2 CPU cores).
+    # On a GPU host one drawing process cannot keep up with the shapes step, so give it 8-12
+    # (docs/shapesworld_log.md: Evidence moved out of the configs). The batch order depends on the count: resume
+    # with the same one.
+    block.workers = 0
+    # A JSONL manifest (``qk_jax.data.manifest``). Unset on the ShapesWorld configs: the trainer draws
+    # ``data.num_samples`` ShapesWorld records as it reads them (``shapesworld.ShapesManifest``), or writes them
+    # once into ``data.dir`` when that is set. Fresh scenes matter: the MMDiT memorised the layouts of a written
+    # set instead of reading the prompt (docs/shapesworld_log.md: How the stage-2 recipe was found).
+    block.manifest = ml_collections.config_dict.placeholder(str)
+    block.dir = ml_collections.config_dict.placeholder(str)
+    block.num_samples = pick(variant, paper=0, shapes=1_000_000, tiny=64)
+    # ``pipeline.trim_text``: cut each batch's shared text padding to a multiple of this (0: keep max_text_tokens).
+    # ShapesWorld prompts fill a third of max_text_tokens and the MMDiT's text stream computes every position, so
+    # trimming makes a shapes step faster (docs/shapesworld_log.md: Evidence moved out of the configs).
+    # Single-process only (each host would trim its own way).
+    block.text_multiple = pick(variant, paper=0, shapes=16, tiny=0)
+    return block
 
 
 def vlm(variant):
@@ -287,7 +306,7 @@ def vlm(variant):
     # The LLM is causal; queries appended after the prompt keep that mask ('bidirectional' among the queries
     # is the alternative). The paper does not say.
     config.query_attention = "causal"
-    # The text tokenizer when no Qwen tokenizer folder is given (``qk_jax.data.pipeline.processor_from_config``):
+    # The text tokenizer when no Qwen tokenizer folder is given (``qk_jax.data.processors.processor_from_config``):
     # 'word' (ShapesWorld's closed vocabulary, one token per word) or 'byte' (one per UTF-8 byte, any text).
     config.tokenizer = pick(variant, paper="byte", shapes="word", tiny="byte")
     if variant != "paper":
@@ -327,12 +346,11 @@ def mmdit(variant, *, light=False):
         rope_theta=10000, mlp_ratio=4.0, pos_embed="none"))
     if variant == "shapes" and not light:
         # ShapesWorld's large MMDiT starts from random weights (the paper's is a pretrained FLUX-like model) and
-        # must learn the layout within stage 2's ~30 CPU minutes: SD3's absolute sin-cos embedding of each image
-        # token's (row, col), on top of sRoPE, tells every token its cell from the first step. Stage 2 from the
-        # README curriculum's stage 0/1 (VLM at a tenth), 100 held-out t2i prompts, position at 1,000 / 1,500
-        # steps: seed 0 34% / 30% with it, 4% / 14% without; seed 1 6% / 20% against 5% / 15%
-        # (docs/shapesworld_log.md): a modest gain, not a fix. diffusers' FluxTransformer2DModel has no such
-        # embedding: the export records it for the user to add (``qk_jax.convert.export``).
+        # must learn the layout within stage 2: SD3's absolute sin-cos embedding of each image token's (row, col),
+        # on top of sRoPE, tells every token its cell from the first step. Both seeds tried placed objects better
+        # with it: a modest gain, not a fix (docs/shapesworld_log.md: Sessions one to seven, "SD3's sin-cos
+        # position embedding"). diffusers' FluxTransformer2DModel has no such embedding: the export records it for
+        # the user to add (``qk_jax.convert.export``).
         config.pos_embed = "sincos"
     layers, single_layers, heads, head_dim = pick(
         variant,
@@ -367,7 +385,7 @@ def vae(variant):
         paper=((128, 256, 512, 512), 2, 16, 32),
         # 4x down: a 64 px image is a 16x16 latent, 8x8 tokens after packing; 8x would leave 4x4 tokens for a
         # 3x3 grid of objects. Narrow: flat shapes need little, and the frozen encoder runs on every target and
-        # in-context image of every step (at (32, 64, 64) it was a third of a training step's FLOPs).
+        # in-context image of every step (docs/shapesworld_log.md: Evidence moved out of the configs).
         shapes=((16, 32, 32), 1, 16, 8),
         tiny=((8, 16), 1, 4, 4),
     )
@@ -379,7 +397,7 @@ def vae(variant):
     return config
 
 
-def shapes_world():
+def shapesworld_block():
     """ShapesWorld (DESIGN.md): 1-3 flat shapes on a white canvas of ``config.data.resolution`` pixels.
 
     Colors are far apart in RGB so that the evaluator can segment them; sizes are the object's side as a
@@ -413,11 +431,18 @@ def sharding():
     sharded over the data axes. The connector and the VAE are small and follow the MMDiT's rules.
     """
     return ml_collections.ConfigDict(dict(
+        # Parameters (``qk_jax.train`` and ``qk_jax.plan``): 'vlm' by vlm_rules, every other component by
+        # mmdit_rules.
         vlm_rules=tuple((name, "tensor" if name in VLM_TENSOR_AXES else None) for name in PARAM_AXES),
         mmdit_rules=tuple((name, None) for name in PARAM_AXES),
+        # The VLM's activation names (``nn.with_logical_constraint`` in ``qk_jax.models.qwen_vl``): batch over the
+        # data axes. Read by the tensor-parallel test (tests/test_qwen_vl.py); the trainer installs no activation
+        # rules, so there the constraints are no-ops.
         activation_rules=(("batch", ("data", "fsdp")), ("length", None), ("act_embed", None)),
+        # Read by ``qk_jax.plan`` only: whether its memory estimate divides the gradients over the data axes
+        # (ZeRO-2). The trainer does not read it; it shards the optimizer state over opt_state_axes.
         mmdit_zero_stage=2,
-        opt_state_axes=("data", "fsdp"),
+        opt_state_axes=("data", "fsdp"),  # the optimizer state of every trainable leaf (``qk_jax.train``)
     ))
 
 

@@ -15,13 +15,25 @@ from configs import common
 def get_config(arg=None):
     """Stage 1 at the scale named by ``arg`` (see ``common.parse_arg``)."""
     arg = common.parse_arg(arg, **common.STAGE_ARGS)
-    config = common.base(arg.variant)
+    config = common.settings(arg.variant)  # shared: resolution, precision, flow, sampling, logging (common.py)
     config.stage = 1
-    config.mmdit = common.mmdit(arg.variant, light=True)  # the light head
+
+    # The model (paper table 11 at paper scale; each builder's dims per scale are in common.py).
+    config.vlm = common.vlm(arg.variant)  # Qwen2.5-VL-7B and its kontext queries
     # Section 3.3: r_m = 128, alpha_m = 256. ShapesWorld: an eighth of the LLM width (the paper's is 1/28; at
     # rank 64 the adapter cost as much as the 128-wide projections it adapts); alpha / rank = 2 as in the paper.
     config.vlm.lora.rank, config.vlm.lora.alpha = common.pick(
         arg.variant, paper=(128, 256), shapes=(16, 32), tiny=(4, 8))
+    config.connector = common.connector(arg.variant)
+    config.mmdit = common.mmdit(arg.variant, light=True)  # the light head, dropped after this stage
+    config.vae = common.vae(arg.variant)  # FLUX.1's autoencoder, frozen
+    config.data = common.data(arg.variant, config)  # buckets at config.resolution; ShapesWorld below paper scale
+
+    # Appendix D: the VLM tensor-parallel over 'tensor', the MMDiT (here the light head) ZeRO-2: parameters
+    # replicated, optimizer state sharded over 'data' x 'fsdp'.
+    config.mesh = common.mesh(arg.variant)
+    config.sharding = common.sharding()
+
     config.trainable = (r"^vlm/.*/lora_[ab]$", r"kontext_queries$", r"^connector/", r"^mmdit/")
     # Table 3: image generation (T2I), reconstruction (I2I) and transformation (TI2I). Relative weights are
     # ours: the paper gives none.

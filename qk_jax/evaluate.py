@@ -1,520 +1,39 @@
-r"""ShapesWorld evaluation: sample the held-out prompts of every task and score them with ``parse_scene``.
+"""Score a ShapesWorld checkpoint on held-out prompts of every task (GenEval-style categories, edit preservation,
+subject identity); writes report.json, report.md and a grid per task.
 
-::
+USAGE: python -m qk_jax.evaluate --checkpoint DIR --out DIR [--num 200] [--tasks t2i ...] [--untrained | --ceiling]
 
-    python -m qk_jax.evaluate --checkpoint /tmp/qk_stage3/final --out /tmp/eval [--split test] [--num 200] \
-        [--seed 0] [--steps 28] [--batch 8] [--tasks t2i --tasks edit ...] [--untrained | --ceiling]
-
-Sample ``k`` of a task is ``shapes.generate_sample(world, [seed, k], task, split)`` (``split='test'``, the
-held-out one, by default), sampled with noise seed ``seed + k``: the same arguments give the same report. The
-generated image is read back with ``parse_scene`` and compared with the scene the prompt asks for (the sample's
-``target_scene``), GenEval-style:
-
-- ``t2i`` (``score_t2i``): ``single_object`` / ``two_objects`` (only samples whose target has 1 / 2 objects):
-  every asked object is drawn, shape and colour, anywhere; ``counting``: as many objects as asked;
-  ``colors``: every asked cell holds an object of the asked colour; ``position``: every asked cell holds an
-  object; ``attribute_binding``: every asked cell holds an object of the asked colour *and* shape;
-  ``overall``: the parsed scene is the asked scene exactly (sizes included, nothing extra). ``t2i_breakdown``
-  adds the categories per number of asked objects and per-object rates (placed, colour, shape, size, extras).
-- ``edit`` (``score_edit``): ``success``: the parsed scene is the asked scene; ``preservation``: mean absolute
-  difference between output and source on [0, 1] pixels outside the edited cells (lower is better).
-  ShapesWorld keeps every cell an edit does not name pixel-identical, so the edited cells are the cells where
-  the target and the source differ (``changed_cells``). ``edit_breakdown`` gives both per operation
-  (remove, add, recolor).
-- ``custom`` / ``multi`` (``score_subjects``): ``identity``: each reference subject is drawn (shape, texture,
-  both colours), anywhere; ``placement``: each is drawn in the asked cell; ``overall``: exact scene.
-  ``subject_breakdown`` says, per asked subject, which part of its look its cell gets right.
-- ``subject_edit``: identity and placement of the subject, ``overall``, and preservation of the rest of the
-  source as for ``edit``.
-
-Every boolean category is a pass rate over the samples it applies to (``null`` when none does). Written to OUT:
-``report.json`` (rates, how many samples each category applies to, and every sample's prompt, seed, scenes
-and scores), ``report.md`` (a table per task) and ``TASK.png`` per task: one row per sample,
-``inputs | output | target`` under the prompt, the output framed green when the sample passes ``overall``
-(``success`` for edit) and red when it does not.
+What each score means: ``qk_jax.evaluation.scoring``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import numpy as np
 from absl import app, flags
-from PIL import Image, ImageDraw
 
-from qk_jax import cli
-from qk_jax import sample as sample_lib
-from qk_jax.data import shapes
-
-TASKS = sample_lib.TASKS  # the tasks the sampler serves: t2i, edit, custom, multi, subject_edit
-T2I_CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "attribute_binding", "overall")
-EDIT_CATEGORIES = ("success",)
-SUBJECT_CATEGORIES = ("identity", "placement", "overall")
-CATEGORIES = dict(t2i=T2I_CATEGORIES, edit=EDIT_CATEGORIES, custom=SUBJECT_CATEGORIES, multi=SUBJECT_CATEGORIES,
-                  subject_edit=SUBJECT_CATEGORIES)
-PRESERVATION_TASKS = ("edit", "subject_edit")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Scoring (pure functions on scenes and images)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _by_cell(scene: Sequence[Mapping]) -> dict[tuple[int, int], Mapping]:
-    return {tuple(o["cell"]): o for o in scene}
-
-
-def _color(obj: Mapping) -> tuple[str, ...]:
-    """A plain object's colour, or a subject's two colours."""
-    return tuple(obj["colors"]) if shapes.is_subject(obj) else (obj["color"],)
-
-
-def _look(obj: Mapping) -> tuple:
-    """What an object looks like, wherever it is: shape and colour(s), and texture for a subject."""
-    return (obj["shape"], obj.get("texture"), _color(obj))
-
-
-def score_t2i(pred_scene: Sequence[Mapping], target_scene: Sequence[Mapping]) -> dict[str, bool | None]:
-    """GenEval-style categories of one text-to-image sample (see the module docstring); ``None``: not applicable."""
-    pred, target = _by_cell(pred_scene), _by_cell(target_scene)
-    looks = [_look(o) for o in pred_scene]
-    drawn = all(_look(o) in looks for o in target_scene)
-    return dict(
-        single_object=drawn if len(target) == 1 else None,
-        two_objects=drawn if len(target) == 2 else None,
-        counting=len(pred_scene) == len(target_scene),
-        colors=all(c in pred and _color(pred[c]) == _color(o) for c, o in target.items()),
-        position=all(c in pred for c in target),
-        attribute_binding=all(c in pred and _look(pred[c]) == _look(o) for c, o in target.items()),
-        overall=shapes._canonical(pred_scene) == shapes._canonical(target_scene),
-    )
-
-
-def cell_mask(cells: Sequence[Sequence[int]], size: tuple[int, int], grid: int = 3) -> np.ndarray:
-    """Boolean ``[H, W]``: pixels whose centre lies in one of ``cells`` of the ``grid x grid`` layout."""
-    height, width = size
-    rows = np.minimum(((np.arange(height) + 0.5) * grid / height).astype(int), grid - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * grid / width).astype(int), grid - 1)
-    mask = np.zeros((height, width), bool)
-    for r, c in cells:
-        mask |= (rows[:, None] == r) & (cols[None, :] == c)
-    return mask
-
-
-def changed_cells(target: np.ndarray, source: np.ndarray, grid: int = 3) -> list[list[int]]:
-    """The cells where two images of one size differ: the cells an edit from ``source`` to ``target`` names."""
-    if target.shape != source.shape:
-        raise ValueError(f"target {target.shape} and source {source.shape} differ in shape")
-    diff = np.any(target != source, axis=-1)
-    return [[r, c] for r in range(grid) for c in range(grid)
-            if diff[cell_mask([[r, c]], diff.shape, grid)].any()]
-
-
-def preservation_error(pred_image: np.ndarray, source_image: np.ndarray, edited_cells: Sequence[Sequence[int]],
-                       grid: int = 3) -> float:
-    """Mean ``|pred - source|`` on [0, 1] pixels outside ``edited_cells`` (0: the rest is untouched)."""
-    pred, source = np.asarray(pred_image, np.float64), np.asarray(source_image, np.float64)
-    if pred.shape != source.shape:
-        raise ValueError(f"output {pred.shape} and source {source.shape} differ in shape; sample at the source's "
-                         "size")
-    keep = ~cell_mask(edited_cells, pred.shape[:2], grid)
-    if not keep.any():
-        return 0.0
-    return float(np.abs(pred - source)[keep].mean() / 255.0)
-
-
-def score_edit(pred_image: np.ndarray, pred_scene: Sequence[Mapping], target_scene: Sequence[Mapping],
-               source_image: np.ndarray, edited_cells: Sequence[Sequence[int]], grid: int = 3) -> dict[str, Any]:
-    """``success``: the parsed output is the asked scene; ``preservation``: ``preservation_error``."""
-    return dict(success=shapes._canonical(pred_scene) == shapes._canonical(target_scene),
-                preservation=preservation_error(pred_image, source_image, edited_cells, grid))
-
-
-def score_subjects(pred_scene: Sequence[Mapping], target_scene: Sequence[Mapping],
-                   subjects: Sequence[Mapping]) -> dict[str, bool]:
-    """custom / multi / subject_edit: ``identity`` (every subject drawn, anywhere), ``placement`` (every subject
-    drawn in the cell the target puts it in) and ``overall`` (exact scene). ``subjects``: the references'
-    ``{shape, texture, colors}``."""
-    keys = [shapes.subject_key(s) for s in subjects]
-    drawn = {shapes.subject_key(o): tuple(o["cell"]) for o in pred_scene if shapes.is_subject(o)}
-    drawn_cells = {tuple(o["cell"]): shapes.subject_key(o) for o in pred_scene if shapes.is_subject(o)}
-    asked = {shapes.subject_key(o): tuple(o["cell"]) for o in target_scene if shapes.is_subject(o)}
-    missing = [k for k in keys if k not in asked]
-    if missing:
-        raise ValueError(f"subjects {missing} are not in the target scene {target_scene}")
-    return dict(identity=all(k in drawn for k in keys),
-                placement=all(drawn_cells.get(asked[k]) == k for k in keys),
-                overall=shapes._canonical(pred_scene) == shapes._canonical(target_scene))
-
-
-def score_sample(item: Mapping[str, Any], pred_image: np.ndarray, world: shapes.World) -> dict[str, Any]:
-    """Scores one output against a ``generate_sample`` dict, by its task."""
-    task = item["task"]
-    pred_scene = shapes.parse_scene(pred_image, world)
-    if task == "t2i":
-        scores = score_t2i(pred_scene, item["target_scene"])
-    elif task == "edit":
-        source = item["inputs"][0]["image"]
-        scores = score_edit(pred_image, pred_scene, item["target_scene"], source,
-                            changed_cells(item["target"], source, world.grid), world.grid)
-    elif task in ("custom", "multi", "subject_edit"):
-        subjects = [i["subject"] for i in item["inputs"] if i["role"] == "reference"]
-        scores = score_subjects(pred_scene, item["target_scene"], subjects)
-        if task == "subject_edit":
-            source = item["inputs"][0]["image"]
-            scores["preservation"] = preservation_error(
-                pred_image, source, changed_cells(item["target"], source, world.grid), world.grid)
-    else:
-        raise ValueError(f"no evaluation for task {task!r}; choose from {', '.join(TASKS)}")
-    return dict(scores=scores, pred_scene=pred_scene)
-
-
-def summarize(task: str, scores: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Pass rates per category (over the samples it applies to) and the mean preservation error."""
-    out: dict[str, Any] = {}
-    for cat in CATEGORIES[task]:
-        values = [s[cat] for s in scores if s[cat] is not None]
-        out[cat] = float(np.mean(values)) if values else None
-    if task in PRESERVATION_TASKS:
-        out["preservation"] = float(np.mean([s["preservation"] for s in scores])) if scores else None
-    return out
-
-
-# What ``t2i_breakdown`` asks of the object found in an asked object's cell (``got``), beside being there.
-_OBJECT_CHECKS = dict(
-    placed=lambda got, obj: True,
-    color=lambda got, obj: _color(got) == _color(obj),
-    shape=lambda got, obj: got["shape"] == obj["shape"],
-    size=lambda got, obj: got["size"] == obj["size"],
-    look=lambda got, obj: _look(got) == _look(obj),
-)
-OBJECT_CHECKS = tuple(_OBJECT_CHECKS)
-
-
-def t2i_breakdown(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Where t2i fails: the categories per number of asked objects, and per asked object.
-
-    ``by_objects``: ``{n: {num, metrics}}``, ``summarize`` over the samples whose prompt asks for ``n`` objects
-    (the issue's scale figure counts one- and two-object prompts; GenEval's colour prompts ask for one object).
-    ``per_object``: over every asked object, the fraction whose cell holds an object (``placed``) and whose
-    cell's object has its colour, shape, size, or colour and shape together (``look``); ``extra``: objects
-    drawn in cells no prompt asked for, per sample. ``samples`` are report entries (``target_scene``,
-    ``pred_scene``, ``scores``)."""
-    by_objects: dict[str, Any] = {}
-    for n in sorted({len(s["target_scene"]) for s in samples}):
-        group = [s["scores"] for s in samples if len(s["target_scene"]) == n]
-        by_objects[str(n)] = dict(num=len(group), metrics=summarize("t2i", group))
-    hits = {check: [] for check in OBJECT_CHECKS}
-    extra = []
-    for s in samples:
-        pred, target = _by_cell(s["pred_scene"]), _by_cell(s["target_scene"])
-        extra.append(len(set(pred) - set(target)))
-        for cell, obj in target.items():
-            got = pred.get(cell)
-            for check, passes in _OBJECT_CHECKS.items():
-                hits[check].append(got is not None and passes(got, obj))
-    per_object = {check: float(np.mean(v)) if v else None for check, v in hits.items()}
-    per_object.update(objects=len(hits["placed"]), extra=float(np.mean(extra)) if extra else None)
-    return dict(by_objects=by_objects, per_object=per_object)
-
-
-# What ``subject_breakdown`` asks of the object found in an asked subject's cell, beside being there.
-_SUBJECT_CHECKS = dict(
-    placed=lambda got, obj: True,
-    subject=lambda got, obj: shapes.is_subject(got),
-    shape=lambda got, obj: got["shape"] == obj["shape"],
-    texture=lambda got, obj: got.get("texture") == obj["texture"],
-    colors=lambda got, obj: _color(got) == _color(obj),
-    look=lambda got, obj: _look(got) == _look(obj),
-)
-SUBJECT_CHECKS = tuple(_SUBJECT_CHECKS)
-
-
-def subject_breakdown(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Where custom / multi / subject_edit fail, per asked subject (every textured object of a target scene):
-    the fraction whose cell holds an object (``placed``), a textured subject (``subject``), one of its shape,
-    texture, colours (both, in order, as ``identity`` asks) or all of these (``look``), and ``anywhere``: the
-    fraction drawn somewhere (``identity`` per subject). ``samples`` are report entries."""
-    hits = {check: [] for check in SUBJECT_CHECKS + ("anywhere",)}
-    for s in samples:
-        pred = _by_cell(s["pred_scene"])
-        drawn = {shapes.subject_key(o) for o in s["pred_scene"] if shapes.is_subject(o)}
-        for obj in s["target_scene"]:
-            if not shapes.is_subject(obj):
-                continue
-            got = pred.get(tuple(obj["cell"]))
-            for check, passes in _SUBJECT_CHECKS.items():
-                hits[check].append(got is not None and passes(got, obj))
-            hits["anywhere"].append(shapes.subject_key(obj) in drawn)
-    out = {check: float(np.mean(v)) if v else None for check, v in hits.items()}
-    out["subjects"] = len(hits["placed"])
-    return dict(per_subject=out)
-
-
-def edit_breakdown(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Edit success and preservation per operation (``op['kind']``: remove, add, recolor, ...)."""
-    by_op: dict[str, Any] = {}
-    for kind in sorted({s["op"]["kind"] for s in samples}):
-        group = [s["scores"] for s in samples if s["op"]["kind"] == kind]
-        by_op[kind] = dict(num=len(group), metrics=summarize("edit", group))
-    return dict(by_op=by_op)
-
-
-BREAKDOWNS = dict(t2i=t2i_breakdown, edit=edit_breakdown, custom=subject_breakdown, multi=subject_breakdown,
-                  subject_edit=subject_breakdown)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sampling and the report
-# ----------------------------------------------------------------------------------------------------------
-
-
-def check_guidance(ceiling: bool, cfg_text: float | None, cfg_image: float | None) -> None:
-    """Guidance scales apply to samples; the ceiling (``evaluate(ceiling=True)``) samples nothing."""
-    if ceiling and (cfg_text is not None or cfg_image is not None):
-        raise ValueError("guidance scales (--cfg-text / --cfg-image) with --ceiling: the ceiling samples nothing")
-
-
-def evaluate(sampler: sample_lib.Sampler, num: int, seed: int, world: shapes.World,
-             tasks: Sequence[str] = TASKS, *, split: str = "test", steps: int | None = None,
-             batch: int = 8, ceiling: bool = False, cfg_text: float | None = None, cfg_image: float | None = None
-             ) -> tuple[dict[str, Any], dict[str, list[dict]]]:
-    """Samples and scores ``num`` prompts per task.
-
-    ``cfg_text`` / ``cfg_image``: guidance scales for every request (default: the checkpoint's
-    ``config.sample``), recorded in the report's config.
-
-    ``ceiling``: score the sampler's VAE reconstructions of the targets (``sample.reconstruct``) in place of
-    samples: what a model on this VAE would score if its flow ended exactly at the target's latents, i.e. the
-    upper bound that the autoencoder and ``parse_scene`` leave to every score (no sampling; 100% means the
-    reconstruction loses nothing the scoring reads).
-
-    Returns ``(report, rows)``: the JSON report ``{config: ..., tasks: {task: {num, metrics, samples}}}`` and,
-    per task, the samples with their images (``item`` from ``generate_sample``, ``output``, ``scores``) for
-    the grids.
-    """
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"no evaluation for tasks {unknown}; choose from {', '.join(TASKS)}")
-    if num < 1 or batch < 1:
-        raise ValueError(f"num={num}, batch={batch}: both must be >= 1")
-    meta = dict(sampler.meta, ceiling=True) if ceiling else sampler.meta
-    check_guidance(ceiling, cfg_text, cfg_image)
-    report: dict[str, Any] = dict(config=dict(num=num, seed=seed, split=split, steps=steps, size=world.size,
-                                              meta=meta), tasks={})
-    if cfg_text is not None or cfg_image is not None:
-        report["config"].update(cfg_text=cfg_text, cfg_image=cfg_image)
-    rows: dict[str, list[dict]] = {}
-    for task in tasks:
-        items = [shapes.generate_sample(world, [seed, k], task, split) for k in range(num)]
-        outputs = []
-        for start in range(0, num, batch):
-            if ceiling:
-                targets = np.stack([it["target"] for it in items[start:start + batch]])
-                outputs.extend(np.asarray(sample_lib.reconstruct(sampler.params, targets, config=sampler.model_config)))
-                continue
-            requests = [sample_lib.Request(task=task, prompt=it["prompt"],
-                                           images=tuple(i["image"] for i in it["inputs"]), seed=seed + k,
-                                           cfg_text=cfg_text, cfg_image=cfg_image)
-                        for k, it in enumerate(items[start:start + batch], start=start)]
-            outputs.extend(sampler.sample(requests, size=(world.size, world.size), steps=steps))
-        rows[task] = []
-        samples = []
-        for k, (item, output) in enumerate(zip(items, outputs)):
-            scored = score_sample(item, output, world)
-            rows[task].append(dict(item=item, output=output, scores=scored["scores"]))
-            samples.append(dict(index=k, noise_seed=seed + k, prompt=item["prompt"], op=item["op"],
-                                target_scene=item["target_scene"], pred_scene=scored["pred_scene"],
-                                scores=scored["scores"]))
-        scores = [s["scores"] for s in samples]
-        report["tasks"][task] = dict(
-            num=num, metrics=summarize(task, scores),
-            applicable={cat: sum(s[cat] is not None for s in scores) for cat in CATEGORIES[task]}, samples=samples)
-        report["tasks"][task]["breakdown"] = BREAKDOWNS[task](samples)
-    return report, rows
-
-
-def format_metric(name: str, value: float | None) -> str:
-    """A metric as the reports show it: preservation as an L1 (4 decimals), the rest as a percentage."""
-    return "n/a" if value is None else f"{value:.4f}" if name == "preservation" else f"{100 * value:.1f}%"
-
-
-def markdown(report: Mapping[str, Any]) -> str:
-    """A table of the metrics per task."""
-    c = report["config"]
-    lines = [f"# ShapesWorld evaluation: split {c['split']}, {c['num']} samples per task, seed {c['seed']}", ""]
-    for task, block in report["tasks"].items():
-        metrics = block["metrics"]
-        lines += [f"## {task}", "", "| metric | value | samples |", "| --- | --- | --- |"]
-        for name, value in metrics.items():
-            shown = format_metric(name, value)
-            label = f"{name} (L1, lower is better)" if name == "preservation" else name
-            lines.append(f"| {label} | {shown} | {block['applicable'].get(name, block['num'])} |")
-        lines.append("")
-        if "breakdown" in block:
-            lines += _breakdown_markdown(block["breakdown"])
-    return "\n".join(lines)
-
-
-def _breakdown_markdown(breakdown: Mapping[str, Any]) -> list[str]:
-    """A task's breakdown (``BREAKDOWNS``) as small tables."""
-    if "by_op" in breakdown:
-        lines = ["By operation:", "", "| operation | samples | success | preservation (L1) |",
-                 "| --- | --- | --- | --- |"]
-        for kind, g in breakdown["by_op"].items():
-            lines.append(f"| {kind} | {g['num']} | {format_metric('success', g['metrics']['success'])} | "
-                         f"{format_metric('preservation', g['metrics']['preservation'])} |")
-        return lines + [""]
-    if "per_subject" in breakdown:
-        per = breakdown["per_subject"]
-        checks = SUBJECT_CHECKS + ("anywhere",)
-        return [f"Per asked subject ({per['subjects']}): its cell holds an object (placed), a textured subject, its "
-                "shape / texture / colours / all of them (look); the subject drawn anywhere:", "",
-                "| " + " | ".join(checks) + " |", "|" + " --- |" * len(checks),
-                "| " + " | ".join(format_metric(c, per[c]) for c in checks) + " |", ""]
-    groups = breakdown["by_objects"]
-    lines = ["By the number of objects the prompt asks for:", "",
-             "| metric | " + " | ".join(f"{n} ({g['num']} prompts)" for n, g in groups.items()) + " |",
-             "| --- |" + " --- |" * len(groups)]
-    for cat in CATEGORIES["t2i"]:
-        lines.append(f"| {cat} | " + " | ".join(format_metric(cat, g["metrics"][cat]) for g in groups.values()) + " |")
-    per = breakdown["per_object"]
-    lines += ["", f"Per asked object ({per['objects']}): the asked cell holds an object (placed) of the asked "
-              "colour / shape / size / colour and shape (look); objects drawn where none was asked, per prompt:", "",
-              "| " + " | ".join(OBJECT_CHECKS) + " | extra |", "|" + " --- |" * (len(OBJECT_CHECKS) + 1),
-              "| " + " | ".join(format_metric(c, per[c]) for c in OBJECT_CHECKS)
-              + " | " + ("n/a" if per["extra"] is None else f"{per['extra']:.2f}") + " |", ""]
-    return lines
-
-
-def _tile(image: np.ndarray, scale: int, border: tuple[int, int, int] | None = None) -> Image.Image:
-    tile = Image.fromarray(np.asarray(image, np.uint8)).resize(
-        (image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
-    framed = Image.new("RGB", (tile.width + 6, tile.height + 6), border or (200, 200, 200))
-    framed.paste(tile, (3, 3))
-    return framed
-
-
-def grid_image(rows: Sequence[Mapping[str, Any]], min_tile: int = 128) -> Image.Image:
-    """One row per sample under its prompt: ``inputs | output | target``, the output framed green (passes
-    ``overall``/``success``) or red."""
-    size = rows[0]["item"]["target"].shape[0]
-    scale = max(1, -(-min_tile // size))
-    cell = size * scale + 6
-    columns = max(len(r["item"]["inputs"]) for r in rows) + 2
-    caption = 14
-    passed = [row["scores"].get("overall", row["scores"].get("success")) for row in rows]
-    texts = [f"{'PASS' if ok else 'FAIL'}: {row['item']['prompt']}" for ok, row in zip(passed, rows)]
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    width = max(columns * cell, *(int(measure.textlength(t)) + 4 for t in texts))
-    canvas = Image.new("RGB", (width, len(rows) * (cell + caption)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for i, (row, ok, text) in enumerate(zip(rows, passed, texts)):
-        y = i * (cell + caption)
-        draw.text((2, y + 1), text, fill=(0, 0, 0))
-        images = [inp["image"] for inp in row["item"]["inputs"]]
-        for j, image in enumerate(images):
-            canvas.paste(_tile(image, scale), (j * cell, y + caption))
-        canvas.paste(_tile(row["output"], scale, (30, 170, 30) if ok else (220, 30, 30)),
-                     ((columns - 2) * cell, y + caption))
-        canvas.paste(_tile(row["item"]["target"], scale), ((columns - 1) * cell, y + caption))
-    return canvas
-
-
-def write_report(out: str | os.PathLike, report: Mapping[str, Any], rows: Mapping[str, Sequence[Mapping]]) -> list[str]:
-    """``report.json``, ``report.md`` and ``TASK.png`` per task under ``out``; returns the paths."""
-    os.makedirs(out, exist_ok=True)
-    paths = [os.path.join(out, "report.json"), os.path.join(out, "report.md")]
-    with open(paths[0], "w") as f:
-        json.dump(report, f, indent=1)
-    with open(paths[1], "w") as f:
-        f.write(markdown(report))
-    for task, task_rows in rows.items():
-        paths.append(os.path.join(out, f"{task}.png"))
-        grid_image(task_rows).save(paths[-1])
-    return paths
-
-
-def untrained(sampler: sample_lib.Sampler, seed: int = 0) -> sample_lib.Sampler:
-    """The baseline beside a trained model: the same config with the VLM, connector and MMDiT re-initialised at
-    random (``seed``), the VAE kept (a random decoder would fail every category for a trivial reason)."""
-    import jax
-
-    from qk_jax.models.query_kontext import QueryKontext
-
-    fresh = QueryKontext(sampler.model_config).init(jax.random.key(seed), components=("vlm", "connector", "mmdit"))
-    meta = dict(sampler.meta or {}, untrained=True, init_seed=seed)
-    return sample_lib.Sampler(sampler.config, dict(sampler.params, **fresh), meta=meta)
-
-
-def evaluate_seeds(sampler: sample_lib.Sampler, out: str | os.PathLike, world: shapes.World, *, num: int,
-                   seeds: Sequence[int], tasks: Sequence[str] = TASKS, split: str = "test", steps: int | None = None,
-                   batch: int = 8, ceiling: bool = False) -> dict[str, Any]:
-    """``evaluate`` once per seed into ``out/seed_<s>``; ``out/summary.json``/``summary.md`` hold every metric's
-    mean, min and max over the seeds. Returns the summary."""
-    per_seed, meta = {}, sampler.meta
-    for seed in seeds:
-        report, rows = evaluate(sampler, num, seed, world, tasks, split=split, steps=steps, batch=batch,
-                                ceiling=ceiling)
-        write_report(os.path.join(out, f"seed_{seed}"), report, rows)
-        per_seed[seed] = {task: block["metrics"] for task, block in report["tasks"].items()}
-        meta = report["config"]["meta"]
-    summary: dict[str, Any] = dict(num=num, seeds=list(seeds), split=split, steps=steps, meta=meta, tasks={})
-    for task in tasks:
-        summary["tasks"][task] = {}
-        for name in per_seed[seeds[0]][task]:
-            values = [per_seed[s][task][name] for s in seeds if per_seed[s][task][name] is not None]
-            summary["tasks"][task][name] = (dict(mean=float(np.mean(values)), min=float(np.min(values)),
-                                                 max=float(np.max(values))) if values else None)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(summary_markdown({"model": summary}))
-    return summary
-
-
-def summary_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-    """One table: a row per (task, metric), a column per summary (e.g. trained and untrained): mean [min, max]."""
-    names = list(summaries)
-    first = summaries[names[0]]
-    lines = [f"ShapesWorld {first['split']} split, {first['num']} samples per task, seeds {first['seeds']}", "",
-             "| task | metric | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for task, metrics in first["tasks"].items():
-        for metric in metrics:
-            cells = []
-            for name in names:
-                v = summaries[name]["tasks"].get(task, {}).get(metric)
-                if v is None:
-                    cells.append("n/a")
-                elif metric == "preservation":
-                    cells.append(f"{v['mean']:.4f} [{v['min']:.4f}, {v['max']:.4f}]")
-                else:
-                    cells.append(f"{100 * v['mean']:.1f}% [{100 * v['min']:.0f}, {100 * v['max']:.0f}]")
-            label = "preservation L1 (lower is better)" if metric == "preservation" else metric
-            lines.append(f"| {task} | {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+from qk_jax import cli, sampling
+from qk_jax.data import shapesworld
+from qk_jax.evaluation import scoring
 
 
 def define_flags(fv: flags.FlagValues) -> None:
     """The tool's flags, declared on ``fv`` (``qk_jax.cli``)."""
     kw = dict(flag_values=fv)
-    flags.DEFINE_string("checkpoint", None, "A checkpoint.save_model directory.", required=True, **kw)
+    flags.DEFINE_string("checkpoint", None, "A model directory (a stage's final/).", required=True, **kw)
     flags.DEFINE_string("out", None, "Folder for report.json, report.md and the grids.", required=True, **kw)
-    flags.DEFINE_enum("split", "test", sorted(shapes.SPLITS), "'test' is the held-out one.", **kw)
+    flags.DEFINE_enum("split", "test", sorted(shapesworld.SPLITS), "'test' is the held-out one.", **kw)
     flags.DEFINE_integer("num", 200, "Samples per task.", lower_bound=1, **kw)
     flags.DEFINE_integer("seed", 0, "Scene and noise seed (sample k uses noise seed seed + k).", **kw)
     flags.DEFINE_integer("steps", None, "Euler steps (default: the config's sample.steps).", lower_bound=1, **kw)
     flags.DEFINE_integer("batch", 8, "Requests per sampler call.", lower_bound=1, **kw)
-    flags.DEFINE_multi_enum("tasks", list(TASKS), TASKS, "Tasks to score (repeat the flag for several).", **kw)
+    flags.DEFINE_multi_enum("tasks", list(scoring.TASKS), scoring.TASKS, "Tasks to score (repeat the flag for "
+                            "several).", **kw)
     flags.DEFINE_bool("untrained", False, "Score the baseline: this config with random VLM, connector and MMDiT"
-                      " (see untrained).", **kw)
+                      " (scoring.untrained).", **kw)
     flags.DEFINE_bool("ceiling", False, "Score the VAE's reconstructions of the targets, not samples: the bound the"
-                      " autoencoder and parse_scene leave to every score (see evaluate).", **kw)
-    sample_lib.define_guidance_flags(fv)
+                      " autoencoder and parse_scene leave to every score (scoring.evaluate).", **kw)
+    cli.define_guidance_flags(fv)
 
 
 def run_flags(fv: flags.FlagValues) -> list[str]:
@@ -523,21 +42,24 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
         raise app.UsageError("--untrained and --ceiling: choose one (the ceiling samples nothing)")
     guidance = dict(cfg_text=fv["cfg-text"].value, cfg_image=fv["cfg-image"].value)
     try:
-        check_guidance(fv.ceiling, **guidance)  # before the checkpoint loads
+        scoring.check_guidance(fv.ceiling, **guidance)  # before the checkpoint loads
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    sampler = sample_lib.Sampler.from_checkpoint(fv.checkpoint)
+    try:
+        sampler = sampling.Sampler.from_checkpoint(fv.checkpoint)
+    except (ValueError, FileNotFoundError) as e:  # not a model directory, or params that do not fit its config
+        raise app.UsageError(str(e)) from None
     if fv.untrained:
-        sampler = untrained(sampler, fv.seed)
+        sampler = scoring.untrained(sampler, fv.seed)
     data = sampler.config["data"]
     if "world" not in data:
         raise app.UsageError(f"checkpoint {fv.checkpoint}: its config has no data.world; evaluate a ShapesWorld"
                              " ('shapes' or 'tiny') checkpoint")
-    world = shapes.World.from_config(data["world"], size=int(data["resolution"]))
-    report, rows = evaluate(sampler, fv.num, fv.seed, world, tuple(fv.tasks), split=fv.split, steps=fv.steps,
-                            batch=fv.batch, ceiling=fv.ceiling, **guidance)
-    paths = write_report(fv.out, report, rows)
-    print(markdown(report))
+    world = shapesworld.World.from_config(data["world"], size=int(data["resolution"]))
+    report, rows = scoring.evaluate(sampler, fv.num, fv.seed, world, tuple(fv.tasks), split=fv.split,
+                                    steps=fv.steps, batch=fv.batch, ceiling=fv.ceiling, **guidance)
+    paths = scoring.write_report(fv.out, report, rows)
+    print(scoring.markdown(report))
     return paths
 
 

@@ -22,11 +22,11 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_stage0(tmp_path_factory):
-    """Stage 0 of the tiny ShapesWorld curriculum (``qk_jax.pretrain``), trained once per test session:
-    ``(directory, pretrain.Result)``. Read it in place; copy the directory before running anything that writes
+    """Stage 0 of the tiny ShapesWorld curriculum (``qk_jax.training.stage0``), trained once per test session:
+    ``(directory, stage0.Result)``. Read it in place; copy the directory before running anything that writes
     there (``Result`` keeps paths relative to it)."""
     from configs import shapes as shapes_config
-    from qk_jax import pretrain
+    from qk_jax.training import stage0
 
-    directory = str(tmp_path_factory.mktemp("tiny_stage0") / pretrain.DIRNAME)
-    return directory, pretrain.run(shapes_config.get_config("tiny"), directory)
+    directory = str(tmp_path_factory.mktemp("tiny_stage0") / stage0.DIRNAME)
+    return directory, stage0.run(shapes_config.get_config("tiny"), directory)

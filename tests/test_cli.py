@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
+from absl import app, flags
 
 from qk_jax import cli
 
@@ -33,7 +33,38 @@ def test_a_program_refuses_positional_arguments():
     """``python -m qk_jax.plan`` (``cli.run_as_program``): a stray argument is a usage error, not ignored."""
     out = subprocess.run([sys.executable, "-m", "qk_jax.plan", "--config", "configs/stage2.py:tiny", "stray"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 1 and "unexpected arguments ['stray']" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 2 and "unexpected arguments ['stray']" in out.stderr, out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error: "), out.stderr[-2000:]
+
+
+def test_a_usage_error_is_one_line_without_docstring_or_traceback():
+    out = subprocess.run([sys.executable, "-m", "qk_jax.sample", "--checkpoint", "/nowhere", "--prompt", "a",
+                          "--out", "x.jpg"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == ["error: --out x.jpg: give a .png path (the grid; the images go "
+                                               "beside it)"], out.stderr[-2000:]
+
+
+def test_help_is_short_and_lists_the_flags_early():
+    for program in ("qk_jax.train", "qk_jax.sample", "qk_jax.evaluate", "qk_jax.convert"):
+        out = subprocess.run([sys.executable, "-m", program, "--help"], capture_output=True, text=True, cwd=ROOT,
+                             timeout=300)
+        lines = out.stdout.splitlines()
+        assert lines and lines[0] and "USAGE: python -m " + program in out.stdout, (program, out.stdout[:3000])
+        assert lines.index("flags:") < 20, (program, out.stdout[:3000])
+
+
+def test_actions_are_the_one_positional_argument():
+    def run(fv, action):
+        return action, fv.steps
+
+    assert cli.in_process("tool", _define, run, ["go", "--steps", "4"], actions=("go", "stop")) == ("go", 4)
+    assert cli.in_process("tool", _define, run, ["--steps", "4", "stop"], actions=("go", "stop")) == ("stop", 4)
+    for argv in ([], ["go", "stop"], ["jump"]):
+        with pytest.raises(app.UsageError, match="give one action, go or stop"):
+            cli.in_process("tool", _define, run, argv, actions=("go", "stop"))
+    with pytest.raises(app.UsageError, match="unexpected arguments"):
+        cli.in_process("tool", _define, _run, ["go"])
 
 
 def test_importing_a_tool_defines_no_global_flag():

@@ -138,7 +138,7 @@ def test_shapes_curriculum(variant):
 def test_shapes_vocabulary_covers_every_prompt():
     """The word-level tokenizer of the shapes configs knows every word ShapesWorld's prompts use, and the
     longest prompt with its images fits ``max_text_tokens``."""
-    from qk_jax.data import shapes as world_lib
+    from qk_jax.data import shapesworld as world_lib
 
     config = stage3.get_config("shapes")
     assert config.vlm.tokenizer == "word" and _config("stage1", "tiny").vlm.tokenizer == "byte"
@@ -148,6 +148,26 @@ def test_shapes_vocabulary_covers_every_prompt():
     longest_words = 25  # "put the subject from <image 1> at the top left and ... with a large red circle at the right"
     image_tokens = (config.resolution // (config.vlm.vision.patch_size * config.vlm.vision.spatial_merge_size)) ** 2 + 2
     assert longest_words + config.max_references * image_tokens <= config.vlm.max_text_tokens
+
+
+@pytest.mark.parametrize("variant", ["paper", "tiny"])
+def test_base_is_stage2_without_its_rows(variant):
+    """``common.base`` (for tests and tools) and the stage files assemble the same builders: stage 2 is base plus
+    the keys a stage sets (``:shapes`` also raises its ``flow.mean``, hence paper and tiny)."""
+    stage_keys = {"stage", "init_from", "trainable", "tasks", "batch_size", "total_steps", "optim"}
+    stage = _config("stage2", None if variant == "paper" else variant).to_dict()
+    base = common.base(variant).to_dict()
+    assert {k: v for k, v in stage.items() if k not in stage_keys} == {
+        k: v for k, v in base.items() if k not in stage_keys}
+
+
+def test_config_comments_hold_no_dates_or_scores():
+    """Runs, dates and scores belong in docs/shapesworld_log.md (DESIGN.md, "Conventions"); a config comment says
+    why and points there."""
+    for path in sorted((REPO / "configs").glob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            found = re.search(r"\d{4}-\d{2}-\d{2}|\d+(\.\d+)?%", line)
+            assert not found, f"{path.name}:{number}: {found.group()!r}: move it to docs/shapesworld_log.md"
 
 
 def test_loads_by_path_from_repo_root(monkeypatch):

@@ -15,8 +15,8 @@ from safetensors.numpy import load_file, save_file
 from configs import stage1, stage3
 from qk_jax.convert import __main__ as cli
 from qk_jax.convert.safetensors_io import CheckpointError, SafetensorsReader
+from qk_jax.models import saved_model
 from qk_jax.models.query_kontext import QueryKontextConfig
-from qk_jax.training import checkpoint as ckpt
 
 torch = pytest.importorskip("torch")
 import diffusers  # noqa: E402
@@ -69,7 +69,7 @@ def test_import_then_export_reproduces_every_tensor(folders, tmp_path, capsys):
     assert _import(folders, tmp_path / "ckpt") == 0
     printed = capsys.readouterr().out
     assert "RANDOMLY" not in printed and "connector" in printed and "bytes" in printed
-    config, params, meta = ckpt.load_model(tmp_path / "ckpt")
+    config, params, meta = saved_model.load_model(tmp_path / "ckpt")
     assert meta["stage"] == 1 and meta["imported"]["connector"] == "random"
     assert params["vlm"]["kontext_queries"].shape == (MC.vlm.num_queries, MC.vlm.text.hidden_size)
 
@@ -164,7 +164,7 @@ def test_stage3_import_gives_the_mmdit_fresh_adapters(folders, tmp_path, capsys)
     cli.main(["import", "--config", "configs/stage3.py:tiny", "--qwen", str(folders["qwen"]), "--mmdit",
               str(tmp_path / "flux"), "--vae", str(folders["vae"]), "--out", str(tmp_path / "ckpt")])
     assert "leaves fresh" in capsys.readouterr().out
-    _, params, _ = ckpt.load_model(tmp_path / "ckpt")
+    _, params, _ = saved_model.load_model(tmp_path / "ckpt")
     lora_b = params["mmdit"]["transformer_blocks_0"]["attn"]["to_q"]["lora_b"]
     assert lora_b.shape[0] == config.mmdit.lora.rank and not np.asarray(lora_b).any()
     cli.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "export")])

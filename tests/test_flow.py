@@ -1,5 +1,7 @@
 """Flow matching against diffusers' FLUX schedule and against NumPy formulas."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,9 @@ import numpy as np
 import pytest
 
 from qk_jax.ops import flow
+
+# FLUX.1's shift constants, as diffusers' FluxPipeline defaults them (qk_jax reads them from config.flow).
+FLUX = dict(base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
 
 
 @pytest.mark.parametrize("seq_len", [16, 256, 1024, 4096, 6144])
@@ -16,13 +21,13 @@ def test_mu_and_sigmas_match_diffusers(seq_len):
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
-    chex.assert_trees_all_close(flow.calculate_shift(seq_len), np.float32(mu), atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(flow.calculate_shift(seq_len, **FLUX), np.float32(mu), atol=1e-6, rtol=0)
     for steps in (1, 4, 28, 50):
         sched = FlowMatchEulerDiscreteScheduler(
             use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
         )
         sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)  # as FluxPipeline calls it
-        chex.assert_trees_all_close(flow.euler_sigmas(steps, seq_len), sched.sigmas.numpy(), atol=1e-6, rtol=0)
+        chex.assert_trees_all_close(flow.euler_sigmas(steps, seq_len, **FLUX), sched.sigmas.numpy(), atol=1e-6, rtol=0)
 
 
 def test_time_shift_matches_diffusers_formula():
@@ -38,11 +43,11 @@ def test_time_shift_matches_diffusers_formula():
 
 
 def test_euler_sigmas_are_jittable_and_reject_zero_steps():
-    sig = jax.jit(flow.euler_sigmas, static_argnums=(0, 1))(8, 1024)
+    sig = jax.jit(functools.partial(flow.euler_sigmas, **FLUX), static_argnums=(0, 1))(8, 1024)
     assert sig.shape == (9,) and sig.dtype == jnp.float32 and float(sig[-1]) == 0.0
     assert bool(jnp.all(jnp.diff(sig) < 0))
     with pytest.raises(ValueError, match="num_steps"):
-        flow.euler_sigmas(0, 256)
+        flow.euler_sigmas(0, 256, **FLUX)
 
 
 @pytest.mark.parametrize("mean,std", [(0.0, 1.0), (0.5, 0.8)])
@@ -58,7 +63,7 @@ def test_logit_normal_moments(mean, std):
 
 def test_training_timesteps_are_shifted_logit_normal():
     key = jax.random.key(3)
-    t = flow.sample_training_timesteps(key, 4096, image_seq_len=4096)
+    t = flow.sample_training_timesteps(key, 4096, image_seq_len=4096, mean=0.0, std=1.0, **FLUX)
     base = flow.sample_logit_normal(key, (4096,))
     chex.assert_trees_all_close(t, flow.time_shift(1.15, base), atol=1e-6)
     assert float(t.mean()) > float(base.mean()) + 0.1  # more tokens -> more noise
@@ -80,7 +85,7 @@ def test_euler_on_a_straight_path_lands_on_the_data():
     """With the exact velocity of the straight path, Euler from pure noise reaches x0 on any schedule."""
     rng = np.random.default_rng(1)
     x0, noise = (jnp.asarray(a, jnp.float32) for a in rng.standard_normal((2, 3, 6, 4)))
-    sigmas = flow.euler_sigmas(7, 256)
+    sigmas = flow.euler_sigmas(7, 256, **FLUX)
     x = flow.interpolate(x0, noise, jnp.full((3,), sigmas[0]))
     for i in range(7):
         x = flow.euler_step(x, flow.velocity_target(x0, noise), sigmas[i], sigmas[i + 1])

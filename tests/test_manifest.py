@@ -5,7 +5,9 @@ import os
 
 import pytest
 
-from qk_jax.data import manifest
+from absl import app
+
+from qk_jax.data import manifest, manifest_tool
 from qk_jax.data.manifest import RecordError
 
 
@@ -145,13 +147,27 @@ def test_decode_record_rejects_malformed_bytes():
 
 def test_command_line(tmp_path, capsys):
     path, _ = _dataset(tmp_path)
-    manifest.main(["validate", path])
+    manifest_tool.main(["--validate", path])
     out = capsys.readouterr().out
     assert "5 good records" in out and "skipped 1 x unparsable" in out
-    manifest.main(["to-arrayrecord", path, str(tmp_path / "ar"), "--records-per-shard", "3"])
+    manifest_tool.main(["--to-arrayrecord", path, "--out", str(tmp_path / "ar"), "--records-per-shard", "3"])
     out = capsys.readouterr().out
     assert "4 records in 2 shards" in out and "missing_file" in out
-    manifest.main(["validate", str(tmp_path / "ar")])
+    manifest_tool.main(["--validate", str(tmp_path / "ar")])
     assert "4 good records" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="to-arrayrecord"):
         manifest.open_manifest(str(tmp_path))
+
+
+@pytest.mark.parametrize("argv,problem", [
+    ([], "neither --validate nor --to-arrayrecord"),
+    (["--validate", "a.jsonl", "--to-arrayrecord", "a.jsonl"], "both --validate and --to-arrayrecord"),
+    (["--to-arrayrecord", "a.jsonl"], "needs --out DIR"),
+    (["--validate", "a.jsonl", "--out", "x"], "go with --to-arrayrecord"),
+    (["--validate", "missing.jsonl"], "missing.jsonl not found"),
+])
+def test_command_line_usage_errors(tmp_path, monkeypatch, argv, problem):
+    """A misused command is one usage error naming the problem and the fix."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(app.UsageError, match=problem):
+        manifest_tool.main(argv)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qk_jax.data.manifest import TASKS
+from qk_jax.data.tasks import TASKS
 from qk_jax.training import metrics as m
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import stage1, stage3
-from qk_jax.data import buckets, manifest, pipeline
+from qk_jax.data import buckets, manifest, pipeline, processors
 from qk_jax.ops import rope
 
 ROLES_BY_TASK = {  # (sources, references, vlm) per task, 0-3 inputs
@@ -310,10 +310,12 @@ def test_pixels_orientation_and_bucket_crop(tmp_path):
 
 
 def test_byte_processor_matches_transformers_image_processor():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     config = stage3.get_config("tiny")
-    ours = pipeline.ByteProcessor.from_config(config.vlm)
+    ours = processors.ByteProcessor.from_config(config.vlm)
     reference = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
                                          size={"shortest_edge": 16 * 16, "longest_edge": 128 * 128})
     rng = np.random.default_rng(0)
@@ -421,24 +423,24 @@ def test_malformed_arrayrecord_record_is_counted(tmp_path):
 
 
 def test_word_processor_reads_shapesworld_prompts_and_shares_the_image_side():
-    from qk_jax.data import shapes
+    from qk_jax.data import shapesworld
 
     config = stage3.get_config("shapes")
-    words = pipeline.processor_from_config(config.vlm)
-    assert isinstance(words, pipeline.WordProcessor)
+    words = processors.processor_from_config(config.vlm)
+    assert isinstance(words, processors.WordProcessor)
     vocab = config.vlm.vocabulary
     ids = words.text_ids("Put the subject, from")
     assert ids == [vocab.index(w) + 1 for w in ("put", "the", "subject", ",", "from")]  # lower-cased, split
-    assert words.text_ids("a pink circle") == [vocab.index("a") + 1, pipeline.UNKNOWN_WORD_ID,
+    assert words.text_ids("a pink circle") == [vocab.index("a") + 1, processors.UNKNOWN_WORD_ID,
                                               vocab.index("circle") + 1]
     assert words.unknown_words("a pink circle") == ["pink"]
     # Every ShapesWorld prompt: known words only, and it fits max_text_tokens with its images.
-    world = shapes.World()
+    world = shapesworld.World()
     image = np.zeros((64, 64, 3), np.uint8)
     longest = 0
     for i in range(70):
-        task = shapes.TASKS[i % len(shapes.TASKS)]
-        sample = shapes.generate_sample(world, i, task)
+        task = shapesworld.TASKS[i % len(shapesworld.TASKS)]
+        sample = shapesworld.generate_sample(world, i, task)
         n = len(sample["inputs"])
         text = " ".join(p for p in manifest.prompt_segments(sample["prompt"], n) if isinstance(p, str))
         assert words.unknown_words(text) == [], sample["prompt"]
@@ -448,7 +450,7 @@ def test_word_processor_reads_shapesworld_prompts_and_shares_the_image_side():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(2)]
     prompt = "put the subject from <image 2> at the top and <image 1>"
-    got, ref = words(prompt, images), pipeline.ByteProcessor.from_config(config.vlm)(prompt, images)
+    got, ref = words(prompt, images), processors.ByteProcessor.from_config(config.vlm)(prompt, images)
     np.testing.assert_array_equal(got["pixel_values"], ref["pixel_values"])
     np.testing.assert_array_equal(got["image_grid_thw"], ref["image_grid_thw"])
     special = config.vlm.text.bos_token_id
@@ -459,22 +461,22 @@ def test_word_processor_reads_shapesworld_prompts_and_shares_the_image_side():
 
 def test_processor_choice_and_vocabulary_errors():
     config = stage3.get_config("tiny")
-    assert type(pipeline.processor_from_config(config.vlm)) is pipeline.ByteProcessor
+    assert type(processors.processor_from_config(config.vlm)) is processors.ByteProcessor
     del config.vlm["tokenizer"]  # a checkpoint from before the key: bytes
-    assert type(pipeline.processor_from_config(config.vlm)) is pipeline.ByteProcessor
+    assert type(processors.processor_from_config(config.vlm)) is processors.ByteProcessor
     config.vlm.tokenizer = "word"
-    assert type(pipeline.processor_from_config(config.vlm)) is pipeline.WordProcessor
+    assert type(processors.processor_from_config(config.vlm)) is processors.WordProcessor
     config.vlm.tokenizer = "sentencepiece"
     with pytest.raises(ValueError, match="config.vlm.tokenizer='sentencepiece'; expected one of byte, word"):
-        pipeline.processor_from_config(config.vlm)
-    kwargs = pipeline.PatchProcessor._kwargs(config.vlm)
+        processors.processor_from_config(config.vlm)
+    kwargs = processors.PatchProcessor._kwargs(config.vlm)
     with pytest.raises(ValueError, match="repeats"):
-        pipeline.WordProcessor(vocabulary=("a", "b", "a"), **kwargs)
+        processors.WordProcessor(vocabulary=("a", "b", "a"), **kwargs)
     with pytest.raises(ValueError, match="not one lower-case word"):
-        pipeline.WordProcessor(vocabulary=("top left",), **kwargs)
+        processors.WordProcessor(vocabulary=("top left",), **kwargs)
     with pytest.raises(ValueError, match="do not fit below the first special token id 96"):
-        pipeline.WordProcessor(vocabulary=tuple(f"w{i}" for i in range(96)), **kwargs)
+        processors.WordProcessor(vocabulary=tuple(f"w{i}" for i in range(96)), **kwargs)
     paper = stage3.get_config()
     paper.vlm.tokenizer = "word"
     with pytest.raises(ValueError, match="needs config.vlm.vocabulary"):
-        pipeline.processor_from_config(paper.vlm)
+        processors.processor_from_config(paper.vlm)

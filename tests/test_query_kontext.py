@@ -10,7 +10,7 @@ from configs import stage1
 from configs import stage2
 from configs import stage3
 from qk_jax.data import pipeline
-from qk_jax.data import shapes
+from qk_jax.data import shapesworld
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig, vlm_image_grid
 from qk_jax.ops import rope
 from qk_jax.pytree import flatten
@@ -27,7 +27,7 @@ def _config(module, **overrides):
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
-    return shapes.write_split(str(out), "train", 28, 0, shapes.default_world(32), shapes.TASKS)
+    return shapesworld.write_split(str(out), "train", 28, 0, shapesworld.default_world(32), shapesworld.TASKS)
 
 
 def _batches(config, manifest, batch_size=4):

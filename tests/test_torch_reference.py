@@ -17,11 +17,11 @@ import pytest
 
 from configs import stage3
 from qk_jax.convert import __main__ as cli
+from qk_jax.models import saved_model
 from qk_jax.models import vae as vae_lib
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
 from qk_jax.ops import rope
 from qk_jax.pytree import flatten, unflatten
-from qk_jax.training import checkpoint as ckpt
 
 torch = pytest.importorskip("torch")
 from qk_jax.convert import torch_reference  # noqa: E402
@@ -58,7 +58,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("kontext")
     params = random_params()
     assert any(p.endswith("lora_b") for p in flatten(params["mmdit"]))
-    ckpt.save_model(root / "ckpt", CONFIG, params, meta=dict(stage=3))
+    saved_model.save_model(root / "ckpt", CONFIG, params, meta=dict(stage=3))
     cli.main(["export", "--checkpoint", str(root / "ckpt"), "--out", str(root / "export")])
     return params, torch_reference.KontextPipeline.from_exported(root / "export")
 
@@ -140,7 +140,7 @@ def test_sincos_pos_embed_exports_and_matches_jax(tmp_path, exported, conditione
     config = CONFIG.copy_and_resolve_references()
     config.mmdit.pos_embed = "sincos"
     model = QueryKontext(QueryKontextConfig.from_config(config))
-    ckpt.save_model(tmp_path / "ckpt", config, params, meta=dict(stage=3))
+    saved_model.save_model(tmp_path / "ckpt", config, params, meta=dict(stage=3))
     cli.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "export")])
     pipe = torch_reference.KontextPipeline.from_exported(tmp_path / "export")
     assert pipe.settings["pos_embed"] == "sincos" and "get_2d_sincos" in (tmp_path / "export" / "README.md").read_text()

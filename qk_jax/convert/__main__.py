@@ -1,26 +1,30 @@
-r"""python -m qk_jax.convert {import,export}: whole-model checkpoint conversion (``qk_jax.convert.export``).
+r"""Convert whole models: transformers/diffusers folders in (``import``), PyTorch-loadable folders out (``export``).
 
-Import transformers/diffusers folders into a stage's initial model checkpoint (components not given are random)::
+USAGE: python -m qk_jax.convert import --qwen DIR --config configs/stageN.py[:variant] --out DIR [--mmdit DIR]
+       python -m qk_jax.convert export --checkpoint DIR --out DIR
+
+Import transformers/diffusers folders into a stage's initial model checkpoint (components not given are random):
 
     python -m qk_jax.convert import --qwen Qwen2.5-VL-7B-Instruct --mmdit FLUX.1-dev/transformer \
         --vae FLUX.1-dev/vae --config configs/stage1.py --out /tmp/qk_init --dtype bfloat16
 
 Export a model checkpoint (a stage's ``<workdir>/final``) as transformers/diffusers folders plus the kontext
-queries, the connector and a README::
+queries, the connector and a README (``qk_jax.convert.export``):
 
     python -m qk_jax.convert export --checkpoint /tmp/qk_stage3/final --out /tmp/qk_export
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
+from absl import app, flags
 
+from qk_jax import cli
 from qk_jax.convert import export as export_lib
 
 
@@ -38,36 +42,58 @@ def load_config(spec: str):
     return module.get_config(arg or None)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qk_jax.convert", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    imp = commands.add_parser("import", help="transformers/diffusers folders -> a stage's initial model checkpoint")
-    imp.add_argument("--qwen", required=True, help="Qwen2_5_VLForConditionalGeneration folder (save_pretrained)")
-    imp.add_argument("--mmdit", help="diffusers FluxTransformer2DModel folder; default: random")
-    imp.add_argument("--vae", help="diffusers AutoencoderKL folder; default: random")
-    imp.add_argument("--config", required=True, help="stage config: configs/stageN.py[:variant]")
-    imp.add_argument("--out", required=True, help="new directory for the model checkpoint")
-    imp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the stored params")
-    imp.add_argument("--seed", type=int, default=0, help="seed of the randomly initialised parts")
-    exp = commands.add_parser("export", help="a model checkpoint -> transformers/diffusers folders + kontext weights")
-    exp.add_argument("--checkpoint", required=True, help="a save_model directory (a stage's <workdir>/final)")
-    exp.add_argument("--out", required=True, help="new directory for the exported folders")
-    return parser
+ACTIONS = ("import", "export")
+# The flags each action needs (the others are refused for it).
+_NEEDS = dict(import_=("qwen", "config", "out"), export=("checkpoint", "out"))
+_TAKES = dict(import_=("qwen", "mmdit", "vae", "config", "out", "dtype", "seed"), export=("checkpoint", "out"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; ``argv`` without the program name. User errors raise (ValueError/CheckpointError)."""
-    args = _parser().parse_args(argv)
-    if args.command == "import":
-        export_lib.import_model(load_config(args.config), args.out, qwen=args.qwen, mmdit=args.mmdit, vae=args.vae,
-                                dtype=jnp.dtype(args.dtype), seed=args.seed)
+def define_flags(fv: flags.FlagValues) -> None:
+    kw = dict(flag_values=fv)
+    flags.DEFINE_string("qwen", None, "import: a Qwen2_5_VLForConditionalGeneration folder (save_pretrained).", **kw)
+    flags.DEFINE_string("mmdit", None, "import: a diffusers FluxTransformer2DModel folder (default: random).", **kw)
+    flags.DEFINE_string("vae", None, "import: a diffusers AutoencoderKL folder (default: random).", **kw)
+    flags.DEFINE_string("config", None, "import: the stage config, configs/stageN.py[:variant].", **kw)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "import: dtype of the stored params.", **kw)
+    flags.DEFINE_integer("seed", 0, "import: seed of the randomly initialised parts.", **kw)
+    flags.DEFINE_string("checkpoint", None, "export: a model directory (a stage's <workdir>/final).", **kw)
+    flags.DEFINE_string("out", None, "A new directory: the model checkpoint (import) or the exported folders.", **kw)
+
+
+def run_flags(fv: flags.FlagValues, action: str) -> int:
+    """Run one action. User errors in the flags are ``app.UsageError``; in the files, ``ValueError`` (a
+    ``CheckpointError``) or ``FileNotFoundError``/``FileExistsError`` naming the file."""
+    key = "import_" if action == "import" else action
+    missing = [f"--{name}" for name in _NEEDS[key] if fv[name].value is None]
+    if missing:
+        raise app.UsageError(f"convert {action} needs {' '.join(missing)}")
+    stray = [f"--{name}" for name in ("qwen", "mmdit", "vae", "config", "checkpoint")
+             if name not in _TAKES[key] and fv[name].value is not None]
+    if stray:
+        raise app.UsageError(f"convert {action} does not take {' '.join(stray)}")
+    if action == "import":
+        export_lib.import_model(load_config(fv.config), fv.out, qwen=fv.qwen, mmdit=fv.mmdit, vae=fv.vae,
+                                dtype=jnp.dtype(fv.dtype), seed=fv.seed)
     else:
-        export_lib.export_model(args.checkpoint, args.out)
+        export_lib.export_model(fv.checkpoint, fv.out)
     return 0
 
 
-if __name__ == "__main__":
+def _run_reporting_file_errors(fv: flags.FlagValues, action: str) -> int:
+    """As a program: a bad folder or file (``ValueError``, ``FileNotFoundError``, ``FileExistsError``) is a
+    one-line usage error too."""
     try:
-        sys.exit(main())
+        return run_flags(fv, action)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # CheckpointError is a ValueError
-        sys.exit(f"error: {e}")
+        raise app.UsageError(str(e)) from None
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m qk_jax.convert`` in-process: ``main(["export", "--checkpoint", DIR, "--out", OUT])``. User
+    errors in the files raise (``ValueError``/``CheckpointError``, ``FileNotFoundError``), in the flags
+    ``app.UsageError``."""
+    return cli.in_process("qk_jax.convert", define_flags, run_flags, argv, actions=ACTIONS)
+
+
+if __name__ == "__main__":
+    cli.run_as_program(define_flags, _run_reporting_file_errors, actions=ACTIONS)

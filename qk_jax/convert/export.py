@@ -35,14 +35,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from qk_jax.convert import diffusers_mmdit, diffusers_vae, hf_qwen_vl
-from qk_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
+from qk_jax.convert.safetensors_io import (
+    CheckpointError,
+    SafetensorsReader,
+    write_safetensors,
+)
+from qk_jax.models import saved_model
 from qk_jax.models.lora import LORA_A, LORA_B
 from qk_jax.models.mmdit import init_inputs as mmdit_init_inputs
 from qk_jax.models.mmdit import with_layout
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
 from qk_jax.models.qwen_vl import init_inputs as vlm_init_inputs
 from qk_jax.pytree import flatten, unflatten
-from qk_jax.training import checkpoint as ckpt
 
 COMPONENTS = ("vlm", "connector", "mmdit", "vae")
 # The exported folder's layout.
@@ -224,7 +228,7 @@ def import_model(
     total = sum(summary[c]["bytes"] for c in COMPONENTS)
     meta = dict(stage=int(config.get("stage", 0)), step=0, imported={c: summary[c]["source"] for c in COMPONENTS},
                 dtype=np_dtype.name)
-    ckpt.save_model(out, config, params, meta=meta)
+    saved_model.save_model(out, config, params, meta=meta)
     log(f"wrote {out}: {total:,d} bytes in {np_dtype.name}")
     return summary
 
@@ -352,7 +356,7 @@ to `max_shift` at `max_seq_len` (`flow` in `kontext_config.json`). Decode with t
 
 def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, log: Log = print) -> Path:
     """Write the model checkpoint ``checkpoint`` (``save_model`` layout) as the folders of the module doc."""
-    config, params, meta = ckpt.load_model(checkpoint)
+    config, params, meta = saved_model.load_model(checkpoint)
     model_config = QueryKontextConfig.from_config(config)
     missing = [c for c in COMPONENTS if c not in params]
     if missing:

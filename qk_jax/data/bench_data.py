@@ -1,110 +1,47 @@
-r"""Input-pipeline throughput in samples per second (a benchmark, not a test).
+r"""Benchmark the input pipeline: samples per second of ShapesWorld and 512 px JPEG records, JSONL and ArrayRecord.
 
-``python -m qk_jax.data.bench_data [--workers 0 2] [--batches 30] [--cases shapes jpeg-t2i jpeg-edit]``
+USAGE: python -m qk_jax.data.bench_data [--workers N ...] [--batches N] [--cases CASE ...] [--records N]
 
-Cases, each timed over ``--batches`` batches after 3 warm-up batches, for every ``--workers`` value:
+  python -m qk_jax.data.bench_data --workers 0 --workers 2 --batches 30 --cases shapes --cases jpeg-edit
 
-- ``shapes``: ShapesWorld's stage 3 mixture (``configs/stage3.py:shapes``, batch 16, 64 px, 0-2 inputs) from a
-  freshly generated JSONL dataset; the generator's own rate is printed too.
-- ``jpeg-t2i`` / ``jpeg-edit``: 512 x 512 JPEG records at paper scale (``configs/stage3.py``, batch 8): t2i (one
-  image per sample) and edit (target + source, both also as Qwen2-VL pixel patches), from JSONL files and from
-  ArrayRecord shards.
-
-The VLM inputs come from ``ByteProcessor`` (the same image processing as Qwen2-VL's); its byte-level text makes
-longer token sequences than a real tokenizer, so ``vlm.max_text_tokens`` is raised to fit.
+The cases and how they are timed: ``qk_jax.perf.data``.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
-import json
-import os
-import tempfile
-import time
+from collections.abc import Sequence
 
-import numpy as np
-from PIL import Image
+from absl import flags
 
-from qk_jax.data import manifest, pipeline, shapes
+from qk_jax import cli
+from qk_jax.perf import data
 
 
-def _photo(rng: np.random.Generator, size: int) -> bytes:
-    """A JPEG with photo-like statistics: smooth colour fields plus texture noise (q 90)."""
-    small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-    base = np.asarray(Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC), np.float32)
-    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
-    return out.getvalue()
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """The command's flags, on ``flag_values`` (``qk_jax.cli``)."""
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_multi_integer("workers", [0, 2], "Pipeline worker processes (repeat the flag for several).",
+                               lower_bound=0, **fv)
+    flags.DEFINE_integer("batches", 30, "Timed batches per measurement (after 3 warm-up batches).", lower_bound=1,
+                         **fv)
+    flags.DEFINE_multi_enum("cases", list(data.CASES), data.CASES, "What to read (repeat the flag for several).",
+                            **fv)
+    flags.DEFINE_integer("records", 1000, "Records per generated dataset.", lower_bound=1, **fv)
 
 
-def _jpeg_dataset(root: str, num: int, task: str) -> str:
-    rng = np.random.default_rng(0)
-    os.makedirs(os.path.join(root, "img"), exist_ok=True)
-    with open(os.path.join(root, f"{task}.jsonl"), "w") as f:
-        for i in range(num):
-            names = [f"img/{task}_{i}_{k}.jpg" for k in range(2 if task == "edit" else 1)]
-            for name in names:
-                with open(os.path.join(root, name), "wb") as g:
-                    g.write(_photo(rng, 512))
-            inputs = [dict(path=names[1], role="source")] if task == "edit" else []
-            f.write(json.dumps(dict(task=task, prompt=f"a photo number {i}", target=names[0], inputs=inputs)) + "\n")
-    return os.path.join(root, f"{task}.jsonl")
+def run_flags(fv: flags.FlagValues) -> list[str]:
+    """Runs the benchmark, printing each line as it is measured; returns the lines."""
+    lines = []
+    for line in data.run(fv.cases, fv.workers, fv.batches, fv.records):
+        print(line, flush=True)
+        lines.append(line)
+    return lines
 
 
-def _rate(config, source: str, workers: int, batches: int) -> float:
-    pipe = pipeline.make_pipeline(config, manifest=source, workers=workers)
-    it = iter(pipe)
-    for _ in range(3):
-        next(it)
-    start, rows = time.perf_counter(), 0
-    for _ in range(batches):
-        rows += int(next(it)["valid"].sum())
-    rate = rows / (time.perf_counter() - start)
-    it.close()
-    return rate
-
-
-def main(argv=None) -> None:
-    from configs import stage3
-
-    parser = argparse.ArgumentParser(prog="python -m qk_jax.data.bench_data", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--batches", type=int, default=30)
-    parser.add_argument("--cases", nargs="+", default=["shapes", "jpeg-t2i", "jpeg-edit"],
-                        choices=["shapes", "jpeg-t2i", "jpeg-edit"])
-    parser.add_argument("--records", type=int, default=1000, help="records per generated dataset")
-    args = parser.parse_args(argv)
-    print(f"{os.cpu_count()} CPUs; samples/s over {args.batches} batches after 3 warm-up batches")
-    with tempfile.TemporaryDirectory() as tmp:
-        if "shapes" in args.cases:
-            start = time.perf_counter()
-            shapes.main(["--out", os.path.join(tmp, "shapes"), "--num", str(args.records), "--num-test", "1"])
-            print(f"ShapesWorld generator: {(args.records + 1) / (time.perf_counter() - start):.0f} samples/s "
-                  "(rendered, PNG-encoded, written)")
-            config = stage3.get_config("shapes")
-            config.vlm.max_text_tokens = 256
-            for workers in args.workers:
-                rate = _rate(config, os.path.join(tmp, "shapes/train/manifest.jsonl"), workers, args.batches)
-                print(f"shapes     stage 3 mixture, batch {config.batch_size:3d}, JSONL, workers={workers}: "
-                      f"{rate:8.1f} samples/s")
-        for case in ("jpeg-t2i", "jpeg-edit"):
-            if case not in args.cases:
-                continue
-            task = case.split("-")[1]
-            jsonl = _jpeg_dataset(os.path.join(tmp, "jpeg"), args.records, task)
-            shards = os.path.join(tmp, "jpeg", f"{task}_ar")
-            manifest.to_arrayrecord(jsonl, shards)
-            config = stage3.get_config()
-            config.batch_size = 8
-            config.tasks = {task: 1.0}
-            for workers in args.workers:
-                for kind, source in (("JSONL", jsonl), ("ArrayRecord", shards)):
-                    rate = _rate(config, source, workers, args.batches)
-                    print(f"{case:10s} 512x512 JPEG, batch {config.batch_size:3d}, {kind:11s}, workers={workers}: "
-                          f"{rate:8.1f} samples/s")
+def main(argv: Sequence[str]) -> list[str]:
+    """``python -m qk_jax.data.bench_data`` in-process: ``main(['--cases', 'shapes', '--records', '20'])``."""
+    return cli.in_process("qk_jax.data.bench_data", define_flags, run_flags, argv)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_as_program(define_flags, run_flags)

@@ -21,9 +21,7 @@ A record (one JSON object per line of a ``.jsonl`` manifest)::
 - Paths are relative to the dataset root (default: the manifest's folder) and may not leave it: absolute paths
   and ``..`` that climbs out are refused when the manifest is read, and symlinks that point outside are refused
   when the file is opened.
-- Which roles a task takes (``TASK_ROLES``): t2i none; recon one ``vlm``; transform >= 1 ``vlm``; edit one
-  ``source``; custom >= 1 ``reference``; multi >= 2 ``reference``; subject_edit one ``source`` and >= 1
-  ``reference``; ``vlm`` inputs may be added to every task but t2i and recon.
+- Which roles a task takes, and how many: ``qk_jax.data.tasks`` (the task vocabulary).
 
 Bad rows never stop a run. ``JsonlManifest`` reads and validates every line once, keeps the good ones and
 counts the bad ones per kind (``problems``; the first message of each kind in ``examples``, naming the record
@@ -33,8 +31,8 @@ and the field). Problems that only show when the images are read (``missing_file
 Large runs: ArrayRecord shards hold each record with its encoded images, so a worker reads one record with one
 random access and no file-system round trips::
 
-  python -m qk_jax.data.manifest to-arrayrecord data/train.jsonl /data/train_ar [--records-per-shard 10000]
-  python -m qk_jax.data.manifest validate data/train.jsonl          # counts per problem kind, first examples
+  python -m qk_jax.data.manifest_tool --to-arrayrecord data/train.jsonl --out /data/train_ar [--records-per-shard 10000]
+  python -m qk_jax.data.manifest_tool --validate data/train.jsonl   # counts per problem kind, first examples
 
 The converter streams the records into ``records-00000.array_record``, ``records-00001...`` and writes
 ``index.json`` (shard names, the contiguous range of record numbers of each task, what was skipped). Records are
@@ -46,7 +44,6 @@ following the header in that order. No pickle: a shard is data, not code. ``open
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -58,18 +55,9 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-TASKS = ("t2i", "recon", "transform", "edit", "custom", "multi", "subject_edit")
-ROLES = ("vlm", "source", "reference")
-# task -> {role: (min, max or None)}; roles not listed may not appear.
-TASK_ROLES = {
-    "t2i": {},
-    "recon": {"vlm": (1, 1)},
-    "transform": {"vlm": (1, None)},
-    "edit": {"source": (1, 1), "vlm": (0, None)},
-    "custom": {"reference": (1, None), "vlm": (0, None)},
-    "multi": {"reference": (2, None), "vlm": (0, None)},
-    "subject_edit": {"source": (1, 1), "reference": (1, None), "vlm": (0, None)},
-}
+from qk_jax.data import tasks as tasks_lib
+from qk_jax.data.tasks import ROLES, TASKS
+
 # Kinds of bad records, as counted by manifests and the pipeline.
 BAD_KINDS = ("unparsable", "invalid", "unknown_task", "too_many_references", "unsafe_path", "missing_file",
              "empty_image", "corrupt_image", "too_large", "too_long")
@@ -231,13 +219,10 @@ def parse_record(obj: Any, *, record_id: str, index: int = -1, root: str | None 
         raise RecordError("too_many_references", rid, "inputs",
                           f"{counts['reference']} references but max_references={max_references}; drop some or "
                           "raise config.max_references")
-    rules = TASK_ROLES[task]
-    for role in ROLES:
-        low, high = rules.get(role, (0, 0))
-        if counts[role] < low or (high is not None and counts[role] > high):
-            want = f"{low}" if low == high else f"{low}..{'any' if high is None else high}"
-            raise RecordError("invalid", rid, "inputs",
-                              f"task {task!r} takes {want} {role!r} inputs, got {counts[role]}")
+    try:
+        tasks_lib.check_inputs(task, counts)
+    except ValueError as e:
+        raise RecordError("invalid", rid, "inputs", str(e)) from None
     try:
         prompt_segments(prompt, len(inputs))
     except ValueError as e:
@@ -370,7 +355,7 @@ class ArrayRecordManifest:
         index_path = os.path.join(folder, "index.json")
         if not os.path.exists(index_path):
             raise FileNotFoundError(f"{index_path} not found: write shards with "
-                                    "`python -m qk_jax.data.manifest to-arrayrecord MANIFEST OUT`")
+                                    "`python -m qk_jax.data.manifest_tool --to-arrayrecord MANIFEST --out DIR`")
         with open(index_path, encoding="utf-8") as f:
             self.index = json.load(f)
         self.folder = folder
@@ -461,31 +446,3 @@ def to_arrayrecord(manifest_path: str, out_dir: str, *, records_per_shard: int =
         json.dump(index, f, indent=1, sort_keys=True)
     return index
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qk_jax.data.manifest")
-    sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser("to-arrayrecord", help="JSONL manifest -> ArrayRecord shards + index.json")
-    convert.add_argument("manifest")
-    convert.add_argument("out_dir")
-    convert.add_argument("--records-per-shard", type=int, default=10_000)
-    convert.add_argument("--max-references", type=int, default=None)
-    check = sub.add_parser("validate", help="read a manifest and print its problems per kind")
-    check.add_argument("manifest")
-    check.add_argument("--max-references", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.command == "to-arrayrecord":
-        index = to_arrayrecord(args.manifest, args.out_dir, records_per_shard=args.records_per_shard,
-                               max_references=args.max_references)
-        print(f"{index['num_records']} records in {len(index['shards'])} shards -> {args.out_dir}")
-        summary, examples = index["skipped"], index["examples"]
-    else:
-        manifest = open_manifest(args.manifest, max_references=args.max_references)
-        print(f"{len(manifest)} good records: {dict(collections.Counter(manifest.tasks()))}")
-        summary, examples = manifest.problems, manifest.examples
-    for kind, count in sorted(summary.items()):
-        print(f"skipped {count} x {kind}, e.g. {examples[kind]}")
-
-
-if __name__ == "__main__":
-    main()

@@ -38,7 +38,7 @@ key                   dtype, shape        meaning
                                           VLM's order; may differ from the slot order of ``roles``/``inputs``),
                                           zeros where dropped
 ``image_grid_thw``    int32 [B,M,3]       each slot's (t, h, w) patch grid (the bucket's, dropped slots too)
-``task``              int32 [B]           index into ``manifest.TASKS``
+``task``              int32 [B]           index into ``tasks.TASKS``
 ``record_index``      int64 [B]           the record's position in its manifest
 ``text_dropped``      bool [B]            the prompt text was dropped for guidance
 ``images_dropped``    bool [B]            the input images were dropped for guidance
@@ -67,275 +67,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import logging
-import math
 import os
-import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image, ImageOps
 
 from qk_jax.data import buckets as buckets_lib
 from qk_jax.data import manifest as manifest_lib
+from qk_jax.data import tasks as tasks_lib
+from qk_jax.data.images import fit, open_image, oriented_size
 from qk_jax.data.manifest import Record, RecordError
+from qk_jax.data.processors import VLMProcessor, processor_from_config
 from qk_jax.ops import rope
 
 log = logging.getLogger("qk_jax.data")
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2-VL's image normalisation
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_EXIF_ORIENTATION = 0x0112
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The VLM processor the pipeline needs
-# ----------------------------------------------------------------------------------------------------------
-
-
-class VLMProcessor(Protocol):
-    """What the pipeline needs from a Qwen2.5-VL processor (``qk_jax.data.processor``, ``ByteProcessor`` or
-    ``WordProcessor``).
-
-    It must be picklable (Grain sends it to the worker processes).
-    """
-
-    patch_dim: int  # D: channels of one flattened pixel patch (3 * temporal_patch_size * patch_size**2)
-
-    def image_grid_thw(self, height: int, width: int) -> tuple[int, int, int]:
-        """The (t, h, w) patch grid of an image of this size; its ``t * h * w`` patches is P."""
-        ...
-
-    def __call__(self, prompt: str, images: Sequence[np.ndarray]) -> Mapping[str, np.ndarray]:
-        """Tokenises a prompt with its images.
-
-        Args:
-          prompt: text in which ``<image k>`` (k = 1..len(images)) appears exactly once per image, where
-            that image's tokens go.
-          images: uint8 ``[H, W, 3]`` RGB, all of one size.
-
-        Returns:
-          ``input_ids`` int ``[T]`` (unpadded), ``pixel_values`` float32 ``[sum of patches, D]`` (images in
-          order) and ``image_grid_thw`` int ``[len(images), 3]``.
-        """
-        ...
-
-
-class PatchProcessor:
-    """The image side of a self-contained Qwen2.5-VL processor; subclasses tokenise the text (``text_ids``).
-
-    Images follow Qwen2-VL's image processor: resized to multiples of ``patch_size * merge_size`` (bicubic),
-    normalised with the CLIP mean/std, repeated over ``temporal_patch_size`` frames and flattened patch by patch
-    in Qwen's merge-window order; in the text each image is ``<|vision_start|>``, one ``<|image_pad|>`` per merged
-    patch, ``<|vision_end|>``.
-    """
-
-    def __init__(self, *, patch_size: int, merge_size: int, temporal_patch_size: int, image_token_id: int,
-                 vision_start_token_id: int, vision_end_token_id: int, first_special_id: int):
-        self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, merge_size, temporal_patch_size
-        self.image_token_id = image_token_id
-        self.vision_start_token_id, self.vision_end_token_id = vision_start_token_id, vision_end_token_id
-        self.first_special_id = first_special_id
-        self.patch_dim = 3 * temporal_patch_size * patch_size**2
-
-    @staticmethod
-    def _kwargs(vlm: Mapping[str, Any]) -> dict[str, int]:
-        """The constructor's arguments from ``config.vlm`` (transformers' Qwen2_5_VLConfig names)."""
-        vision = vlm["vision"]
-        return dict(patch_size=int(vision["patch_size"]), merge_size=int(vision["spatial_merge_size"]),
-                    temporal_patch_size=int(vision["temporal_patch_size"]), image_token_id=int(vlm["image_token_id"]),
-                    vision_start_token_id=int(vlm["vision_start_token_id"]),
-                    vision_end_token_id=int(vlm["vision_end_token_id"]),
-                    first_special_id=int(vlm["text"]["bos_token_id"]))
-
-    def text_ids(self, text: str) -> list[int]:
-        """Token ids of a piece of prompt text (no images in it)."""
-        raise NotImplementedError
-
-    def _resized(self, height: int, width: int) -> tuple[int, int]:
-        factor = self.patch_size * self.merge_size
-        return max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
-
-    def image_grid_thw(self, height: int, width: int) -> tuple[int, int, int]:
-        h, w = self._resized(height, width)
-        return 1, h // self.patch_size, w // self.patch_size
-
-    def _patches(self, image: np.ndarray) -> np.ndarray:
-        h, w = self._resized(*image.shape[:2])
-        if (h, w) != image.shape[:2]:
-            image = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BICUBIC))
-        # (x / 255 - mean) / std as one multiply-add.
-        x = image * np.float32(1 / 255 / np.asarray(OPENAI_CLIP_STD)) - np.float32(
-            np.asarray(OPENAI_CLIP_MEAN) / np.asarray(OPENAI_CLIP_STD))
-        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
-        gh, gw = h // p, w // p
-        x = x.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)  # [gh/m, gw/m, m, m, C, p, p]
-        x = np.repeat(np.ascontiguousarray(x)[..., None, :, :], t, axis=5)  # the frame repeated t times
-        return x.reshape(gh * gw, self.patch_dim)
-
-    def __call__(self, prompt: str, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        ids: list[int] = []
-        grids = []
-        for piece in manifest_lib.prompt_segments(prompt, len(images)):
-            if isinstance(piece, str):
-                ids.extend(self.text_ids(piece))
-                continue
-            grid = self.image_grid_thw(*images[piece].shape[:2])
-            grids.append((piece, grid))
-            n = grid[0] * grid[1] * grid[2] // self.merge_size**2
-            ids.extend([self.vision_start_token_id] + [self.image_token_id] * n + [self.vision_end_token_id])
-        # Patches in the order the images' tokens appear in the prompt: the VLM fills its <|image_pad|> tokens
-        # with image features in that order ("<image 2> ... <image 1>" sends image 2 first).
-        patches = [self._patches(images[index]) for index, _ in grids]
-        return dict(
-            input_ids=np.asarray(ids, np.int32),
-            pixel_values=(np.concatenate(patches) if patches else np.zeros((0, self.patch_dim), np.float32)),
-            image_grid_thw=np.asarray([grid for _, grid in grids], np.int32).reshape(len(grids), 3),
-        )
-
-
-class ByteProcessor(PatchProcessor):
-    """A stand-in for the Qwen2.5-VL processor that reads any text: one token per UTF-8 byte.
-
-    A byte at or above the first special token id wraps around: fine for ASCII prompts and vocabularies of
-    >= 128 + specials. Images as ``PatchProcessor``. The tests' tiny model reads its prompts this way.
-    """
-
-    @classmethod
-    def from_config(cls, vlm: Mapping[str, Any]) -> ByteProcessor:
-        """From ``config.vlm`` (transformers' Qwen2_5_VLConfig names)."""
-        return cls(**cls._kwargs(vlm))
-
-    def text_ids(self, text: str) -> list[int]:
-        return [b % self.first_special_id for b in text.encode("utf-8")]
-
-
-WORD = re.compile(r"\w+|[^\w\s]")  # a word or one punctuation mark: ShapesWorld's prompt tokens
-UNKNOWN_WORD_ID = 0
-
-
-class WordProcessor(PatchProcessor):
-    """A word-level stand-in for the Qwen2.5-VL processor, for a closed vocabulary (ShapesWorld's prompts).
-
-    Text is lower-cased and split into words and punctuation marks (``WORD``); word ``i`` of ``vocabulary``
-    is token ``i + 1`` and a word outside it is the unknown-word token ``UNKNOWN_WORD_ID`` (0). Qwen's special
-    tokens (padding, vision start/end, image pads) keep their ids from ``config.vlm``, above the words. Images
-    as ``PatchProcessor``. A ShapesWorld prompt is 2-25 words, against 16-146 bytes for ``ByteProcessor``: the
-    VLM's sequence, and its cost, shrink accordingly.
-
-    The ids are the vocabulary's order: a checkpoint is tied to ``config.vlm.vocabulary``, which it stores.
-    """
-
-    def __init__(self, *, vocabulary: Sequence[str], **kwargs):
-        super().__init__(**kwargs)
-        self.vocabulary = tuple(str(w) for w in vocabulary)
-        if len(set(self.vocabulary)) != len(self.vocabulary):
-            dupes = sorted({w for w in self.vocabulary if self.vocabulary.count(w) > 1})
-            raise ValueError(f"config.vlm.vocabulary repeats {dupes}; list each word once")
-        bad = [w for w in self.vocabulary if WORD.fullmatch(w) is None or w != w.lower()]
-        if bad:
-            raise ValueError(f"config.vlm.vocabulary has entries that are not one lower-case word or punctuation mark: "
-                             f"{bad[:8]}")
-        if len(self.vocabulary) + 1 > self.first_special_id:
-            raise ValueError(f"config.vlm.vocabulary has {len(self.vocabulary)} words, which with the unknown-word id "
-                             f"do not fit below the first special token id {self.first_special_id}; raise "
-                             "vlm.text.vocab_size and the special ids, or shorten the vocabulary")
-        self.ids = {w: i + 1 for i, w in enumerate(self.vocabulary)}
-
-    @classmethod
-    def from_config(cls, vlm: Mapping[str, Any]) -> WordProcessor:
-        """From ``config.vlm``: its token ids and ``vocabulary`` (a tuple of words)."""
-        if "vocabulary" not in vlm:
-            raise ValueError("config.vlm.tokenizer='word' needs config.vlm.vocabulary (a tuple of words); "
-                             "ShapesWorld's is configs.common.SHAPES_VOCABULARY")
-        return cls(vocabulary=tuple(vlm["vocabulary"]), **cls._kwargs(vlm))
-
-    def text_ids(self, text: str) -> list[int]:
-        return [self.ids.get(word, UNKNOWN_WORD_ID) for word in WORD.findall(text.lower())]
-
-    def unknown_words(self, text: str) -> list[str]:
-        """The words of ``text`` outside the vocabulary (they become the unknown-word token)."""
-        return [word for word in WORD.findall(text.lower()) if word not in self.ids]
-
-
-TOKENIZERS = dict(byte=ByteProcessor, word=WordProcessor)
-
-
-def processor_from_config(vlm: Mapping[str, Any]) -> PatchProcessor:
-    """The stand-in processor ``config.vlm.tokenizer`` names: ``'byte'`` (the default) or ``'word'``.
-
-    What ``make_pipeline`` trains with and ``qk_jax.sample.processor_for`` samples with when no Qwen tokenizer
-    folder is given, so training and sampling tokenise a checkpoint's prompts the same way.
-    """
-    name = str(vlm.get("tokenizer", "byte"))
-    if name not in TOKENIZERS:
-        raise ValueError(f"config.vlm.tokenizer={name!r}; expected one of {', '.join(TOKENIZERS)}")
-    return TOKENIZERS[name].from_config(vlm)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Decoding
-# ----------------------------------------------------------------------------------------------------------
-
-
-def open_image(data: bytes, record_id: str, field: str) -> Image.Image:
-    """Opens encoded image bytes lazily (header only); bad bytes raise ``RecordError``.
-
-    Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``) stays on: an image above it is ``too_large``.
-    """
-    if not data:
-        raise RecordError("empty_image", record_id, field, "the image file is empty (0 bytes)")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise RecordError("too_large", record_id, field, str(e)) from None
-    except Exception as e:  # noqa: BLE001 -- any decoder failure on untrusted bytes is a bad record
-        raise RecordError("corrupt_image", record_id, field, f"cannot identify the image: {e}") from None
-    if image.width <= 0 or image.height <= 0:
-        raise RecordError("empty_image", record_id, field, f"image has size {image.width}x{image.height}")
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and image.width * image.height > limit:
-        raise RecordError("too_large", record_id, field, f"{image.width}x{image.height} pixels is over "
-                          f"PIL.Image.MAX_IMAGE_PIXELS={limit} (a decompression bomb?)")
-    return image
-
-
-def oriented_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) after the EXIF orientation is applied."""
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    return (image.height, image.width) if orientation in (5, 6, 7, 8) else image.size
-
-
-def fit(image: Image.Image, size: tuple[int, int], record_id: str, field: str) -> np.ndarray:
-    """Decodes, orients, resizes (bicubic, covering) and centre-crops to ``size`` (w, h): uint8 ``[h, w, 3]``.
-
-    JPEGs are decoded at the smallest DCT scale that still covers ``size`` (``Image.draft``). A truncated or
-    corrupt file raises ``RecordError`` (``corrupt_image``).
-    """
-    width, height = size
-    try:
-        if image.format == "JPEG":  # request the covering size in the stored (pre-rotation) orientation
-            stored_w, stored_h = image.size
-            want_w, want_h = (width, height) if oriented_size(image) == image.size else (height, width)
-            scale = max(want_w / stored_w, want_h / stored_h)
-            image.draft("RGB", (math.ceil(stored_w * scale), math.ceil(stored_h * scale)))
-        image = image.convert("RGB")  # decodes the pixels: truncated data fails here
-        ImageOps.exif_transpose(image, in_place=True)
-        src_w, src_h = image.size
-        if (src_w, src_h) != (width, height):
-            scale = max(width / src_w, height / src_h)
-            crop_w, crop_h = min(src_w, width / scale), min(src_h, height / scale)  # min: float rounding
-            left, top = (src_w - crop_w) / 2, (src_h - crop_h) / 2
-            image = image.resize((width, height), Image.Resampling.BICUBIC,
-                                 box=(left, top, left + crop_w, top + crop_h))
-        return np.asarray(image, dtype=np.uint8)
-    except RecordError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- truncated/corrupt pixel data on untrusted bytes
-        raise RecordError("corrupt_image", record_id, field, f"cannot decode the image: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -422,7 +170,7 @@ class MakeSample:
             attention_mask=row["attention_mask"],
             pixel_values=row["pixel_values"],
             image_grid_thw=np.tile(np.asarray(grid, np.int32), (num, 1)),
-            task=np.int32(manifest_lib.TASKS.index(record.task)),
+            task=np.int32(tasks_lib.TASKS.index(record.task)),
             record_index=np.int64(record.index),
             text_dropped=np.bool_(drop_text),
             images_dropped=np.bool_(drop_images and num > 0),
@@ -572,7 +320,8 @@ class PipelineConfig:
         path = manifest or get(data, "manifest", None)
         if not path:
             raise ValueError("no manifest: pass manifest=... or set --config.data.manifest=PATH (a .jsonl file or "
-                             "an ArrayRecord folder; ShapesWorld: python -m qk_jax.data.shapes --out DIR)")
+                             "an ArrayRecord folder; ShapesWorld: python -m qk_jax.data.make_shapesworld --out DIR "
+                             "--num N)")
         settings = SampleSettings(
             buckets=buckets_lib.Buckets.from_config(data),
             in_context=bool(config["in_context"]),
@@ -610,9 +359,9 @@ class DataPipeline:
             raise ValueError(f"data.text_multiple={config.text_multiple} trims each host's batch to its own text"
                              " length, but every process of a multi-host run must feed one shape; set it to 0")
         self.manifest = manifest or manifest_lib.open_manifest(config.manifest, max_references=config.max_references)
-        unknown = [t for t, _ in config.tasks if t not in manifest_lib.TASKS]
+        unknown = [t for t, _ in config.tasks if t not in tasks_lib.TASKS]
         if unknown:
-            raise ValueError(f"config.tasks names unknown tasks {unknown}; known: {', '.join(manifest_lib.TASKS)}")
+            raise ValueError(f"config.tasks names unknown tasks {unknown}; known: {', '.join(tasks_lib.TASKS)}")
         weights = {t: w for t, w in config.tasks if w > 0}
         tasks = self.manifest.tasks()
         by_task = {t: [i for i, x in enumerate(tasks) if x == t] for t in weights}
@@ -699,7 +448,7 @@ def make_pipeline(config: Mapping[str, Any], processor: VLMProcessor | None = No
     """``DataPipeline`` of a stage config; the processor defaults to ``processor_from_config(config.vlm)``.
 
     ``manifest`` is a path (else ``config.data.manifest``) or an opened manifest, such as
-    ``shapes.ShapesManifest``, which draws ShapesWorld records as they are read.
+    ``shapesworld.ShapesManifest``, which draws ShapesWorld records as they are read.
     """
     processor = processor or processor_from_config(config["vlm"])
     opened = None

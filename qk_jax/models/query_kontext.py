@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qk_jax.data.manifest import TASKS
+from qk_jax.data.tasks import TASKS
 from qk_jax.models import vae as vae_lib
 from qk_jax.models.connector import CONDITIONING_MODES, Connector, ConnectorConfig, ConnectorOutput
 from qk_jax.models.lora import LoRAConfig
@@ -49,14 +49,24 @@ PLACEMENTS = ("task", "reference", "source")
 
 @dataclasses.dataclass(frozen=True)
 class FlowConfig:
-    """``config.flow``: logit-normal timesteps shifted by FLUX's resolution-dependent ``mu``."""
+    """``config.flow``: logit-normal timesteps shifted by FLUX's resolution-dependent ``mu``. No defaults here:
+    the values' one home is the config (configs/common.py)."""
 
-    mean: float = 0.0
-    std: float = 1.0
-    base_seq_len: int = 256
-    max_seq_len: int = 4096
-    base_shift: float = 0.5
-    max_shift: float = 1.15
+    mean: float
+    std: float
+    base_seq_len: int
+    max_seq_len: int
+    base_shift: float
+    max_shift: float
+
+    @classmethod
+    def from_config(cls, block: Any) -> FlowConfig:
+        block = dict(block or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in block]
+        if missing:
+            raise ValueError(f"config.flow has no {', '.join(missing)}; give the flow block of configs/common.py")
+        return cls(**{name: block[name] for name in names})
 
     def shift_kwargs(self) -> dict[str, Any]:
         return dict(base_seq_len=self.base_seq_len, max_seq_len=self.max_seq_len, base_shift=self.base_shift,
@@ -72,12 +82,12 @@ class QueryKontextConfig:
     mmdit: MMDiTConfig
     mmdit_lora: LoRAConfig
     vae: vae_lib.VAEConfig
+    flow: FlowConfig
     in_context: bool = False
     max_references: int = 2
     conditioning: str = "text_and_queries"
     placement: str = "task"
     source_offset: str = "negate"  # a source image's sRoPE ids: the paper's (0, -r, -c) or Kontext's (1, r, c)
-    flow: FlowConfig = FlowConfig()
     compute_dtype: Any = jnp.float32
     remat: str = "none"  # the MMDiT blocks' policy, ``mmdit.REMAT_POLICIES``
     scan_layers: bool = False  # the MMDiT's blocks as one nn.scan each (layer-stacked params)
@@ -120,8 +130,7 @@ class QueryKontextConfig:
             conditioning=str(config.get("conditioning", "text_and_queries")),
             placement=str(config.get("placement", "task")),
             source_offset=str(config.get("source_offset", "negate")),
-            flow=FlowConfig(**{k: v for k, v in dict(config.get("flow", {})).items()
-                               if k in {f.name for f in dataclasses.fields(FlowConfig)}}),
+            flow=FlowConfig.from_config(config.get("flow")),
             compute_dtype=compute,
             remat=str(config.get("remat", "none")),
             scan_layers=bool(config.get("scan_layers", False)),

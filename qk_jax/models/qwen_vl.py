@@ -391,7 +391,7 @@ def check_inputs(config: QwenVLConfig, input_ids: Any, image_grid_thw: Any = Non
             raise ValueError(
                 f"input_ids have {n_pad} <|image_pad|> tokens (id {config.image_token_id}) but the images give only"
                 f" {n_features} features; each image of grid (t, h, w) needs t*h*w/{v.merge_unit} pad tokens."
-                " Build prompts with qk_jax.data.processor, or pass the missing images")
+                " Build prompts with qk_jax.data.qwen_processor, or pass the missing images")
         if n_pad < n_features:
             raise ValueError(
                 f"input_ids have {n_pad} <|image_pad|> tokens (id {config.image_token_id}) but the images give"

@@ -38,12 +38,15 @@ def sample_logit_normal(key: jax.Array, shape: tuple[int, ...], mean: float = 0.
 
 def calculate_shift(
     image_seq_len: int | jax.Array,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
+    base_seq_len: int,
+    max_seq_len: int,
+    base_shift: float,
+    max_shift: float,
 ) -> jax.Array:
-    """FLUX's resolution-dependent ``mu``: linear in the number of image tokens (diffusers ``calculate_shift``)."""
+    """FLUX's resolution-dependent ``mu``: linear in the number of image tokens (diffusers ``calculate_shift``).
+
+    The four constants come from ``config.flow`` (their one home, configs/common.py: FLUX.1's 256, 4096, 0.5, 1.15).
+    """
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     b = base_shift - m * base_seq_len
     return jnp.asarray(image_seq_len, jnp.float32) * m + b
@@ -64,12 +67,12 @@ def sample_training_timesteps(
     batch_size: int,
     image_seq_len: int,
     *,
-    mean: float = 0.0,
-    std: float = 1.0,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
+    mean: float,
+    std: float,
+    base_seq_len: int,
+    max_seq_len: int,
+    base_shift: float,
+    max_shift: float,
 ) -> jax.Array:
     """Training ``t`` ``[B]``: logit-normal, then shifted by ``mu(image_seq_len)`` as at sampling time."""
     t = sample_logit_normal(key, (batch_size,), mean, std)
@@ -81,10 +84,10 @@ def euler_sigmas(
     num_steps: int,
     image_seq_len: int,
     *,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
+    base_seq_len: int,
+    max_seq_len: int,
+    base_shift: float,
+    max_shift: float,
 ) -> jax.Array:
     """The sampling schedule: float32 ``[num_steps + 1]`` from ~1 down to a final 0.
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging as pylogging
 import math
 import os
 import re
@@ -30,8 +31,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging as absl_logging
 
-from qk_jax.data.manifest import TASKS
+from qk_jax.data.tasks import TASKS
 
 JSONL = "metrics.jsonl"
 TB_DIR = "tb"
@@ -333,3 +335,15 @@ class Progress:
             parts += [f"{_rate(images / seconds)} img/s", f"{_rate(steps / seconds)} it/s"]
             parts.append(f"ETA {format_duration((self.total_steps - step) * seconds / steps)}")
         return " | ".join(parts)
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Keep Orbax's per-save INFO chatter out of the progress log (warnings and errors still show)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """Install ``_QuietLibraries`` on absl's log handler: what every training command does first."""
+    absl_logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -21,9 +21,9 @@ from typing import Any
 import jax
 
 from qk_jax.models import lora as lora_lib
+from qk_jax.models import saved_model
 from qk_jax.models.mmdit import with_layout
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
-from qk_jax.training import checkpoint as ckpt
 
 FINAL = "final"  # a stage's self-contained model checkpoint: <workdir>/final
 
@@ -53,14 +53,14 @@ def _check(saved: Mapping[str, Any], saved_stage: int, config: Mapping[str, Any]
     stage = int(config["stage"])
     allowed = {2: (1,), 3: (2, 3)}[stage]
     if saved_stage not in allowed:
-        raise ckpt.CheckpointMismatchError(
+        raise saved_model.CheckpointMismatchError(
             f"{source} is a stage {saved_stage} model, but stage {stage} starts from stage"
             f" {' or '.join(map(str, allowed))}; point config.init_from at the previous stage's workdir")
     for component in _KEPT[stage]:
         ours, theirs = model_signature(config, component), model_signature(saved, component)
         if ours != theirs:
             diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-            raise ckpt.CheckpointMismatchError(
+            raise saved_model.CheckpointMismatchError(
                 f"{source}: its {component} differs from config.{component} in {diff[:6]}; the stages of one"
                 " curriculum must share these dims")
 
@@ -76,7 +76,7 @@ def initial_params(model: QueryKontext, config: Mapping[str, Any], rng: jax.Arra
         return _load_pretrained(params, pretrained, ("vlm", "vae", "mmdit"), model.config)
 
     source = os.path.join(init_from, FINAL)
-    saved_config, params, meta = ckpt.load_model(source)
+    saved_config, params, meta = saved_model.load_model(source)
     stage, previous = int(config["stage"]), int(saved_config["stage"])
     _check(saved_config, previous, config, source)
     params = dict(params)

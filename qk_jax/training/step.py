@@ -1,4 +1,5 @@
-"""The jitted training step: loss and gradients of the trainable half, one optax update, metrics on device.
+"""The jitted training step of every stage (0-3): loss and gradients of the trainable half, one optax update,
+metrics on device.
 
 One ``jax.jit`` per bucket shape (the VLM's image grid is a static argument), the state donated, explicit
 in/out shardings when a mesh is given, no host round trip inside: metrics stay on device until the trainer
@@ -18,31 +19,62 @@ from qk_jax.models.query_kontext import QueryKontext
 from qk_jax.training.state import TrainState, apply_gradients, combine, nonfinite_count
 
 
+LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
+
+
 def train_step(
-    model: QueryKontext,
+    loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     state: TrainState,
-    batch: Mapping[str, jax.Array],
-    image_grid: tuple[tuple[int, int, int], ...],
+    *args: Any,
+    fold_in_step: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One step. Gradients are taken with respect to ``state.trainable`` only: frozen leaves are constants."""
-    rng, key = jax.random.split(state.rng)
+    """One step of ``loss_fn(params, key, *args) -> (loss, aux)`` (``aux`` a dict or NamedTuple of on-device
+    metrics, reported beside loss, grad norm, learning rate and the non-finite count). Gradients are taken with
+    respect to ``state.trainable`` only: frozen leaves are constants. The step's key is split off ``state.rng``,
+    or, with ``fold_in_step``, ``fold_in(state.rng, state.step)`` (stage 0, whose batches are a function of the
+    step alone)."""
+    if fold_in_step:
+        rng, key = state.rng, jax.random.fold_in(state.rng, state.step)
+    else:
+        rng, key = jax.random.split(state.rng)
 
-    def loss_fn(trainable):
-        return model.loss(combine(trainable, state.frozen), batch, key, image_grid)
+    def loss_of(trainable):
+        return loss_fn(combine(trainable, state.frozen), key, *args)
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.trainable)
     new_state = apply_gradients(state.replace(rng=rng), grads, optimizer)
     metrics = dict(
         loss=loss,
         grad_norm=optax.tree.norm(grads),
         lr=jnp.asarray(schedule(state.step), jnp.float32),
-        task_loss_sum=aux.task_loss_sum,
-        task_count=aux.task_count,
         nonfinite=nonfinite_count(new_state.opt_state),
+        **(aux._asdict() if hasattr(aux, "_asdict") else aux),
     )
     return new_state, metrics
+
+
+def make_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    static_argnums: tuple[int, ...] = (),
+    state_shardings: Any = None,
+    fold_in_step: bool = False,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """``step(state, *args)`` of ``train_step``, jitted with the state donated; ``static_argnums`` index ``args``.
+    With ``state_shardings`` the new state keeps exactly that layout (ZeRO-2 moments stay sharded); the batch's
+    layout comes with its arrays (``qk_jax.parallel.mesh.shard_batch``)."""
+
+    def step(state, *args):
+        return train_step(loss_fn, optimizer, schedule, state, *args, fold_in_step=fold_in_step)
+
+    kwargs: dict[str, Any] = dict(static_argnums=tuple(1 + i for i in static_argnums), donate_argnums=0)
+    if state_shardings is not None:
+        kwargs["out_shardings"] = (state_shardings, None)
+    return jax.jit(step, **kwargs)
 
 
 def make_train_step(
@@ -51,14 +83,10 @@ def make_train_step(
     schedule: optax.Schedule,
     state_shardings: Any = None,
 ) -> Callable[[TrainState, Mapping[str, jax.Array], tuple], tuple[TrainState, dict[str, jax.Array]]]:
-    """``step(state, batch, image_grid)``, jitted with the state donated. With ``state_shardings`` the new state
-    keeps exactly that layout (ZeRO-2 moments stay sharded); the batch's layout comes with its arrays
-    (``qk_jax.parallel.mesh.shard_batch``)."""
+    """The Query-Kontext step of stages 1-3, ``step(state, batch, image_grid)``: ``make_step`` of the model's flow
+    loss, one compilation per bucket shape (the VLM's image grid is static)."""
 
-    def step(state, batch, image_grid):
-        return train_step(model, optimizer, schedule, state, batch, image_grid)
+    def loss_fn(params, key, batch, image_grid):
+        return model.loss(params, batch, key, image_grid)
 
-    kwargs: dict[str, Any] = dict(static_argnums=2, donate_argnums=0)
-    if state_shardings is not None:
-        kwargs["out_shardings"] = (state_shardings, None)
-    return jax.jit(step, **kwargs)
+    return make_step(loss_fn, optimizer, schedule, static_argnums=(1,), state_shardings=state_shardings)

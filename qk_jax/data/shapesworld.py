@@ -1,6 +1,7 @@
 r"""ShapesWorld: a synthetic world with ground truth a program can score (DESIGN.md, "ShapesWorld").
 
-``python -m qk_jax.data.shapes --out /tmp/shapes --num 10000 --seed 0 [--size 64] [--tasks t2i edit ...]``
+``write_dataset(out, num, seed=0)`` writes a dataset; the command is ``python -m qk_jax.data.make_shapesworld
+--out /tmp/shapes --num 10000 --seed 0 [--size 64] [--tasks t2i --tasks edit ...]``.
 
 A scene is 1-3 flat objects on a white canvas, one per cell of a 3x3 grid. An object is a plain shape
 (circle / square / triangle, one of 6 colors, small or large) or a *subject*: a large shape with a two-color
@@ -11,7 +12,7 @@ Objects are rasterised without anti-aliasing from pixel-centre tests, each insid
   components, shape by fill ratio of the bounding box (triangle ~0.5, circle ~0.79, square 1), size by extent,
   grid cell by the bounding-box centre, texture by how uniform each row's colour is (stripes: one colour per row);
 - an edit that names one object changes only the pixels of that object's cell; everything else is
-  pixel-identical (``tests/test_shapes.py`` checks it).
+  pixel-identical (``tests/test_shapesworld.py`` checks it).
 
 Tasks (the manifest format of ``qk_jax.data.manifest``; ``<image k>`` marks where input k sits in the prompt,
 inputs the prompt does not place come before the text):
@@ -45,7 +46,7 @@ world shares them). No image of a training sample (target, source or reference) 
 combination or subject; every test sample's target or reference contains at least one. Subjects are always
 large (their texture must stay legible at 64 px) and t2i/recon/transform/edit scenes hold plain objects only.
 
-Output of the command line (deterministic for a seed: the same arguments give byte-identical files)::
+Output of ``write_dataset`` (deterministic for a seed: the same arguments give byte-identical files)::
 
   OUT/world.json                          the world, the held-out combinations and subjects
   OUT/{train,test}/manifest.jsonl         one record per sample, paths relative to this folder
@@ -56,7 +57,6 @@ Output of the command line (deterministic for a seed: the same arguments give by
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -68,7 +68,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-TASKS = ("t2i", "recon", "transform", "edit", "custom", "multi", "subject_edit")
+from qk_jax.data.tasks import TASKS  # ShapesWorld generates every task
+
 CELL_NAMES = (("top left", "top", "top right"), ("left", "center", "right"), ("bottom left", "bottom", "bottom right"))
 TRANSFORMS = ("mirror", "swap", "move")
 MOVES = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
@@ -115,7 +116,8 @@ class World:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None = None, size: int | None = None) -> World:
-        """From ``config.data.world`` (``configs.common.shapes_world``) and the canvas size (``config.resolution``)."""
+        """From ``config.data.world`` (``configs.common.shapesworld_block``) and the canvas size
+        (``config.resolution``)."""
         cfg = dict(cfg or {})
         kw: dict[str, Any] = {}
         for key in ("min_objects", "max_objects", "grid", "heldout_seed"):
@@ -193,10 +195,10 @@ class World:
 
 
 def default_world(size: int = 64) -> World:
-    """The world of ``configs.common.shapes_world()`` at ``size`` pixels."""
+    """The world of ``configs.common.shapesworld_block()`` at ``size`` pixels."""
     from configs import common  # the configs package ships beside qk_jax (setup.cfg)
 
-    return World.from_config(common.shapes_world(), size=size)
+    return World.from_config(common.shapesworld_block(), size=size)
 
 
 def subject_key(obj: Mapping) -> tuple[str, str, str, str]:
@@ -741,25 +743,14 @@ class ShapesManifest:
                                    target=target, inputs=inputs, meta=meta, index=i)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qk_jax.data.shapes", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--num", type=int, required=True, help="training samples")
-    parser.add_argument("--num-test", type=int, default=None, help="held-out samples (default: num // 10, >= 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=64, help="canvas side in pixels")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    args = parser.parse_args(argv)
-    world = default_world(args.size)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "world.json"), "w", encoding="utf-8") as f:
+def write_dataset(out: str, num: int, *, num_test: int | None = None, seed: int = 0, size: int = 64,
+                  tasks: Sequence[str] = TASKS) -> dict[str, tuple[int, str]]:
+    """Writes ``out/world.json`` and the train and test splits (``write_split``) of the default world at ``size``
+    px; returns ``{split: (samples, manifest path)}``. ``num_test`` None: ``num // 10``, at least 1."""
+    world = default_world(size)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "world.json"), "w", encoding="utf-8") as f:
         json.dump(world.to_json(), f, indent=1, sort_keys=True)
-    num_test = max(1, args.num // 10) if args.num_test is None else args.num_test
-    for split, num in (("train", args.num), ("test", num_test)):
-        path = write_split(args.out, split, num, args.seed, world, args.tasks)
-        print(f"{split}: {num} samples -> {path}")
-
-
-if __name__ == "__main__":
-    main()
+    num_test = max(1, num // 10) if num_test is None else num_test
+    return {split: (n, write_split(out, split, n, seed, world, list(tasks)))
+            for split, n in (("train", num), ("test", num_test))}

@@ -1,6 +1,6 @@
 """The sampler and ``python -m qk_jax.sample`` on a randomly initialised tiny stage-3 checkpoint (no training).
 
-Most tests sample 2 images with 2 steps at 32x32 so that they share compiled code (``sample.generate`` is
+Most tests sample 2 images with 2 steps at 32x32 so that they share compiled code (``sampling.generate`` is
 compiled once per shape and model config, whichever ``Sampler`` calls it).
 """
 
@@ -20,13 +20,13 @@ from absl import app, flags
 from PIL import Image
 
 from configs import stage3
-from qk_jax import sample
-from qk_jax.data import pipeline
+from qk_jax import sample, sampling
+from qk_jax.data import pipeline, processors
 from qk_jax.data.manifest import InputImage, Record
+from qk_jax.models import saved_model
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
 from qk_jax.ops import rope
 from qk_jax.pytree import flatten, leaf_paths, unflatten
-from qk_jax.training import checkpoint as ckpt
 
 SIZE = (32, 32)  # the tiny config's square bucket
 STEPS = 2
@@ -48,13 +48,13 @@ def model_and_checkpoint(tmp_path_factory):
     model = QueryKontext(QueryKontextConfig.from_config(config))
     params = model.init(jax.random.key(0))
     directory = tmp_path_factory.mktemp("checkpoint") / "model"
-    ckpt.save_model(directory, config, params, meta={"stage": 3, "step": 0})
+    saved_model.save_model(directory, config, params, meta={"stage": 3, "step": 0})
     return config, params, directory
 
 
 @pytest.fixture(scope="module")
 def sampler(model_and_checkpoint):
-    return sample.Sampler.from_checkpoint(model_and_checkpoint[2])
+    return sampling.Sampler.from_checkpoint(model_and_checkpoint[2])
 
 
 @pytest.fixture(scope="module")
@@ -76,35 +76,36 @@ def image_files(tmp_path_factory):
 
 def test_roles_by_task_and_guidance_weights():
     S, R = rope.SOURCE, rope.REFERENCE
-    assert sample.task_roles("t2i", 0, 2) == ()
-    assert sample.task_roles("edit", 1, 2) == (S,)
-    assert sample.task_roles("custom", 1, 2) == (R,)
-    assert sample.task_roles("multi", 2, 2) == (R, R)
-    assert sample.task_roles("subject_edit", 3, 2) == (S, R, R)
-    for task, n, message in [("paint", 0, "unknown task 'paint'"), ("t2i", 1, "t2i takes no input image"),
-                             ("edit", 0, "needs its source image"), ("edit", 2, "subject_edit"),
-                             ("custom", 2, "--task multi"), ("multi", 1, "--task custom"),
-                             ("multi", 3, r"config.max_references=2"), ("subject_edit", 1, "at least one reference"),
+    assert sampling.task_roles("t2i", 0, 2) == ()
+    assert sampling.task_roles("edit", 1, 2) == (S,)
+    assert sampling.task_roles("custom", 1, 2) == (R,)
+    assert sampling.task_roles("multi", 2, 2) == (R, R)
+    assert sampling.task_roles("subject_edit", 3, 2) == (S, R, R)
+    for task, n, message in [("paint", 0, "unknown task 'paint'"), ("t2i", 1, "'t2i' takes no 'reference' input"),
+                             ("edit", 0, "'edit' takes 1 'source' input, got 0"), ("edit", 2, "use task 'subject_edit'"),
+                             ("custom", 2, "use task 'multi'"), ("multi", 1, "use task 'custom'"),
+                             ("multi", 3, r"config.max_references=2"),
+                             ("subject_edit", 1, "'subject_edit' takes 1..any 'reference' inputs, got 0"),
                              ("subject_edit", 4, r"config.max_references=2")]:
         with pytest.raises(ValueError, match=message):
-            sample.task_roles(task, n, 2)
+            sampling.task_roles(task, n, 2)
     # Regrouped three-branch formula, and two-branch without images.
     v = np.random.default_rng(0).standard_normal((3, 5))  # v(I,T), v(I,0), v(0,0)
     s_txt, s_img = 4.0, 1.5
     want = v[2] + s_img * (v[1] - v[2]) + s_txt * (v[0] - v[1])
-    np.testing.assert_allclose(np.tensordot(sample.guidance_weights(s_txt, s_img, True), v, 1), want, rtol=1e-12)
-    np.testing.assert_allclose(np.tensordot(sample.guidance_weights(s_txt, s_img, False), v, 1),
+    np.testing.assert_allclose(np.tensordot(sampling.guidance_weights(s_txt, s_img, True), v, 1), want, rtol=1e-12)
+    np.testing.assert_allclose(np.tensordot(sampling.guidance_weights(s_txt, s_img, False), v, 1),
                                v[1] + s_txt * (v[0] - v[1]), rtol=1e-12)
-    assert sample.guidance_weights(1.0, 1.0, True) == (1.0, 0.0, 0.0)
+    assert sampling.guidance_weights(1.0, 1.0, True) == (1.0, 0.0, 0.0)
 
 
 def test_branches_are_built_as_training_drops_text_and_images(sampler, model_and_checkpoint):
     config = model_and_checkpoint[0]
     source, subject = _image(32, 32, 1), _image(32, 32, 2)
     prompt = "put <image 2> on <image 1>"  # prompt order differs from slot order
-    request = sample.Request("subject_edit", prompt, (source, subject), negative_prompt="")
+    request = sampling.Request("subject_edit", prompt, (source, subject), negative_prompt="")
     prepared = sampler.prepare([request], size=SIZE, steps=STEPS)
-    assert prepared.branches == sample.BRANCHES
+    assert prepared.branches == sampling.BRANCHES
     record = Record(id="r", task="subject_edit", prompt=prompt, target=_png(_image(32, 32, 3)),
                     inputs=(InputImage(_png(source), "source"), InputImage(_png(subject), "reference")))
     for k, (drop_text, drop_images) in enumerate([(False, False), (True, False), (True, True)]):
@@ -114,17 +115,17 @@ def test_branches_are_built_as_training_drops_text_and_images(sampler, model_and
         trained = pipeline.MakeSample(settings, sampler.processor)(record, np.random.default_rng(0))
         assert bool(trained["text_dropped"]) == drop_text and bool(trained["images_dropped"]) == drop_images
         for key in ("input_ids", "attention_mask", "pixel_values", "image_present", "roles"):
-            np.testing.assert_array_equal(prepared.batch[key][k], trained[key], err_msg=f"{sample.BRANCHES[k]} {key}")
+            np.testing.assert_array_equal(prepared.batch[key][k], trained[key], err_msg=f"{sampling.BRANCHES[k]} {key}")
         if not drop_images:  # the VAE's inputs (the (0, 0) branch keeps them too: its slots are NONE)
             np.testing.assert_array_equal(prepared.batch["inputs"][0], trained["inputs"] / np.float32(127.5) - 1)
 
 
 def test_processor_for_follows_the_config_tokenizer():
     """Sampling tokenises as training did: the stand-in ``config.vlm.tokenizer`` names (no tokenizer folder)."""
-    assert type(sample.processor_for(stage3.get_config("tiny"))) is pipeline.ByteProcessor
+    assert type(processors.processor_for(stage3.get_config("tiny"))) is processors.ByteProcessor
     shapes_config = stage3.get_config("shapes")
-    processor = sample.processor_for(shapes_config)
-    assert type(processor) is pipeline.WordProcessor
+    processor = processors.processor_for(shapes_config)
+    assert type(processor) is processors.WordProcessor
     assert processor.vocabulary == tuple(shapes_config.vlm.vocabulary)
 
 
@@ -172,10 +173,10 @@ def _reference_latents(reference, sampler, prepared, request):
 
 
 def test_three_branch_guidance_is_one_batched_forward_of_the_formula(sampler, reference):
-    request = sample.Request("edit", "make it green", (_image(40, 50, 0),), num_images=2, seed=5,
+    request = sampling.Request("edit", "make it green", (_image(40, 50, 0),), num_images=2, seed=5,
                              cfg_text=4.0, cfg_image=1.5)
     prepared = sampler.prepare([request], size=SIZE, steps=STEPS)
-    assert prepared.branches == sample.BRANCHES and prepared.batch["input_ids"].shape[0] == 3
+    assert prepared.branches == sampling.BRANCHES and prepared.batch["input_ids"].shape[0] == 3
     latents, images = sampler.run(prepared)
     want, spread = _reference_latents(reference, sampler, prepared, request)
     chex.assert_trees_all_close(latents, want, atol=2e-5)
@@ -184,7 +185,7 @@ def test_three_branch_guidance_is_one_batched_forward_of_the_formula(sampler, re
 
 
 def test_no_guidance_is_the_conditional_prediction_and_one_euler_step(sampler, reference):
-    request = sample.Request("edit", "make it green", (_image(40, 50, 0),), num_images=2, seed=5,
+    request = sampling.Request("edit", "make it green", (_image(40, 50, 0),), num_images=2, seed=5,
                              cfg_text=1.0, cfg_image=1.0)
     prepared = sampler.prepare([request], size=SIZE, steps=1)
     assert prepared.branches == ("image_text",)  # zero-weight branches are not computed
@@ -203,7 +204,7 @@ def test_seeds_and_compile_once_per_shape_with_the_vlm_outside_the_loop(sampler,
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(QueryKontext, name, counted)
-    request = sample.Request("t2i", "a red circle", num_images=2, seed=0)
+    request = sampling.Request("t2i", "a red circle", num_images=2, seed=0)
     prepared = sampler.prepare([request], size=SIZE, steps=STEPS)
     first = sampler.sample([request], size=SIZE, steps=STEPS)  # compiles this shape unless a test did before
     calls.update(condition=0, velocity=0)
@@ -218,7 +219,7 @@ def test_seeds_and_compile_once_per_shape_with_the_vlm_outside_the_loop(sampler,
     # One trace runs the VLM once and the MMDiT once (the loop body); in the program the VLM's parameters are
     # not operands of the step loop, the MMDiT's are.
     jaxpr = jax.make_jaxpr(functools.partial(
-        sample.generate.__wrapped__, config=sampler.model_config, image_grid=prepared.image_grid,
+        sampling.generate.__wrapped__, config=sampler.model_config, image_grid=prepared.image_grid,
         latent_hw=prepared.latent_hw))(sampler.params, prepared.batch).jaxpr
     assert calls == {"condition": 1, "velocity": 1}
     by_var = dict(zip(jaxpr.invars, leaf_paths((sampler.params, prepared.batch))))
@@ -285,8 +286,8 @@ def test_cli_errors_name_the_problem(model_and_checkpoint, image_files, tmp_path
     with pytest.raises(app.UsageError, match="WIDTHxHEIGHT"):
         sample.main(_flags(checkpoint, out, "t2i", [], "--size", "big"))
     for task, images, message in [("multi", [a, b, c], "config.max_references=2"),
-                                  ("t2i", [a], "t2i takes no input image"),
-                                  ("edit", [], "needs its source image")]:
+                                  ("t2i", [a], "'t2i' takes no 'reference' input"),
+                                  ("edit", [], "'edit' takes 1 'source' input, got 0")]:
         with pytest.raises(app.UsageError, match=message):
             sample.main(_flags(checkpoint, out, task, images))
     with pytest.raises(app.UsageError, match="not a qk_jax model checkpoint"):
@@ -297,25 +298,25 @@ def test_cli_errors_name_the_problem(model_and_checkpoint, image_files, tmp_path
     flat = dict(flatten(params))
     flat["mmdit/proj_out/kernel"] = np.zeros((3, 5), np.float32)
     del flat["connector/linear_1/bias"]
-    ckpt.save_model(tmp_path / "other", config, unflatten(flat))
-    with pytest.raises(ckpt.CheckpointMismatchError,
+    saved_model.save_model(tmp_path / "other", config, unflatten(flat))
+    with pytest.raises(saved_model.CheckpointMismatchError,
                        match=r"mmdit/proj_out/kernel: shape \(3, 5\) in the checkpoint, \(32, 16\) from the config; "
                              r"connector/linear_1/bias: missing"):
-        sample.Sampler.from_checkpoint(tmp_path / "other")
+        sampling.Sampler.from_checkpoint(tmp_path / "other")
     with pytest.raises(app.UsageError, match="another model config"):
         sample.main(_flags(tmp_path / "other", out, "t2i", []))
 
 
 def test_library_errors(sampler):
-    edit = sample.Request("edit", "x", (_image(32, 32, 0),))
+    edit = sampling.Request("edit", "x", (_image(32, 32, 0),))
     with pytest.raises(ValueError, match="same number of input images"):
-        sampler.prepare([edit, sample.Request("t2i", "x")], size=SIZE)
+        sampler.prepare([edit, sampling.Request("t2i", "x")], size=SIZE)
     with pytest.raises(ValueError, match="different buckets"):
-        sampler.prepare([edit, sample.Request("edit", "x", (_image(20, 60, 0),))])
+        sampler.prepare([edit, sampling.Request("edit", "x", (_image(20, 60, 0),))])
     with pytest.raises(ValueError, match="vlm.max_text_tokens"):
-        sampler.prepare([sample.Request("t2i", "x" * 1000)], size=SIZE)
+        sampler.prepare([sampling.Request("t2i", "x" * 1000)], size=SIZE)
     with pytest.raises(ValueError, match="HxWx3 uint8"):
-        sampler.prepare([sample.Request("edit", "x", (np.zeros((8, 8), np.uint8),))])
+        sampler.prepare([sampling.Request("edit", "x", (np.zeros((8, 8), np.uint8),))])
     with pytest.raises(ValueError, match="at least one step"):
         sampler.prepare([edit], steps=0)
 
@@ -324,7 +325,7 @@ def test_reconstruct_is_the_vae_round_trip_through_the_mmdit_latent_layout(sampl
     """``reconstruct`` packs and normalises the posterior mean as the MMDiT sees it, then decodes as ``generate``
     does; the scaling and packing must cancel: the result is the VAE's own encode-mean-decode, rounded."""
     images = np.stack([_image(32, 32, 20), _image(32, 32, 21)])
-    got = np.asarray(sample.reconstruct(sampler.params, images, config=sampler.model_config))
+    got = np.asarray(sampling.reconstruct(sampler.params, images, config=sampler.model_config))
     vae = QueryKontext(sampler.model_config).vae
     x = images.astype(np.float32) / 127.5 - 1.0
     expected = vae.apply({"params": sampler.params["vae"]}, x)  # decode(encode(x).mean)

@@ -1,4 +1,5 @@
-"""qk_jax.bench: the analytic FLOP counts against the matmuls of the traced programs, and the CLI's JSON lines."""
+"""qk_jax.perf.benchmark: the analytic FLOP counts against the matmuls of the traced programs, and the JSON lines of
+its command, python -m qk_jax.bench."""
 
 import dataclasses
 import glob
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import stage2
-from qk_jax import bench
+from qk_jax.perf import benchmark
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig
 from qk_jax.models.qwen_vl import QwenVL, QwenVLConfig
 
@@ -52,7 +53,7 @@ def test_llm_flops_equal_the_traced_matmuls():
     ids = jnp.zeros((2, 7), jnp.int32)
     params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), ids))
     jaxpr = jax.make_jaxpr(lambda p, i: model.apply(p, i).hidden_states)(params, ids).jaxpr
-    assert bench.llm_forward_flops(vlm.text, 2, 7 + vlm.num_queries) == _dot_flops(jaxpr)
+    assert benchmark.llm_forward_flops(vlm.text, 2, 7 + vlm.num_queries) == _dot_flops(jaxpr)
 
 
 def test_cli_prints_jax_and_torch_lines(tmp_path):
@@ -70,10 +71,11 @@ def test_cli_prints_jax_and_torch_lines(tmp_path):
         assert r["mfu"] == pytest.approx(r["tflops"] / 1.0, abs=1e-3)
     train_jax, train_torch = lines[0], lines[1]
     cfg = _mmdit_config()
-    assert train_jax["flops_per_step"] == train_torch["flops_per_step"] == 3 * bench.mmdit_forward_flops(cfg, 2, 16, 8)
+    assert train_jax["flops_per_step"] == train_torch["flops_per_step"] == \
+        3 * benchmark.mmdit_forward_flops(cfg, 2, 16, 8)
     assert train_jax["params"] == sum(math.prod(p.shape) for p in jax.tree.leaves(
-        jax.eval_shape(MMDiT(cfg).init, jax.random.key(0), **{k: jnp.asarray(v) for k, v in bench.mmdit_inputs(
-            cfg, bench.Shape(1, 4, 2)).items() if k != "target"})))
+        jax.eval_shape(MMDiT(cfg).init, jax.random.key(0), **{k: jnp.asarray(v) for k, v in benchmark.mmdit_inputs(
+            cfg, benchmark.Shape(1, 4, 2)).items() if k != "target"})))
     assert train_torch["jax_over_torch"] == pytest.approx(train_torch["step_s"] / train_jax["step_s"], rel=1e-2)
     assert train_jax["memory_source"] == "compiled" and train_jax["peak_memory_gb"] > 0
     assert train_jax["attention"] == "xla"  # cuDNN only on a GPU
@@ -87,10 +89,20 @@ def test_bf16_sampling_runs_on_both_frameworks():
     dtype: its float32 context once met bf16 weights in the first projection (found on an H100)."""
     config = stage2.get_config("tiny")
     config.compute_dtype = "bfloat16"
-    ours, theirs = bench.run(config, "sample", bench.Shape(2, 16, 8), warmup=1, steps=1, with_torch=True,
-                             torch_compile=False)
+    ours, theirs = benchmark.run(config, "sample", benchmark.Shape(2, 16, 8), warmup=1, steps=1, with_torch=True,
+                                 torch_compile=False)
     assert (ours["framework"], ours["dtype"], theirs["framework"]) == ("jax", "bfloat16", "torch")
     assert theirs["step_s"] > 0
+
+
+def test_guidance_scales_come_from_the_config():
+    """The config's sample block is the one home of the guidance scales: no defaults of the benchmark's own."""
+    config = stage2.get_config("tiny")
+    config.sample.cfg_text, config.sample.cfg_image = 2.5, 0.5
+    assert benchmark.guidance_scales(config) == (2.5, 0.5)
+    del config["sample"]
+    with pytest.raises(ValueError, match="no sample block"):
+        benchmark.guidance_scales(config)
 
 
 def test_bench_config_is_a_paper_block_at_1_4b():
@@ -128,7 +140,7 @@ def test_summarize_trace_reads_the_gpu_streams(tmp_path):
         kernel("loop_add_fusion_12", 90), kernel("memcpy32_post", 10),
         kernel("fusion.1", 5000, tid=11), kernel("PjitFunction(step)", 9000, tid=5, pid=2),
     ])
-    summary = bench.summarize_trace(str(tmp_path), steps=2, top=2)
+    summary = benchmark.summarize_trace(str(tmp_path), steps=2, top=2)
     assert summary["device_ms_per_step"] == 0.5  # (400 + 200 + 300 + 90 + 10) us / 2 steps
     assert summary["categories_ms"] == {"matmul": 0.3, "attention": 0.15, "other": 0.045, "copy": 0.005}
     assert summary["top_kernels"] == [
@@ -145,8 +157,8 @@ def test_summarize_trace_without_streams_reads_xla_ops(tmp_path):
         dict(ph="X", pid=3, tid=1, ts=0, dur=100, name="fusion.3"),
         dict(ph="X", pid=3, tid=2, ts=0, dur=400, name="jit_step"),
     ])
-    assert bench.summarize_trace(str(tmp_path / "tpu"), steps=1)["categories_ms"] == {"matmul": 0.3, "other": 0.1}
+    assert benchmark.summarize_trace(str(tmp_path / "tpu"), steps=1)["categories_ms"] == {"matmul": 0.3, "other": 0.1}
     _write_trace(tmp_path / "cpu", [_meta("process_name", 701, "/host:CPU"),
                                     dict(ph="X", pid=701, tid=1, ts=0, dur=50, name="ynn_fusion")])
-    assert bench.summarize_trace(str(tmp_path / "cpu"), steps=1) == {}
-    assert bench.summarize_trace(str(tmp_path / "nothing"), steps=1) == {}
+    assert benchmark.summarize_trace(str(tmp_path / "cpu"), steps=1) == {}
+    assert benchmark.summarize_trace(str(tmp_path / "nothing"), steps=1) == {}

@@ -7,8 +7,8 @@ manifest's convention, ``qk_jax.data.manifest.prompt_segments``; images without 
 ``<|vision_start|>`` + one ``<|image_pad|>`` per merged patch (``t*h*w / merge**2``) + ``<|vision_end|>``, and the
 prompt is wrapped in Qwen's chat format (system turn, user turn, open assistant turn) unless ``chat=False``.
 
-``VLMProcessor(prompt, images)`` is one sample, unpadded: the interface ``qk_jax.data.pipeline`` uses (its
-``VLMProcessor`` protocol; the object pickles, so Grain's worker processes can hold it). ``batch(prompts,
+``QwenVLProcessor(prompt, images)`` is one sample, unpadded: the interface ``qk_jax.data.pipeline`` uses (the
+``qk_jax.data.processors.VLMProcessor`` protocol; the object pickles, so Grain's worker processes can hold it). ``batch(prompts,
 images)`` pads a batch on the left (the default: the kontext queries then follow every prompt directly) or the
 right, to the longest prompt or to ``max_length`` (fixed shapes for a jitted step); a longer prompt is an error,
 never truncated (a cut would split an image). Images are PIL images, ``HxWx3`` uint8 arrays or paths; paths
@@ -52,7 +52,7 @@ def load_image(image: ImageLike) -> Image.Image:
     raise ValueError(f"unsupported image type {type(image).__name__}; pass a PIL image, an HxWx3 uint8 array or a path")
 
 
-class VLMProcessor:
+class QwenVLProcessor:
     """Prompt + images -> ``input_ids``, ``pixel_values``, ``image_grid_thw`` (and ``batch`` for padded batches).
 
     Args:
@@ -81,7 +81,7 @@ class VLMProcessor:
         self.pad_token_id = pad if pad is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
     @classmethod
-    def from_pretrained(cls, tokenizer_folder: str | os.PathLike, **kwargs: Any) -> VLMProcessor:
+    def from_pretrained(cls, tokenizer_folder: str | os.PathLike, **kwargs: Any) -> QwenVLProcessor:
         """With the tokenizer saved in a local folder (nothing is downloaded)."""
         from transformers import AutoTokenizer
 
@@ -90,7 +90,7 @@ class VLMProcessor:
         return cls(AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True), **kwargs)
 
     @classmethod
-    def from_config(cls, config: Any, tokenizer_folder: str | os.PathLike, **kwargs: Any) -> VLMProcessor:
+    def from_config(cls, config: Any, tokenizer_folder: str | os.PathLike, **kwargs: Any) -> QwenVLProcessor:
         """Patch sizes and pixel budget from a ``QwenVLConfig``; the tokenizer from a local folder, whose special
         token ids must be the config's."""
         v = config.vision
@@ -189,4 +189,4 @@ class VLMProcessor:
         )
 
 
-__all__ = ["VLMProcessor", "chat_prompt", "load_image"]
+__all__ = ["QwenVLProcessor", "chat_prompt", "load_image"]

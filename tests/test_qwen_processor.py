@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from configs import stage1
-from qk_jax.data import processor as P
+from qk_jax.data import qwen_processor as P
 from qk_jax.models.qwen_vl import QwenVLConfig, check_inputs
 
 WORDS = ["[UNK]", "a", "red", "circle", "put", "next", "to", "user", "assistant", "system", "You", "are", "helpful",
@@ -42,7 +42,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def proc(tokenizer_folder, config):
-    return P.VLMProcessor.from_config(config, tokenizer_folder, min_pixels=16 * 16)
+    return P.QwenVLProcessor.from_config(config, tokenizer_folder, min_pixels=16 * 16)
 
 
 def image(h, w, seed=0):
@@ -86,7 +86,7 @@ def test_images_become_pad_tokens_and_patches(proc, config):
 
 def test_padding_length_and_budget(proc, config):
     small = dataclasses.replace(config, vision=dataclasses.replace(config.vision, max_pixels=64 * 64))
-    small_proc = P.VLMProcessor.from_config(small, proc.tokenizer.name_or_path, min_pixels=16 * 16)
+    small_proc = P.QwenVLProcessor.from_config(small, proc.tokenizer.name_or_path, min_pixels=16 * 16)
     batch = small_proc.batch(["a", "a red circle <image 1>"], [[], [image(300, 400)]], padding_side="right",
                              max_length=80)
     assert batch["input_ids"].shape == (2, 80) and batch["attention_mask"][0, 0] == 1
@@ -94,7 +94,7 @@ def test_padding_length_and_budget(proc, config):
     grid = batch["image_grid_thw"]
     np.testing.assert_array_equal(grid, [[1, 6, 8]])  # 300x400 resized into the 64*64 px budget: 48x64
     check_inputs(small, batch["input_ids"], tuple(map(tuple, grid)), batch["pixel_values"].shape)
-    no_chat = P.VLMProcessor.from_config(config, proc.tokenizer.name_or_path, chat=False).batch(["a red"])
+    no_chat = P.QwenVLProcessor.from_config(config, proc.tokenizer.name_or_path, chat=False).batch(["a red"])
     assert no_chat["input_ids"].shape == (1, 2) and no_chat["pixel_values"] is None
     toks = proc.tokenizer.convert_ids_to_tokens(proc("a", [image(16, 16)])["input_ids"].tolist())
     assert toks[toks.index("user") + 1] == "<|vision_start|>"  # an unplaced image goes first
@@ -125,9 +125,9 @@ def test_errors(proc, config, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="one list per prompt"):
         proc.batch(["a", "b"], [[]])
     with pytest.raises(ValueError, match="disagree on token ids"):
-        P.VLMProcessor.from_config(dataclasses.replace(config, image_token_id=7), proc.tokenizer.name_or_path)
+        P.QwenVLProcessor.from_config(dataclasses.replace(config, image_token_id=7), proc.tokenizer.name_or_path)
     with pytest.raises(ValueError, match="not a directory"):
-        P.VLMProcessor.from_pretrained(tmp_path / "missing")
+        P.QwenVLProcessor.from_pretrained(tmp_path / "missing")
     Image.fromarray(image(64, 64)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(Image.DecompressionBombError):

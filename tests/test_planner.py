@@ -1,4 +1,5 @@
-"""The planner: exact MMDiT matmul FLOPs, residual constants, a tiny step's compiled memory, the paper stage-2 plan."""
+"""The planner (``qk_jax.parallel.planner``): exact MMDiT matmul FLOPs, residual constants, a tiny step's
+compiled memory, the paper stage-2 plan; and its command, ``python -m qk_jax.plan``."""
 
 import dataclasses
 import math
@@ -11,10 +12,11 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
 from configs import stage1, stage2, stage3
-from qk_jax import plan, train
+from qk_jax import plan as plan_command
 from qk_jax.models import mmdit as mmdit_lib
-from qk_jax.models.lora import LoRAConfig
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
+from qk_jax.parallel import planner
+from qk_jax.training import loop
 from qk_jax.training import state as state_lib
 from qk_jax.training.step import make_train_step
 
@@ -54,11 +56,11 @@ def test_mmdit_matmul_flops_are_exact(stage, changes):
     params = model.init(jax.random.key(0), **inputs)
     jaxpr = jax.make_jaxpr(lambda p: model.apply(p, **inputs, target_start=jnp.zeros((batch,), jnp.int32),
                                                   target_len=target))(params)
-    counted = plan.mmdit_matmul_flops(cfg, batch, img, txt, target, lora)
+    counted = planner.mmdit_matmul_flops(cfg, batch, img, txt, target, lora)
     assert sum(counted.values()) == _dot_flops(jaxpr.jaxpr)
     assert (counted["lora"] > 0) == (lora is not None)
     if lora is None:
-        assert plan.mmdit_train_flops(cfg, batch, img, txt, target) == 3 * sum(counted.values())
+        assert planner.mmdit_train_flops(cfg, batch, img, txt, target) == 3 * sum(counted.values())
 
 
 def test_double_block_residual_constants():
@@ -85,11 +87,11 @@ def test_double_block_residual_constants():
                         if "argument" not in why and a.ndim >= 2 and a.shape[0] == b
                         and a.shape[-2:] != (l + s, l + s))
         per_token /= b * (s + l) * d
-        assert per_token == pytest.approx(plan.MMDIT_DOUBLE_BYTES[c], rel=0.1)
+        assert per_token == pytest.approx(planner.MMDIT_DOUBLE_BYTES[c], rel=0.1)
 
 
 def test_tiny_step_memory_matches_compiled():
-    """Planned total vs XLA's compiled memory of the real train step (train.py's state, step.py's step).
+    """Planned total vs XLA's compiled memory of the real train step (training.loop's state, training.step's step).
 
     Measured = arguments + outputs - aliased (the donated state) + temporaries of ``jax.jit(step).lower(...)
     .compile().memory_analysis()`` on CPU (float32, XLA attention), for a text-only stage-2 batch of 2 (so the
@@ -105,7 +107,7 @@ def test_tiny_step_memory_matches_compiled():
     def make_state():
         params = nn.meta.unbox(model.init(jax.random.key(0)))
         state = state_lib.init_state(params, config.trainable, optimizer, jax.random.key(1))
-        return state.replace(frozen=train._cast_frozen(state.frozen, config))
+        return state.replace(frozen=loop.cast_frozen(state.frozen, config))
 
     state = jax.eval_shape(make_state)
     res, length = config.resolution, config.vlm.max_text_tokens
@@ -117,9 +119,9 @@ def test_tiny_step_memory_matches_compiled():
     measured = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
                 + stats.temp_size_in_bytes)
 
-    planner = plan.Planner(config, "stage2:tiny")
-    planner.work = dataclasses.replace(planner.work, vlm_images=0)
-    planned = planner.plan((1, 1, 1), 1e12, micro=b, attention="xla", global_batch=b)
+    stage = planner.Planner(config, "stage2:tiny")
+    stage.work = dataclasses.replace(stage.work, vlm_images=0)
+    planned = stage.plan((1, 1, 1), 1e12, micro=b, attention="xla", global_batch=b)
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     assert planned.params + planned.optimizer == pytest.approx(state_bytes, rel=0.05)
     assert planned.total == pytest.approx(measured, rel=0.2), (planned.total, measured)
@@ -127,7 +129,7 @@ def test_tiny_step_memory_matches_compiled():
 
 @pytest.fixture(scope="module")
 def paper_stage2():
-    return plan.Planner(stage2.get_config(), "stage2")
+    return planner.Planner(stage2.get_config(), "stage2")
 
 
 def test_paper_parameter_counts(paper_stage2):
@@ -143,7 +145,7 @@ def test_paper_stage2_on_192_h100s(paper_stage2):
     """Without remat stage 2 does not fit 192 x 80 GB; on a 192 x 1 data axis ZeRO cannot shard the MMDiT's
     2560/10240-wide leaves (192 = 2^6 x 3 divides none), so it does not fit with remat either; the planner finds
     data x fsdp = 64 x 3, where zero_spec shards every big leaf 64 ways, and block remat: it fits."""
-    memory = plan.parse_memory("80GB")
+    memory = planner.parse_memory("80GB")
     assert not paper_stage2.best(192, memory, remat="none").fits
     assert not paper_stage2.plan((192, 1, 1), memory, remat="full").fits
     fixed = paper_stage2.best(192, memory, remat="full")
@@ -151,21 +153,32 @@ def test_paper_stage2_on_192_h100s(paper_stage2):
     assert fixed.grads < 0.05 * 4 * paper_stage2.counts["trainable"]  # ZeRO-2 really shards the gradients
     assert fixed.batch_per_device == math.ceil(1024 / (fixed.mesh[0] * fixed.mesh[1]))
     assert fixed.micro_batch * fixed.grad_accum_steps >= fixed.batch_per_device
-    text = plan.format_plan(fixed, paper_stage2.smallest(memory, remat="full", zero="even"))
+    text = planner.format_plan(fixed, paper_stage2.smallest(memory, remat="full", zero="even"))
     assert "FITS in 80 GB" in text and "smallest mesh that fits" in text
     # 6 N D for the trained MMDiT is most of the step's model FLOPs.
     w = paper_stage2.work
-    assert paper_stage2.flops_per_sample > plan.mmdit_train_flops(paper_stage2.qk.mmdit, 1, w.image_tokens,
+    assert paper_stage2.flops_per_sample > planner.mmdit_train_flops(paper_stage2.qk.mmdit, 1, w.image_tokens,
                                                                   w.text_tokens)
 
 
 def test_cli_prints_a_plan(capsys):
-    lines = plan.main(["--config", "configs/stage2.py:tiny", "--devices", "4", "--device-memory", "1GB",
-                       "--mesh", "4,1,1"])
+    lines = plan_command.main(["--config", "configs/stage2.py:tiny", "--devices", "4", "--device-memory", "1GB",
+                               "--mesh", "4,1,1"])
     assert "stage2:tiny" in lines[0] and "FITS in 1 GB" in lines[0]
-    rows = plan.main(["--config", "configs/stage3.py:tiny", "--devices", "2", "--device-memory", "1GB", "--json"])
+    rows = plan_command.main(["--config", "configs/stage3.py:tiny", "--devices", "2", "--device-memory", "1GB",
+                              "--json"])
     import json
     row = json.loads(rows[0])
     assert row["fits"] and row["devices"] == 2 and row["flops_per_step"] > 0
     with pytest.raises(Exception, match="--mesh"):
-        plan.main(["--config", "configs/stage2.py:tiny", "--devices", "4", "--mesh", "4,1"])
+        plan_command.main(["--config", "configs/stage2.py:tiny", "--devices", "4", "--mesh", "4,1"])
+
+
+def test_cli_is_the_library():
+    """The command's lines are ``planner.run`` formatted by ``format_plan`` / ``format_json``; the dashed flags
+    reach it as they are written (no rewriting)."""
+    lines = plan_command.main(["--config", "configs/stage2.py:tiny", "--devices", "2", "--device-memory", "2GB",
+                               "--peak-tflops", "100", "--json"])
+    ((p, smallest),) = planner.run([("stage2:tiny", stage2.get_config("tiny"))], 2, 2e9, None,
+                                    peak_tflops=100.0)
+    assert lines == [planner.format_json(p, smallest)]

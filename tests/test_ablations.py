@@ -8,8 +8,7 @@ import sys
 import pytest
 
 from configs import shapes as shapes_config
-from qk_jax import ablate
-from qk_jax.training import metrics
+from qk_jax.training import ablations, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,39 +20,39 @@ def _row(value, loss=None, **metrics):
 def test_variant_config_sets_the_key_tasks_and_start(tmp_path):
     config = shapes_config.get_config("tiny")
     config.stage0 = None  # keep stage 0 out of this unit test
-    stage = ablate.variant_config(config, "conditioning", "queries_only", str(tmp_path), steps=7)
+    stage = ablations.variant_config(config, "conditioning", "queries_only", str(tmp_path), steps=7)
     assert (stage.conditioning, stage.stage, stage.total_steps) == ("queries_only", 1, 7)
     assert stage.tasks == config.stages[0].tasks
     assert config.stages[0].conditioning == "text_and_queries"  # the curriculum's config is untouched
     with pytest.raises(FileNotFoundError, match="run the curriculum first"):
-        ablate.variant_config(config, "source_offset", "axis0", str(tmp_path), steps=7)
+        ablations.variant_config(config, "source_offset", "axis0", str(tmp_path), steps=7)
     os.makedirs(tmp_path / "stage2" / "final")
-    stage = ablate.variant_config(config, "source_offset", "axis0", str(tmp_path), steps=None)
+    stage = ablations.variant_config(config, "source_offset", "axis0", str(tmp_path), steps=None)
     assert (stage.source_offset, stage.stage, dict(stage.tasks)) == ("axis0", 3, {"edit": 1.0})
     assert stage.init_from == str(tmp_path / "stage2")
     with pytest.raises(ValueError, match="unknown value"):
-        ablate.variant_config(config, "placement", "task", str(tmp_path), steps=None)
+        ablations.variant_config(config, "placement", "task", str(tmp_path), steps=None)
 
 
 def test_verdicts_follow_the_paper_orderings():
     rows = [_row("text_and_queries", 0.30), _row("text_only", 0.32), _row("queries_only", 0.40)]
-    assert "agrees" in ablate.verdict("conditioning", rows) and "disagrees" not in ablate.verdict("conditioning", rows)
+    assert "agrees" in ablations.verdict("conditioning", rows) and "disagrees" not in ablations.verdict("conditioning", rows)
     rows[0]["loss"] = 0.5
-    assert "disagrees" in ablate.verdict("conditioning", rows)
+    assert "disagrees" in ablations.verdict("conditioning", rows)
     custom = lambda identity, placement: dict(custom=dict(identity=identity, placement=placement, overall=0.0))
     good = [_row("source", **custom(0.9, 0.5)), _row("reference", **custom(0.7, 0.8))]
-    assert "(agrees" in ablate.verdict("placement", good)
+    assert "(agrees" in ablations.verdict("placement", good)
     bad = [_row("source", **custom(0.6, 0.5)), _row("reference", **custom(0.7, 0.8))]
-    assert "does not fully agree" in ablate.verdict("placement", bad)
+    assert "does not fully agree" in ablations.verdict("placement", bad)
     edit = lambda l1: dict(edit=dict(success=0.5, preservation=l1))
-    assert "axis0" in ablate.verdict("source_offset", [_row("negate", **edit(0.05)), _row("axis0", **edit(0.02))])
-    assert "negate" in ablate.verdict("source_offset", [_row("negate", **edit(0.01)), _row("axis0", **edit(0.02))])
+    assert "axis0" in ablations.verdict("source_offset", [_row("negate", **edit(0.05)), _row("axis0", **edit(0.02))])
+    assert "negate" in ablations.verdict("source_offset", [_row("negate", **edit(0.01)), _row("axis0", **edit(0.02))])
 
 
 def test_markdown_has_a_row_per_variant():
     rows = [_row("negate", 0.1, edit=dict(success=0.5, preservation=0.02)),
             _row("axis0", 0.2, edit=dict(success=0.25, preservation=0.03))]
-    table = ablate.markdown({"source_offset": rows})
+    table = ablations.markdown({"source_offset": rows})
     assert "| negate | 10 | 0.1000 | 0.0200 | 50.0% |" in table
     assert "| axis0 | 10 | 0.2000 | 0.0300 | 25.0% |" in table
     assert "Measured: lower preservation error: negate" in table
@@ -61,10 +60,10 @@ def test_markdown_has_a_row_per_variant():
 
 def test_earlier_results_keep_the_ablations_not_rerun(tmp_path):
     row = lambda value: dict(ablation="x", value=value, steps=1, loss=0.1, metrics={})  # noqa: E731
-    assert ablate.earlier_results(str(tmp_path), keep=list(ablate.ABLATIONS)) == {}
+    assert ablations.earlier_results(str(tmp_path), keep=list(ablations.ABLATIONS)) == {}
     (tmp_path / "ablations.json").write_text(json.dumps(
         {"source_offset": [row("negate")], "conditioning": [row("text_and_queries")]}))
-    kept = ablate.earlier_results(str(tmp_path), keep=["conditioning", "placement"])
+    kept = ablations.earlier_results(str(tmp_path), keep=["conditioning", "placement"])
     assert kept == {"conditioning": [row("text_and_queries")]}
 
 
@@ -74,8 +73,8 @@ def test_tail_loss_reads_the_metrics_log(tmp_path):
         for step in range(1, 9):
             f.write(json.dumps(dict(step=step, loss=float(step))) + "\n")
         f.write(json.dumps(dict(step=9, lr=0.1)) + "\n")
-    assert ablate.tail_loss(str(tmp_path)) == pytest.approx((7 + 8) / 2)
-    assert ablate.tail_loss(str(tmp_path), fraction=1.0) == pytest.approx(4.5)
+    assert ablations.tail_loss(str(tmp_path)) == pytest.approx((7 + 8) / 2)
+    assert ablations.tail_loss(str(tmp_path), fraction=1.0) == pytest.approx(4.5)
 
 
 @pytest.mark.slow

@@ -1,0 +1,71 @@
+"""Decoding untrusted image bytes: Pillow's pixel limit on, EXIF orientation applied, resized and centre-cropped
+to a bucket. Every failure is a ``RecordError`` (a bad record the pipeline skips and counts), never a crash."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from qk_jax.data.manifest import RecordError
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def open_image(data: bytes, record_id: str, field: str) -> Image.Image:
+    """Opens encoded image bytes lazily (header only); bad bytes raise ``RecordError``.
+
+    Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``) stays on: an image above it is ``too_large``.
+    """
+    if not data:
+        raise RecordError("empty_image", record_id, field, "the image file is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise RecordError("too_large", record_id, field, str(e)) from None
+    except Exception as e:  # noqa: BLE001 -- any decoder failure on untrusted bytes is a bad record
+        raise RecordError("corrupt_image", record_id, field, f"cannot identify the image: {e}") from None
+    if image.width <= 0 or image.height <= 0:
+        raise RecordError("empty_image", record_id, field, f"image has size {image.width}x{image.height}")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        raise RecordError("too_large", record_id, field, f"{image.width}x{image.height} pixels is over "
+                          f"PIL.Image.MAX_IMAGE_PIXELS={limit} (a decompression bomb?)")
+    return image
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied."""
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    return (image.height, image.width) if orientation in (5, 6, 7, 8) else image.size
+
+
+def fit(image: Image.Image, size: tuple[int, int], record_id: str, field: str) -> np.ndarray:
+    """Decodes, orients, resizes (bicubic, covering) and centre-crops to ``size`` (w, h): uint8 ``[h, w, 3]``.
+
+    JPEGs are decoded at the smallest DCT scale that still covers ``size`` (``Image.draft``). A truncated or
+    corrupt file raises ``RecordError`` (``corrupt_image``).
+    """
+    width, height = size
+    try:
+        if image.format == "JPEG":  # request the covering size in the stored (pre-rotation) orientation
+            stored_w, stored_h = image.size
+            want_w, want_h = (width, height) if oriented_size(image) == image.size else (height, width)
+            scale = max(want_w / stored_w, want_h / stored_h)
+            image.draft("RGB", (math.ceil(stored_w * scale), math.ceil(stored_h * scale)))
+        image = image.convert("RGB")  # decodes the pixels: truncated data fails here
+        ImageOps.exif_transpose(image, in_place=True)
+        src_w, src_h = image.size
+        if (src_w, src_h) != (width, height):
+            scale = max(width / src_w, height / src_h)
+            crop_w, crop_h = min(src_w, width / scale), min(src_h, height / scale)  # min: float rounding
+            left, top = (src_w - crop_w) / 2, (src_h - crop_h) / 2
+            image = image.resize((width, height), Image.Resampling.BICUBIC,
+                                 box=(left, top, left + crop_w, top + crop_h))
+        return np.asarray(image, dtype=np.uint8)
+    except RecordError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- truncated/corrupt pixel data on untrusted bytes
+        raise RecordError("corrupt_image", record_id, field, f"cannot decode the image: {e}") from None

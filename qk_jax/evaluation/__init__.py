@@ -1,0 +1,1 @@
+"""Evaluation: ShapesWorld scores of a checkpoint (``scoring``) and what its attention reads (``attention_maps``)."""

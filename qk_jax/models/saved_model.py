@@ -1,0 +1,72 @@
+"""The exported-model format: one self-contained directory per trained model, what a stage leaves, the next stage
+starts from, the sampler samples and the exporter converts. It knows nothing about training or conversion, so
+sampling needs neither.
+
+Layout::
+
+    <directory>/params        all components (``vlm``, ``connector``, ``mmdit``, ``vae``; Orbax, sharded arrays welcome)
+    <directory>/config.json   {"config": the stage's ml_collections config as JSON, "meta": {stage, step, ema, ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that belongs to another stage or model; the message says which and what to do."""
+
+
+def abstract_like(tree: Any) -> Any:
+    """Restore targets with the same shapes, dtypes and shardings as ``tree`` (arrays or ShapeDtypeStructs)."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+MODEL_CONFIG_FILE = "config.json"
+
+
+def save_model(directory: str | os.PathLike, config: Any, params: Any, meta: dict | None = None) -> epath.Path:
+    """Write ``params`` (all components: ``vlm``, ``connector``, ``mmdit``, ``vae``) and the stage config.
+
+    Layout: ``directory/params`` (Orbax, sharded arrays welcome) and ``directory/config.json`` (the
+    ml_collections config as JSON, plus ``meta``: stage, step, what the run was). Synchronous: the directory
+    is complete when this returns.
+    """
+    directory = epath.Path(os.path.abspath(directory))  # Orbax refuses relative paths
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} exists and is not empty; choose a new directory for the model")
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "params", params)
+    checkpointer.wait_until_finished()
+    document = dict(config=json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
+                    else dict(config), meta=meta or {})
+    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
+    return directory
+
+
+def load_model(directory: str | os.PathLike, like: Any | None = None) -> tuple[ml_collections.ConfigDict, Any, dict]:
+    """``(config, params, meta)`` of a ``save_model`` directory.
+
+    ``like`` (arrays or ``ShapeDtypeStruct``s with shardings) restores straight into that layout; without it
+    the params come back as saved, on the default device.
+    """
+    directory = epath.Path(os.path.abspath(directory))  # Orbax refuses relative paths
+    config_file = directory / MODEL_CONFIG_FILE
+    if not config_file.exists() or not (directory / "params").exists():
+        raise FileNotFoundError(
+            f"{directory} is not a qk_jax model checkpoint (expected {MODEL_CONFIG_FILE} and params/ in it); pass"
+            " the directory save_model wrote (a stage's final checkpoint)"
+        )
+    document = json.loads(config_file.read_text())
+    config = ml_collections.ConfigDict(document["config"])
+    checkpointer = ocp.StandardCheckpointer()
+    params = checkpointer.restore(directory / "params", abstract_like(like) if like is not None else None)
+    return config, params, document.get("meta", {})

@@ -1,0 +1,1 @@
+"""Performance measurement: throughput of the model's steps (``benchmark``) and of the input pipeline (``data``)."""

@@ -1,0 +1,265 @@
+r"""Training one stage: set-up, the one training loop (shared with stage 0), the end of a stage.
+
+A stage (``train_stage``), in order: set-up (mesh, model, the stage's starting params from ``config.init_from`` or
+random/imported, shardings, train state, data pipeline, resume from the latest checkpoint), the jitted step
+(``qk_jax.training.step``), the loop (``run_loop``: progress line, metrics JSONL/TensorBoard, the non-finite
+guard, periodic asynchronous checkpoints with the data iterator's state), and the end (a final checkpoint and a
+self-contained model in ``<workdir>/final``, ``qk_jax.models.saved_model``, which the next stage and the sampler
+read). Rerunning the same command resumes where the last checkpoint left off; a finished stage is skipped, and
+compiled programs come back from JAX's persistent compilation cache in ``<workdir>/xla_cache``
+(``use_compilation_cache``).
+
+The ShapesWorld configs generate their data under ``config.data.dir`` when it is set, else draw it as it is read
+(``training_manifest``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from qk_jax.data import buckets, shapesworld
+from qk_jax.data import pipeline as pipeline_lib
+from qk_jax.data.tasks import TASKS
+from qk_jax.models import saved_model
+from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig, vlm_image_grid
+from qk_jax.parallel import mesh as mesh_lib
+from qk_jax.pytree import leaf_paths
+from qk_jax.training import checkpoint as ckpt
+from qk_jax.training import metrics as metrics_lib
+from qk_jax.training import stages
+from qk_jax.training import state as state_lib
+from qk_jax.training.step import make_train_step
+
+# The batch entries the model reads (the rest of the pipeline's schema is bookkeeping for the host).
+MODEL_KEYS = ("target", "inputs", "roles", "image_present", "input_ids", "attention_mask", "pixel_values", "task",
+              "valid")
+# Step metrics read at the last step of a log line; every other metric is summed between two lines and divided
+# by the step count (per-task loss sums and counts become per-task means: ``metrics_lib.task_losses``).
+LATEST = ("lr", "nonfinite")
+COMPILATION_CACHE = "xla_cache"
+
+
+def new_shape_message(seen: set, step: int, host_batch: Mapping[str, Any], grid: tuple) -> str | None:
+    """A log line the first time a batch shape comes, else ``None`` (``seen`` collects the shapes). The step
+    compiles once per shape, tens of seconds each on a GPU host in stage 3 (0, 1 or 2 input images, a few text
+    lengths), with no other line meanwhile: this says why the log goes quiet."""
+    signature = (grid, buckets.shape_key({k: v for k, v in host_batch.items() if k in MODEL_KEYS}))
+    if signature in seen:
+        return None
+    seen.add(signature)
+    batch, height, width = np.shape(host_batch["target"])[:3]
+    slots = np.shape(host_batch["roles"])[1] if "roles" in host_batch else 0  # input images per sample
+    return (f"step {step}: batch shape #{len(seen)} ({batch} x {height}x{width} px, {slots} input image slot(s), "
+            f"{np.shape(host_batch['input_ids'])[1]} text tokens): compiling the step (or loading it from the "
+            f"compilation cache)")
+
+
+def use_compilation_cache(workdir: str) -> str:
+    """Turn on JAX's persistent compilation cache in ``<workdir>/xla_cache``, unless one is set already
+    (``JAX_COMPILATION_CACHE_DIR``, e.g. one folder shared by runs side by side, or a bucket on a pod), and
+    return the folder in use. A resumed or rerun stage, the ablations and the evaluation then load the programs
+    of shapes compiled before instead of compiling them again: on an H200 each batch shape of the ShapesWorld
+    stage-3 step took 32-52 s to compile (2026-11-28), and a stage meets four to six of them. Call it before
+    the first compilation: JAX decides once per process whether the cache is used."""
+    directory = jax.config.jax_compilation_cache_dir
+    if not directory:
+        directory = os.path.join(workdir, COMPILATION_CACHE)
+        jax.config.update("jax_compilation_cache_dir", directory)
+    return directory
+
+
+def _param_shardings(model: QueryKontext, mesh, config) -> dict[str, Any]:
+    """Per component: the VLM by its tensor-parallel rules, the rest by the MMDiT's (replicated: ZeRO-2)."""
+    abstract = model.abstract_params()
+    rules = dict(vlm=config.sharding.vlm_rules)
+    return {name: mesh_lib.logical_shardings(tree, mesh, rules.get(name, config.sharding.mmdit_rules))
+            for name, tree in abstract.items()}
+
+
+def _subset(tree: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``tree`` with ``like``'s nested keys."""
+    return {k: _subset(tree[k], v) if isinstance(v, Mapping) else tree[k] for k, v in like.items()}
+
+
+def _state_shardings(state: state_lib.TrainState, params_sh: Mapping[str, Any], mesh, config
+                     ) -> state_lib.TrainState:
+    """Shardings of every field: params by the logical rules, optimizer moments ZeRO-sharded over data x fsdp."""
+    params_sh = nn.meta.unbox(params_sh)
+    axes = tuple(config.sharding.get("opt_state_axes", ("data", "fsdp")))
+    trainable_sh = _subset(params_sh, state.trainable)
+    return state.replace(
+        step=mesh_lib.replicated(mesh),
+        trainable=trainable_sh,
+        frozen=_subset(params_sh, state.frozen),
+        opt_state=jax.tree.map(lambda x: mesh_lib.zero_sharding(x.shape, mesh, axes), state.opt_state),
+        ema=None if state.ema is None else trainable_sh,
+        rng=mesh_lib.replicated(mesh),
+    )
+
+
+def cast_frozen(frozen: dict[str, Any], config) -> dict[str, Any]:
+    """The frozen VLM in ``config.vlm.frozen_dtype`` (bf16 at paper scale: half the memory, no optimizer)."""
+    dtype = jnp.dtype(config.vlm.get("frozen_dtype", "float32"))
+    if "vlm" in frozen:
+        frozen = dict(frozen, vlm=jax.tree.map(lambda x: x.astype(dtype), frozen["vlm"]))
+    return frozen
+
+
+def training_manifest(config) -> str | shapesworld.ShapesManifest:
+    """``config.data.manifest``; else ShapesWorld (``config.data.world``): ``data.num_samples`` records drawn as
+    they are read (``shapesworld.ShapesManifest``), or, when ``config.data.dir`` is set, written there once."""
+    manifest = config.data.get("manifest")
+    if manifest:
+        return manifest
+    if "world" not in config.data:
+        raise ValueError("config.data.manifest is not set; give a manifest (qk_jax.data.manifest) for this config")
+    world = shapesworld.World.from_config(config.data.world, size=int(config.data.resolution))
+    num, seed = int(config.data.get("num_samples") or 2000), int(config.get("seed", 0))
+    data_dir = config.data.get("dir")
+    if not data_dir:
+        return shapesworld.ShapesManifest(world, num, seed, shapesworld.TASKS)
+    path = os.path.join(data_dir, "train", "manifest.jsonl")
+    if not os.path.exists(path):
+        logging.info("generating ShapesWorld: %d samples at %d px in %s", num, world.size, data_dir)
+        shutil.rmtree(data_dir + ".tmp", ignore_errors=True)  # a generation a crash cut short
+        shapesworld.write_split(data_dir + ".tmp", "train", num, seed, world, shapesworld.TASKS)
+        os.replace(data_dir + ".tmp", data_dir)  # complete or absent: a crash mid-generation leaves no manifest
+    return path
+
+
+class Setup(NamedTuple):
+    """What a stage trains with: the model, the optimizer and its schedule, the sharded state and its layout."""
+
+    model: QueryKontext
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    state: state_lib.TrainState
+    state_shardings: state_lib.TrainState
+
+
+def build(config, mesh) -> Setup:
+    """The model, the stage's starting params (``stages.initial_params``) split into a sharded train state."""
+    model = QueryKontext(QueryKontextConfig.from_config(config))
+    init_rng, state_rng = jax.random.split(jax.random.key(int(config.get("seed", 0))))
+    params = stages.initial_params(model, config, init_rng)
+    optimizer = state_lib.make_optimizer(config.optim, int(config.total_steps))
+    schedule = state_lib.learning_rate_schedule(config.optim, int(config.total_steps))
+    state = state_lib.init_state(params, config.trainable, optimizer, state_rng, config.get("ema_decay"))
+    state = state.replace(frozen=cast_frozen(state.frozen, config))
+    state_sh = _state_shardings(state, _param_shardings(model, mesh, config), mesh, config)
+    return Setup(model, optimizer, schedule, jax.device_put(state, state_sh), state_sh)
+
+
+def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib.TrainState, dict]],
+             step_args: Callable[[int], tuple], *, total: int, log_every: int, checkpointer: ckpt.Checkpointer,
+             data_state: Callable[[int], dict], meta: dict, batch_size: int, max_nonfinite: int, nonfinite_hint: str,
+             writer: metrics_lib.MetricsWriter | None, progress: metrics_lib.Progress) -> state_lib.TrainState:
+    """Steps ``state.step + 1 .. total``: ``step_fn(state, *step_args(step))``; every ``log_every`` steps (and the
+    last) the summed metrics go to ``writer`` and ``progress`` (``None`` writer: another process logs), and more
+    than ``max_nonfinite`` skipped updates stop the run with ``nonfinite_hint``. After each step ``checkpointer``
+    saves on its interval with ``data_state(step)`` (the data's resume point) and ``meta``; the last step is always
+    saved. Returns the final state; the checkpointer is closed."""
+    start = int(state.step)
+    acc, last_logged = None, start
+    for step in range(start + 1, total + 1):
+        state, metrics = step_fn(state, *step_args(step))
+        summed = {k: v for k, v in metrics.items() if k not in LATEST}
+        acc = summed if acc is None else jax.tree.map(jnp.add, acc, summed)
+        if step % log_every == 0 or step == total:
+            host, latest = jax.device_get((acc, {k: metrics[k] for k in LATEST}))
+            n = step - last_logged
+            task_sums = host.pop("task_loss_sum", None), host.pop("task_count", None)
+            scalars = {k: float(v) / n for k, v in host.items()}
+            scalars.update(lr=float(latest["lr"]), nonfinite=int(latest["nonfinite"]))
+            if task_sums[0] is not None:
+                scalars.update(metrics_lib.task_losses(*task_sums, TASKS))
+            if writer is not None:
+                writer.write(step, scalars)
+                progress.update(step, scalars, images_in_step=batch_size * n)
+            if scalars["nonfinite"] > max_nonfinite:
+                raise FloatingPointError(f"{scalars['nonfinite']} updates skipped for NaN/inf gradients (more than "
+                                         f"{max_nonfinite}); {nonfinite_hint}")
+            acc, last_logged = None, step
+        checkpointer.save(state, data_state(step), meta)
+    if checkpointer.latest_step() != int(state.step):
+        checkpointer.save(state, data_state(int(state.step)), meta, force=True)
+    checkpointer.close()
+    return state
+
+
+def train_stage(config, workdir: str) -> str:
+    """Train one stage in ``workdir``; returns the final model directory."""
+    final_dir = os.path.join(workdir, stages.FINAL)
+    if os.path.exists(os.path.join(final_dir, saved_model.MODEL_CONFIG_FILE)):
+        logging.info("stage %s is complete (%s); skipping", config.stage, final_dir)
+        return final_dir
+    os.makedirs(workdir, exist_ok=True)
+
+    # --- set-up ---------------------------------------------------------------------------------------------
+    mesh = mesh_lib.make_mesh(config.mesh)
+    setup = build(config, mesh)
+    state = setup.state
+
+    counts = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+              for name, tree in (("trainable", state.trainable), ("frozen", state.frozen))}
+    logging.info("stage %s | mesh %s | parameters: %s total, %s trainable, %s frozen", config.stage,
+                 dict(mesh.shape), f"{sum(counts.values()):,}", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+    logging.info("trainable leaves: %d (e.g. %s)", len(leaf_paths(state.trainable)), leaf_paths(state.trainable)[:3])
+
+    data = pipeline_lib.make_pipeline(config, manifest=training_manifest(config))
+    iterator = iter(data)
+    checkpointer = ckpt.Checkpointer(workdir, save_every=int(config.get("checkpoint_every", 500)),
+                                     keep=int(config.get("keep_checkpoints", 3)))
+    checkpointer.save_frozen(state.frozen)  # once per stage: frozen weights never change
+    if checkpointer.latest_step() is not None:
+        state, data_state, _ = checkpointer.restore(state)
+        state = state.replace(frozen=checkpointer.restore_frozen(state.frozen))
+        iterator.set_state(data_state)
+        logging.info("resumed from step %d", int(state.step))
+    meta = dict(stage=int(config.stage))
+
+    # --- the step ---------------------------------------------------------------------------------------------
+    step_fn = make_train_step(setup.model, setup.optimizer, setup.schedule, setup.state_shardings)
+    shapes_seen: set = set()
+
+    def step_args(step: int) -> tuple:
+        host_batch = next(iterator)
+        grid = vlm_image_grid(host_batch)
+        if (message := new_shape_message(shapes_seen, step, host_batch, grid)) is not None:
+            logging.info(message)
+        return mesh_lib.shard_batch({k: host_batch[k] for k in MODEL_KEYS if k in host_batch}, mesh), grid
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    total, start = int(config.total_steps), int(state.step)
+    log_every = int(config.get("log_every", 10))
+    writer = metrics_lib.MetricsWriter(workdir, start_step=start) if jax.process_index() == 0 else None
+    state = run_loop(
+        state, step_fn, step_args, total=total, log_every=log_every, checkpointer=checkpointer,
+        data_state=lambda step: iterator.get_state(), meta=meta, batch_size=int(config.batch_size),
+        max_nonfinite=int(config.optim.get("max_nonfinite", 10)),
+        nonfinite_hint=f"lower optim.lr or check the data (optim.max_nonfinite). The last good checkpoint is in "
+                       f"{workdir}",
+        writer=writer, progress=metrics_lib.Progress(total, start_step=start, every=log_every))
+
+    # --- the end ----------------------------------------------------------------------------------------------
+    if writer is not None:
+        writer.close()
+    trained = state.ema if state.ema is not None else state.trainable
+    saved_model.save_model(final_dir, config,
+                           state_lib.combine(jax.device_get(trained), jax.device_get(state.frozen)),
+                           meta=dict(meta, step=int(state.step), ema=state.ema is not None))
+    if writer is not None:
+        metrics_lib.plot(os.path.join(workdir, metrics_lib.JSONL), os.path.join(workdir, "loss.png"),
+                         keys=("loss", "loss/.*"))
+    logging.info("stage %s done: %s", config.stage, final_dir)
+    return final_dir

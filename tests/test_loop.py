@@ -1,0 +1,136 @@
+"""One stage's set-up, step and loop: the NaN guard, the sharded step equal to one device, shape logging, the
+compilation cache."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import numpy as np
+
+from configs import stage1
+from qk_jax.data import pipeline
+from qk_jax.models.query_kontext import vlm_image_grid
+from qk_jax.parallel import mesh as mesh_lib
+from qk_jax.training import loop
+
+
+def _tiny_setup(tmp_path, **overrides):
+    config = stage1.get_config("tiny")
+    config.update(overrides)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    setup = loop.build(config, mesh)
+    manifest = loop.training_manifest(config)
+    batch = next(iter(pipeline.make_pipeline(config, manifest=manifest)))
+    return config, mesh, setup, batch
+
+def test_nan_batch_is_skipped_and_counted(tmp_path):
+    config, mesh, setup, batch = _tiny_setup(tmp_path)
+    step = loop.make_train_step(setup.model, setup.optimizer, setup.schedule, setup.state_shardings)
+    grid = vlm_image_grid(batch)
+    model_batch = {k: batch[k] for k in loop.MODEL_KEYS if k in batch}
+    state, m = step(setup.state, mesh_lib.shard_batch(model_batch, mesh), grid)
+    assert int(m["nonfinite"]) == 0
+    before = jax.device_get(state.trainable)
+    poisoned = dict(model_batch, target=np.where(np.arange(model_batch["target"].size).reshape(
+        model_batch["target"].shape) == 5, np.nan, model_batch["target"]).astype(np.float32))
+    state, m = step(state, mesh_lib.shard_batch(poisoned, mesh), grid)
+    assert int(m["nonfinite"]) == 1 and not np.isfinite(float(m["loss"]))
+    chex.assert_trees_all_equal(jax.device_get(state.trainable), before)
+
+SHARDED = textwrap.dedent(
+    """
+    import sys, jax, numpy as np
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from configs import stage1
+    from qk_jax.training import loop
+    from qk_jax.data import pipeline
+    from qk_jax.models.query_kontext import vlm_image_grid
+    from qk_jax.parallel import mesh as mesh_lib
+    from qk_jax.pytree import flatten
+
+    def run(axes):
+        config = stage1.get_config("tiny")
+        config.batch_size = 4
+        config.mesh = axes
+        mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[: 8 if len(axes) > 1 and axes[0][1] != 1 else 1])
+        setup = loop.build(config, mesh)
+        manifest = loop.training_manifest(config)
+        batch = next(iter(pipeline.make_pipeline(config, manifest=manifest)))
+        step = loop.make_train_step(setup.model, setup.optimizer, setup.schedule, setup.state_shardings)
+        model_batch = {k: batch[k] for k in loop.MODEL_KEYS if k in batch}
+        state, _ = step(setup.state, mesh_lib.shard_batch(model_batch, mesh), vlm_image_grid(batch))
+        state, _ = step(state, mesh_lib.shard_batch(model_batch, mesh), vlm_image_grid(batch))
+        return state
+
+    single = run((("data", 1), ("fsdp", 1), ("tensor", 1)))
+    sharded = run((("data", 2), ("fsdp", 2), ("tensor", 2)))
+    for path, value in flatten(jax.device_get(single.trainable)).items():
+        np.testing.assert_allclose(flatten(jax.device_get(sharded.trainable))[path], value, atol=1e-5, err_msg=path)
+    # ZeRO-2: Adam's moments of the MMDiT are split over data x fsdp (4 ways) ...
+    mu = sharded.opt_state.inner_state[1][0].mu
+    kernel = mu["mmdit"]["transformer_blocks_0"]["attn"]["to_q"]["kernel"]
+    assert kernel.addressable_shards[0].data.size * 4 == kernel.size, kernel.sharding
+    # ... while the MMDiT's params are replicated and the VLM's kernels are split over 'tensor'.
+    q = sharded.trainable["mmdit"]["transformer_blocks_0"]["attn"]["to_q"]["kernel"]
+    assert q.addressable_shards[0].data.size == q.size
+    vlm_q = sharded.frozen["vlm"]["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert vlm_q.addressable_shards[0].data.size * 2 == vlm_q.size, vlm_q.sharding
+    print("ok")
+    """
+)
+
+def test_sharded_step_equals_single_device(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / "data")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-4000:]
+
+def test_each_new_batch_shape_is_logged_once():
+    """The loop logs a line when a batch shape first comes (its step compiles meanwhile), never twice; host-only
+    entries (record indices) do not count."""
+
+    def batch(slots, text):
+        return dict(target=np.zeros((2, 32, 32, 3), np.float32), input_ids=np.zeros((2, text), np.int32),
+                    roles=np.zeros((2, slots), np.int32), record_index=np.zeros((2,), np.int64))
+
+    seen, grid2 = set(), ((1, 4, 4), (1, 4, 4))
+    assert loop.new_shape_message(seen, 1, batch(0, 24), ()) == (
+        "step 1: batch shape #1 (2 x 32x32 px, 0 input image slot(s), 24 text tokens): compiling the step "
+        "(or loading it from the compilation cache)")
+    assert loop.new_shape_message(seen, 2, batch(0, 24), ()) is None
+    assert loop.new_shape_message(seen, 3, batch(2, 24), grid2).startswith(
+        "step 3: batch shape #2 (2 x 32x32 px, 2 input image slot(s), 24 text tokens)")
+    assert loop.new_shape_message(seen, 4, batch(0, 32), ()).startswith("step 4: batch shape #3")
+    assert loop.new_shape_message(seen, 5, dict(batch(2, 24), record_index=np.zeros((3,))), grid2) is None
+    assert loop.new_shape_message(seen, 6, batch(2, 24), ((1, 4, 4), (1, 2, 8))).startswith("step 6: batch shape #4")
+
+CACHED = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp
+    from qk_jax.training import loop
+    hits = []
+    jax.monitoring.register_event_listener(lambda event, **_: hits.append(event))
+    directory = loop.use_compilation_cache(sys.argv[1])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((16, 16))).block_until_ready()
+    print(directory, hits.count("/jax/compilation_cache/cache_hits"))
+    """
+)
+
+def test_compilation_cache_is_the_workdirs_unless_set_and_serves_the_next_process(tmp_path):
+    """A run with no cache set keeps compiled programs in ``<workdir>/xla_cache``, and the next process (a resume,
+    a rerun) loads them from there; a cache already set (here the test session's) is left alone."""
+    assert loop.use_compilation_cache(str(tmp_path)) == os.environ["JAX_COMPILATION_CACHE_DIR"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
+    env.pop("JAX_COMPILATION_CACHE_DIR")
+    runs = [subprocess.run([sys.executable, "-c", CACHED, str(tmp_path)], env=env, capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), runs[-1].stderr[-4000:]
+    expected = str(tmp_path / loop.COMPILATION_CACHE)
+    (first, first_hits), (second, second_hits) = (run.stdout.split() for run in runs)
+    assert first == second == expected and int(first_hits) == 0 and int(second_hits) > 0, runs[-1].stdout
+    assert os.listdir(expected)
