@@ -431,18 +431,18 @@ def sharding():
     sharded over the data axes. The connector and the VAE are small and follow the MMDiT's rules.
     """
     return ml_collections.ConfigDict(dict(
-        # Parameters (``qk_jax.train`` and ``qk_jax.plan``): 'vlm' by vlm_rules, every other component by
-        # mmdit_rules.
+        # Parameters (``qk_jax.training.loop`` and ``qk_jax.parallel.planner``): 'vlm' by vlm_rules, every other
+        # component by mmdit_rules.
         vlm_rules=tuple((name, "tensor" if name in VLM_TENSOR_AXES else None) for name in PARAM_AXES),
         mmdit_rules=tuple((name, None) for name in PARAM_AXES),
         # The VLM's activation names (``nn.with_logical_constraint`` in ``qk_jax.models.qwen_vl``): batch over the
         # data axes. Read by the tensor-parallel test (tests/test_qwen_vl.py); the trainer installs no activation
         # rules, so there the constraints are no-ops.
         activation_rules=(("batch", ("data", "fsdp")), ("length", None), ("act_embed", None)),
-        # Read by ``qk_jax.plan`` only: whether its memory estimate divides the gradients over the data axes
+        # Read by ``qk_jax.parallel.planner`` only: whether its memory estimate divides the gradients over the data axes
         # (ZeRO-2). The trainer does not read it; it shards the optimizer state over opt_state_axes.
         mmdit_zero_stage=2,
-        opt_state_axes=("data", "fsdp"),  # the optimizer state of every trainable leaf (``qk_jax.train``)
+        opt_state_axes=("data", "fsdp"),  # the optimizer state of every trainable leaf (``qk_jax.training.loop``)
     ))
 
 

@@ -1,6 +1,6 @@
 r"""python -m qk_jax.train --config configs/shapes.py --workdir /tmp/qk_shapes
 
-The whole ShapesWorld curriculum, what the README's main command runs: stage 0 (``qk_jax.pretrain``: a VAE
+The whole ShapesWorld curriculum, what the README's main command runs: stage 0 (``qk_jax.training.stage0``: a VAE
 and a VLM pretrained on ShapesWorld, standing in for FLUX.1's autoencoder and Qwen2.5-VL), then stages 1, 2 and
 3 of the paper (table 3) at CPU scale, one after the other, then the evaluation. Stage ``i`` runs in
 ``<workdir>/<name>`` and starts from the last checkpoint of the stage before it: ``init_from`` is relative to
@@ -31,7 +31,7 @@ def get_config(arg=None):
     for previous, stage in zip(config.stages, config.stages[1:]):
         stage.init_from = previous.name
 
-    # Stage 0 (qk_jax.pretrain): the pretrained VAE and VLM that the paper imports, made here in a few minutes.
+    # Stage 0 (qk_jax.training.stage0): the pretrained VAE and VLM that the paper imports, made here in a few minutes.
     # Writes <workdir>/stage0; stage 1 imports its exports (config.pretrained) and every stage takes its
     # measured latent factors (config.vae.scaling_factor/shift_factor).
     config.stage0 = ml_collections.ConfigDict(dict(
@@ -70,7 +70,7 @@ def get_config(arg=None):
     # Scored by qk_jax.evaluate on held-out scenes: GenEval-style categories for t2i, success and preservation
     # for edit, identity and placement for custom/multi, both for subject_edit (DESIGN.md). Every sample is
     # drawn once per sampler seed; the report gives the mean and the spread over seeds. The untrained baseline
-    # (qk_jax.evaluate.untrained) is scored on the first seed with untrained_samples per task.
+    # (qk_jax.evaluation.scoring.untrained) is scored on the first seed with untrained_samples per task.
     config.evaluate = ml_collections.ConfigDict(dict(
         tasks=("t2i", "edit", "custom", "multi", "subject_edit"),
         samples_per_task=common.pick(arg.variant, shapes=100, tiny=2),

@@ -1,6 +1,6 @@
 """Whole-model conversion: transformers/diffusers folders -> a model checkpoint, and a checkpoint -> folders.
 
-``import_model`` builds a stage's initial model checkpoint (``qk_jax.training.checkpoint.save_model`` layout:
+``import_model`` builds a stage's initial model checkpoint (``qk_jax.models.saved_model.save_model`` layout:
 ``params = {vlm, connector, mmdit, vae}`` + the stage config) from a Qwen2.5-VL folder and, optionally, a FLUX
 transformer folder and an ``AutoencoderKL`` folder. Components that are not given are randomly initialised;
 the kontext queries and the connector are always fresh (they do not exist outside Query-Kontext), and so are

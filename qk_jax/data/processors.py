@@ -18,7 +18,11 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from qk_jax.data import (
+    qwen_processor,  # it loads transformers only when a processor is made
+)
 from qk_jax.data.manifest import prompt_segments
+from qk_jax.models.qwen_vl import QwenVLConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2-VL's image normalisation
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -213,8 +217,5 @@ def processor_for(config: Mapping[str, Any], tokenizer: str | os.PathLike | None
     Qwen2.5-VL's processor (``qk_jax.data.qwen_processor``), whose special token ids must match ``config.vlm``.
     """
     if tokenizer:
-        from qk_jax.data import qwen_processor  # transformers' tokenizer: loaded only when asked for
-        from qk_jax.models.qwen_vl import QwenVLConfig
-
         return qwen_processor.QwenVLProcessor.from_config(QwenVLConfig.from_config(config["vlm"]), tokenizer)
     return processor_from_config(config["vlm"])

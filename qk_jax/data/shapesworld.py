@@ -68,6 +68,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from qk_jax.data import manifest as manifest_lib
 from qk_jax.data.tasks import TASKS  # ShapesWorld generates every task
 
 CELL_NAMES = (("top left", "top", "top right"), ("left", "center", "right"), ("bottom left", "bottom", "bottom right"))
@@ -727,8 +728,6 @@ class ShapesManifest:
         return [self._tasks[i % n] for i in range(self.num)]
 
     def __getitem__(self, i: int):
-        from qk_jax.data import manifest as manifest_lib
-
         i = int(i)
         if not 0 <= i < self.num:
             raise IndexError(f"record {i} of a {self.num}-record ShapesWorld manifest")

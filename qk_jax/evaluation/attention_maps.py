@@ -174,7 +174,7 @@ class Probe(NamedTuple):
 def probe(sampler: sampling.Sampler, task: str = "edit", num: int = 16, t: float = 0.9, seed: int = 0,
           world: shapesworld.World | None = None) -> Probe:
     """The MMDiT on ``num`` held-out ``task`` samples (``shapesworld.generate_sample(world, [seed, k], task, 'test')``,
-    as ``qk_jax.evaluate`` draws them), noised to ``t`` with noise from ``seed``, conditioned as the sampler's
+    as ``qk_jax.evaluation.scoring`` draws them), noised to ``t`` with noise from ``seed``, conditioned as the sampler's
     fully conditioned branch."""
     if task not in TASKS:
         raise ValueError(f"task {task!r} has no in-context image to copy from; choose from {', '.join(TASKS)}")

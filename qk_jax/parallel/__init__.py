@@ -1,2 +1,3 @@
-"""Parallelism: the ('data', 'fsdp', 'tensor') mesh and logical-axis shardings of pytrees (``mesh``; lands with
-the training issue). The rules themselves are configuration: ``config.mesh`` and ``config.sharding``."""
+"""Parallelism: the ('data', 'fsdp', 'tensor') mesh and logical-axis shardings of pytrees (``mesh``) and the
+per-device memory/FLOPs planner (``planner``). The rules themselves are configuration: ``config.mesh`` and
+``config.sharding``."""

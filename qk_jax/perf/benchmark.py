@@ -64,6 +64,7 @@ import numpy as np
 import optax
 
 from qk_jax.models.mmdit import MMDiT, MMDiTConfig
+from qk_jax.models.qwen_vl import QwenVL, QwenVLConfig
 from qk_jax.parallel import planner
 
 # Dense bf16 peak TFLOP/s by device kind (substring of ``jax.Device.device_kind``), from the vendors' sheets.
@@ -369,8 +370,6 @@ def jax_sample(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int,
 
 def jax_vlm_forward(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int, peak: float | None,
                     profile_dir: str | None = None) -> dict[str, Any]:
-    from qk_jax.models.qwen_vl import QwenVL, QwenVLConfig
-
     dtype = jnp.dtype(config["vlm"].get("frozen_dtype", config.get("compute_dtype", "float32")))
     vlm_cfg = QwenVLConfig.from_config(config["vlm"], dtype=dtype)
     model = QwenVL(vlm_cfg)

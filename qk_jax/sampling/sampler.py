@@ -47,8 +47,8 @@ What a request does (paper section 3, DESIGN.md "Flow matching"):
 Parameters: whatever the checkpoint holds; ``qk_jax.train`` saves the EMA weights in place of the trained ones
 when it keeps an EMA (its meta then says ``ema: true``, which the CLI prints). The text processor is
 ``processors.processor_for(config)``: the stand-in tokenizer that ``config.vlm.tokenizer`` names and
-``qk_jax.data.pipeline`` trains with (word-level for ShapesWorld, byte-level for the tiny test model), or, given a tokenizer folder
-(``--tokenizer``), Qwen2.5-VL's processor.
+``qk_jax.data.pipeline`` trains with (word-level for ShapesWorld, byte-level for the tiny test model), or, given a
+tokenizer folder (``--tokenizer``), Qwen2.5-VL's processor.
 """
 
 from __future__ import annotations

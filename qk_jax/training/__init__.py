@@ -1,2 +1,3 @@
-"""Training: train state with trainable/frozen splits, the jitted step, stage transitions, Orbax checkpoints and
-metrics (``state``, ``step``, ``stages``, ``checkpoint``, ``metrics``; they land with the training issue)."""
+"""Training: the train state with trainable/frozen splits (``state``), the one step builder (``step``), a stage's
+set-up and the one loop (``loop``), stage transitions (``stages``), the curriculum (``curriculum``), stage 0 at
+ShapesWorld scale (``stage0``), the ablations (``ablations``), Orbax checkpoints (``checkpoint``) and metrics."""

@@ -7,7 +7,8 @@ Run the curriculum first (``python -m qk_jax.train --config configs/shapes.py --
 stage-1 ablation starts from its stage 0 and its data, the stage-3 ones from its ``stage2/final``. Each variant
 trains in ``<workdir>/ablations/<ablation>/<value>`` (rerunning resumes; finished variants are skipped), is
 scored by ``qk_jax.evaluation.scoring`` on the held-out split, and ``ablations.md`` / ``ablations.json`` beside
-them hold the table (a run with a narrower ``--which`` keeps the other ablations' rows from the earlier ``ablations.json``):
+them hold the table (a run with a narrower ``--which`` keeps the other ablations' rows from the earlier
+``ablations.json``):
 
 - ``conditioning`` (paper table 9): stage 1 with the MMDiT conditioned on the VLM's text and kontext-query
   states (the paper's model), on the text states only, or on the queries only (``config.conditioning``). The

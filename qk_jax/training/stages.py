@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 
+from qk_jax.convert import diffusers_mmdit, diffusers_vae, hf_qwen_vl
 from qk_jax.models import lora as lora_lib
 from qk_jax.models import saved_model
 from qk_jax.models.mmdit import with_layout
@@ -109,18 +110,12 @@ def _load_pretrained(params: dict[str, Any], pretrained: Mapping[str, Any], comp
         if not folder:
             continue
         if component == "vlm":
-            from qk_jax.convert import hf_qwen_vl
-
             _, loaded = hf_qwen_vl.load(folder)
             loaded = _graft(loaded, {k: v for k, v in params["vlm"].items() if k == "kontext_queries"})
             params["vlm"] = _graft(loaded, lora_lib.lora_params(params["vlm"]))
         elif component == "vae":
-            from qk_jax.convert import diffusers_vae
-
             params["vae"] = diffusers_vae.load(folder)[1]
         else:
-            from qk_jax.convert import diffusers_mmdit
-
             imported = with_layout(diffusers_mmdit.load(folder)[1], model_config.mmdit, model_config.scan_layers)
             params["mmdit"] = _graft(imported, lora_lib.lora_params(params["mmdit"]))
     return params
