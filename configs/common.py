@@ -458,4 +458,4 @@ def optim(lr, warmup_steps):
         grad_accum_steps=1,
         # (path regex, multiplier) pairs, first match wins, others 1: a learning rate per parameter group.
         lr_multipliers=(),
-        max_nonfinite=10))  # updates skipped for NaN/inf gradients before the run stops
+        max_nonfinite=10))  # updates in a row skipped for NaN/inf gradients before the run stops

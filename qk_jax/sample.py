@@ -10,6 +10,7 @@ writes edit_0.png ... edit_3.png and the grid edit.png. How sampling works: ``qk
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from PIL import Image
 
 from qk_jax import cli, sampling
 from qk_jax.data import tasks
+
+GRID_MAX = 64  # images in the grid PNG (every image is written on its own too)
 
 
 
@@ -39,6 +42,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                         "config.sample.negative_prompt).", **fv)
     flags.DEFINE_integer("seed", 0, "Image i uses seed + i.", lower_bound=0, **fv)
     flags.DEFINE_integer("num-images", 4, "Images to sample.", lower_bound=1, **fv)
+    flags.DEFINE_integer("batch", 8, "Images per sampler call (memory grows with it; the seeds do not change).",
+                         lower_bound=1, **fv)
     flags.DEFINE_string("size", None, "WIDTHxHEIGHT; snaps to the nearest aspect-ratio bucket (default: the source "
                         "image's, else square).", **fv)
     flags.DEFINE_string("out", None, "The grid PNG; image i goes to <out without .png>_i.png.", **fv)
@@ -60,10 +65,13 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
         images = tuple(sampling.read_image(path) for path in fv["image"].value)
         sampler = sampling.Sampler.from_checkpoint(fv["checkpoint"].value, tokenizer=fv["tokenizer"].value)
         request = sampling.Request(task=fv["task"].value, prompt=fv["prompt"].value, images=images,
-                          num_images=fv["num-images"].value, seed=fv["seed"].value,
-                          negative_prompt=fv["negative-prompt"].value, cfg_text=fv["cfg-text"].value,
-                          cfg_image=fv["cfg-image"].value)
-        prepared = sampler.prepare([request], size=size, steps=fv["steps"].value)
+                                   num_images=fv["num-images"].value, seed=fv["seed"].value,
+                                   negative_prompt=fv["negative-prompt"].value, cfg_text=fv["cfg-text"].value,
+                                   cfg_image=fv["cfg-image"].value)
+        # Image i keeps seed + i whatever the batching, so a batch of --batch images at a time gives the same ones.
+        chunks = [dataclasses.replace(request, seed=request.seed + k, num_images=min(fv.batch, request.num_images - k))
+                  for k in range(0, request.num_images, fv.batch)]
+        prepared = sampler.prepare(chunks[:1], size=size, steps=fv["steps"].value)
     except (ValueError, FileNotFoundError) as e:  # CheckpointMismatchError is a ValueError
         raise app.UsageError(str(e)) from e
 
@@ -76,13 +84,19 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
     else:
         print(f"size {width}x{height}")
     weights = np.round(prepared.batch["weights"][:, 0], 3).tolist()
-    print(f"{request.num_images} images, {prepared.steps} steps, guidance branches {', '.join(prepared.branches)}"
-          f" (weights {weights}), seeds {request.seed}..{request.seed + request.num_images - 1}")
+    print(f"{request.num_images} images ({len(chunks)} call(s) of up to {fv.batch}), {prepared.steps} steps, guidance "
+          f"branches {', '.join(prepared.branches)} (weights {weights}), seeds {request.seed}.."
+          f"{request.seed + request.num_images - 1}")
     seconds = sampler.compile(prepared)
     print(f"compiled in {seconds:.1f} s" if seconds else "compiled before (same shapes)")
     sampler.progress = lambda step, steps, seconds: print(f"step {step}/{steps}  {seconds:.2f} s", flush=True)
-    started = time.perf_counter()
-    _, images = sampler.run(prepared)
+    started, outputs = time.perf_counter(), []
+    for k, chunk in enumerate(chunks):
+        if len(chunks) > 1:
+            print(f"images {chunk.seed - request.seed}..{chunk.seed - request.seed + chunk.num_images - 1}", flush=True)
+        batch = prepared if k == 0 else sampler.prepare([chunk], size=size, steps=prepared.steps)
+        outputs.append(sampler.run(batch)[1])
+    images = np.concatenate(outputs)
     print(f"sampled in {time.perf_counter() - started:.2f} s")
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -91,9 +105,10 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
     for i, image in enumerate(images):
         paths.append(f"{stem}_{i}.png")
         Image.fromarray(image).save(paths[-1])
-    Image.fromarray(sampling.image_grid(images)).save(out)
+    Image.fromarray(sampling.image_grid(images[:GRID_MAX])).save(out)
     paths.append(out)
-    print(f"wrote {', '.join(paths)}")
+    shown = f" (the grid holds the first {GRID_MAX})" if len(images) > GRID_MAX else ""
+    print(f"wrote {', '.join(paths) if len(paths) <= 10 else f'{paths[0]} ... {paths[-2]} and {out}'}{shown}")
     return paths
 
 

@@ -12,6 +12,7 @@ curriculum: ``qk_jax.training.curriculum``.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Sequence
 
 import jax
@@ -19,7 +20,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qk_jax import cli
-from qk_jax.training import curriculum, loop
+from qk_jax.models import saved_model
+from qk_jax.training import checkpoint, curriculum, loop
 from qk_jax.training import metrics as metrics_lib
 
 
@@ -39,10 +41,16 @@ def run_flags(fv: flags.FlagValues) -> None:
     metrics_lib.quiet_library_logs()
     logging.info("compilation cache: %s", loop.use_compilation_cache(workdir))
     logging.info("config:\n%s", config)
-    if "stages" in config:
-        curriculum.run_curriculum(config, workdir)
-    else:
-        loop.train_stage(config, workdir)
+    try:
+        if "stages" in config:
+            curriculum.run_curriculum(config, workdir)
+        else:
+            loop.train_stage(config, workdir)
+    except (saved_model.CheckpointMismatchError, checkpoint.CheckpointDamagedError) as e:
+        raise app.UsageError(str(e)) from None  # a workdir that does not fit the config: the message says what to do
+    except loop.Stopped as e:
+        logging.warning("%s", e)
+        raise SystemExit(128 + signal.SIGTERM) from None  # 143: schedulers requeue a job stopped by SIGTERM
 
 
 def main(argv: Sequence[str]) -> None:

@@ -1,5 +1,7 @@
 """Orbax checkpoints of a run: round trip of a full train state, keep-last-K, frozen params once, crash safety."""
 
+import shutil
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -118,3 +120,72 @@ def test_relative_directories_work(tmp_path, monkeypatch):
     restored, data, _ = ckpt.Checkpointer("rel/run", save_every=1).restore(_state()[0])
     chex.assert_trees_all_equal(restored.trainable, state.trainable)
     assert data == {"next_batch": 1}
+
+
+def _damage(folder, how):
+    """One of the six ways a latest checkpoint was found broken."""
+    data_files = [p for p in (folder / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    if how == "truncated_data_file":
+        for p in data_files:
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif how == "deleted_data_file":
+        for p in data_files:
+            p.unlink()
+    elif how == "deleted_metadata":
+        (folder / "state" / "_METADATA").unlink()
+    elif how == "deleted_iterator_state":
+        shutil.rmtree(folder / "data")
+    elif how == "garbage_iterator_json":
+        (folder / "data" / "metadata").write_text("{not json")
+    elif how == "deleted_state":
+        shutil.rmtree(folder / "state")
+
+
+@pytest.mark.parametrize("how", ["truncated_data_file", "deleted_data_file", "deleted_metadata",
+                                 "deleted_iterator_state", "garbage_iterator_json", "deleted_state"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, how, caplog):
+    state, opt = _state()
+    grads = jax.tree.map(jnp.ones_like, state.trainable)
+    c = ckpt.Checkpointer(tmp_path, save_every=1)
+    states = {}
+    for pos in (1, 2, 3):
+        state = st.apply_gradients(state, grads, opt)
+        states[pos] = state
+        c.save(state, {"pos": pos}, {"stage": 1})
+    c.close()
+    latest = int(states[3].step)  # _state() took 3 steps already: the folders are 4, 5 and 6
+    _damage(tmp_path / "checkpoints" / str(latest), how)
+
+    c = ckpt.Checkpointer(tmp_path, save_every=1)
+    with caplog.at_level("WARNING"):
+        restored, data, _ = c.restore(_state()[0])
+    assert data == {"pos": 2} and int(restored.step) == latest - 1
+    chex.assert_trees_all_equal(restored.trainable, states[2].trainable)
+    assert f"checkpoint {latest}" in caplog.text and f"{latest}.damaged" in caplog.text
+    assert (tmp_path / "checkpoints" / f"{latest}.damaged").is_dir() and c.latest_step() == latest - 1
+    assert c.save(states[3], {"pos": 3}, {"stage": 1})  # the run saves step 3 again
+    c.close()
+    assert ckpt.Checkpointer(tmp_path, save_every=1).restore(_state()[0])[1] == {"pos": 3}
+
+
+def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
+    state, opt = _state()
+    c = ckpt.Checkpointer(tmp_path, save_every=1)
+    c.save(st.apply_gradients(state, jax.tree.map(jnp.ones_like, state.trainable), opt), {"pos": 1}, {"stage": 1})
+    c.close()
+    _damage(tmp_path / "checkpoints" / "4", "deleted_state")
+    with pytest.raises(ckpt.CheckpointDamagedError,
+                       match=r"no checkpoint .* can be restored \(4: .*delete .*checkpoints"):
+        ckpt.Checkpointer(tmp_path, save_every=1).restore(_state()[0])
+
+
+def test_a_checkpoint_of_another_model_is_a_mismatch_naming_the_difference(tmp_path):
+    state, opt = _state()
+    c = ckpt.Checkpointer(tmp_path, save_every=1)
+    c.save(st.apply_gradients(state, jax.tree.map(jnp.ones_like, state.trainable), opt), {"pos": 1}, {"stage": 1})
+    c.close()
+    other = st.init_state({"connector": {"linear_1": {"kernel": jnp.zeros((2, 5)), "bias": jnp.ones(5)}}},
+                          (r"^connector/",), opt, jax.random.key(7))
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"another model or trainable set: .*linear_1/kernel: shape "
+                                                           r"\(2, 3\) in the checkpoint, \(2, 5\) now"):
+        ckpt.Checkpointer(tmp_path, save_every=1).restore(other)

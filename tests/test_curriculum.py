@@ -141,3 +141,20 @@ def test_shortened_shapes_curriculum_learns_t2i_colors(tmp_path):
     assert beats("colors", 0.15), (trained, untrained)
     assert beats("position", 0.4), (trained, untrained)
     assert beats("single_object", 0.5), (trained, untrained)
+
+
+def test_a_finished_stage_is_skipped_only_for_its_own_config(curriculum):
+    """The config that made a stage is saved with it: the same one skips, another names what differs."""
+    import copy
+
+    from qk_jax.training import stage0 as stage0_lib
+
+    config = shapes_config.get_config("tiny")
+    result = stage0_lib.Result.read(os.path.join(curriculum, stage0_lib.DIRNAME))
+    stage1 = stage0_lib.with_stage0(copy.deepcopy(config.stages[0]), result, first=True)
+    workdir = os.path.join(curriculum, stage1.name)
+    assert loop.train_stage(stage1, workdir) == os.path.join(workdir, "final")  # the same config: skipped
+    stage1.optim.lr = 0.5
+    with pytest.raises(saved_model.CheckpointMismatchError, match=r"stage 1 finished in .* with another config: "
+                                                                   r"optim.lr: 0.001 when it ran, 0.5 now"):
+        loop.train_stage(stage1, workdir)

@@ -9,6 +9,7 @@ import textwrap
 import chex
 import jax
 import numpy as np
+import pytest
 
 from configs import stage1
 from qk_jax.data import pipeline
@@ -134,3 +135,114 @@ def test_compilation_cache_is_the_workdirs_unless_set_and_serves_the_next_proces
     (first, first_hits), (second, second_hits) = (run.stdout.split() for run in runs)
     assert first == second == expected and int(first_hits) == 0 and int(second_hits) > 0, runs[-1].stdout
     assert os.listdir(expected)
+
+
+def test_an_error_in_the_loop_completes_the_checkpoint_in_flight(tmp_path):
+    """A step that raises: the real error comes out, and the save started the step before is complete (resume
+    starts there), not left as ``N.orbax-checkpoint-tmp``."""
+    from configs import common
+    from qk_jax.training import checkpoint as ckpt
+    from qk_jax.training import metrics as metrics_lib
+    from qk_jax.training import state as state_lib
+
+    params = {"w": {"kernel": jax.numpy.ones((1024, 2048))}}  # 8 MiB (24 with Adam): still saving at step 3
+    optimizer = state_lib.make_optimizer(common.optim(lr=1e-2, warmup_steps=0), total_steps=10)
+    state = state_lib.init_state(params, (".*",), optimizer, jax.random.key(0))
+    grads = jax.tree.map(jax.numpy.ones_like, state.trainable)
+
+    def step_fn(state, step):
+        if step == 3:
+            raise RuntimeError("the data went away")
+        return state_lib.apply_gradients(state, grads, optimizer), dict(loss=jax.numpy.float32(step), lr=0.0,
+                                                                        nonfinite=0, grad_norm=0.0)
+
+    checkpointer = ckpt.Checkpointer(tmp_path, save_every=2)
+    with pytest.raises(RuntimeError, match="the data went away"):
+        loop.run_loop(state, step_fn, lambda step: (step,), total=10, log_every=1, checkpointer=checkpointer,
+                      data_state=lambda step: dict(next=step), meta={}, batch_size=1, max_nonfinite=0,
+                      nonfinite_hint="", writer=None, progress=metrics_lib.Progress(10))
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names[-1] == "2" and not any("tmp" in name for name in names), names
+    restored, data, _ = ckpt.Checkpointer(tmp_path, save_every=2).restore(state)
+    assert int(restored.step) == 2 and data == dict(next=2)
+
+
+def test_bad_records_are_counted_in_the_metrics_and_summed_up_at_the_end(tmp_path, caplog):
+    """A stage on a manifest with bad rows and bad files of every kind runs to its end; metrics.jsonl has the
+    per-kind counts at every log step, and the end of the stage says how many were skipped."""
+    from test_pipeline import _mixed_dataset
+
+    from qk_jax.training import metrics as metrics_lib
+
+    path, _, expected = _mixed_dataset(tmp_path / "data", num=24, bad_per_kind=2)
+    config = stage1.get_config("tiny")
+    config.data.manifest = path
+    config.total_steps = 3
+    with caplog.at_level("INFO"):
+        loop.train_stage(config, str(tmp_path / "run"))
+    rows = metrics_lib.read_jsonl(str(tmp_path / "run" / metrics_lib.JSONL))
+    last = rows[max(rows)]
+    for kind in ("unparsable", "unknown_task", "too_many_references"):  # counted once, when the manifest is read
+        assert last[f"skipped/{kind}"] == expected[kind], (kind, last)
+    assert all(f"skipped/{kind}" in last for kind in expected)
+    assert "stage 1 data: skipped" in caplog.text and "good records)" in caplog.text
+
+
+def test_the_guard_stops_on_updates_skipped_in_a_row_not_on_scattered_ones(tmp_path):
+    """``optim.max_nonfinite`` bounds a run of skipped updates: 12 scattered ones over 24 steps pass a limit of 2,
+    3 in a row between two log lines stop it."""
+    from configs import common
+    from qk_jax.training import checkpoint as ckpt
+    from qk_jax.training import metrics as metrics_lib
+    from qk_jax.training import state as state_lib
+
+    optimizer = state_lib.make_optimizer(common.optim(lr=1e-2, warmup_steps=0), total_steps=30)
+    state = state_lib.init_state({"w": jax.numpy.ones(3)}, (".*",), optimizer, jax.random.key(0))
+
+    def run(bad_steps, workdir):
+        def step_fn(state, step):
+            grads = {"w": jax.numpy.full(3, jax.numpy.nan if step in bad_steps else 1.0)}
+            new = state_lib.apply_gradients(state, grads, optimizer)
+            return new, dict(loss=jax.numpy.float32(0), lr=0.0, grad_norm=0.0,
+                             nonfinite=state_lib.nonfinite_count(new.opt_state),
+                             nonfinite_streak=state_lib.nonfinite_streak(new.opt_state))
+
+        return loop.run_loop(state, step_fn, lambda step: (step,), total=24, log_every=8,
+                             checkpointer=ckpt.Checkpointer(workdir, save_every=100), data_state=lambda step: {},
+                             meta={}, batch_size=1, max_nonfinite=2, nonfinite_hint="lower the lr", writer=None,
+                             progress=metrics_lib.Progress(24, every=8))
+
+    assert int(run(set(range(1, 25, 2)), tmp_path / "a").step) == 24  # every other step: 12 skipped, never 2 in a row
+    with pytest.raises(FloatingPointError, match=r"3 updates in a row skipped .* \(more than 2; 3 in all\); lower"):
+        run({3, 4, 5}, tmp_path / "b")  # the line at step 8 sees the run of 3, though step 8 itself is finite
+
+
+def test_sigterm_saves_the_step_and_stops(tmp_path):
+    """SIGTERM in the middle of a run: the loop finishes its step, saves it (off the interval too) and raises
+    ``Stopped``; the handler is the previous one again afterwards."""
+    import signal
+
+    from configs import common
+    from qk_jax.training import checkpoint as ckpt
+    from qk_jax.training import metrics as metrics_lib
+    from qk_jax.training import state as state_lib
+
+    optimizer = state_lib.make_optimizer(common.optim(lr=1e-2, warmup_steps=0), total_steps=30)
+    state = state_lib.init_state({"w": jax.numpy.ones(3)}, (".*",), optimizer, jax.random.key(0))
+    grads = {"w": jax.numpy.ones(3)}
+
+    def step_fn(state, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 3
+        return state_lib.apply_gradients(state, grads, optimizer), dict(loss=jax.numpy.float32(0), lr=0.0,
+                                                                        grad_norm=0.0, nonfinite=0)
+
+    before = signal.getsignal(signal.SIGTERM)
+    checkpointer = ckpt.Checkpointer(tmp_path, save_every=10)
+    with loop.stop_on_sigterm() as stop_requested, pytest.raises(loop.Stopped, match="after step 3, which is saved"):
+        loop.run_loop(state, step_fn, lambda step: (step,), total=20, log_every=5, checkpointer=checkpointer,
+                      data_state=lambda step: dict(next=step), meta={}, batch_size=1, max_nonfinite=0,
+                      nonfinite_hint="", writer=None, progress=metrics_lib.Progress(20, every=5),
+                      stop_requested=stop_requested)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert ckpt.Checkpointer(tmp_path, save_every=10).restore(state)[1] == dict(next=3)

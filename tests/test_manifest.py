@@ -171,3 +171,24 @@ def test_command_line_usage_errors(tmp_path, monkeypatch, argv, problem):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(app.UsageError, match=problem):
         manifest_tool.main(argv)
+
+
+def test_lines_too_deep_or_too_long_are_unparsable_rows(tmp_path, monkeypatch):
+    """A JSON line nested 100,000 deep (a RecursionError in json) or longer than the line limit is a counted bad
+    row; the good rows around it are kept."""
+    monkeypatch.setattr(manifest, "MAX_LINE_CHARS", 300_000)
+    good = json.dumps(dict(id="ok", task="t2i", prompt="a red circle", target="a.png"))
+    deep = "[" * 100_000 + "]" * 100_000
+    nested: list = []
+    for _ in range(40):  # 40 levels: json reads it, the depth limit refuses it
+        nested = [nested]
+    shallow_but_nested = json.dumps(dict(id="n", task="t2i", prompt="p", target="a.png", meta={"a": nested}))
+    long = json.dumps(dict(id="long", task="t2i", prompt="x" * 400_000, target="a.png"))
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join([good, deep, good.replace('"ok"', '"ok2"'), shallow_but_nested, long, good]) + "\n")
+    m = manifest.JsonlManifest(str(path))
+    assert [m[i].id for i in range(len(m))] == ["ok", "ok2", "ok"]
+    assert m.problems == {"unparsable": 3}, (m.problems, m.examples)
+    assert "nested deeper than 32 levels" in m.examples["unparsable"]  # the first bad row: the 100,000-deep one
+    with pytest.raises(manifest.RecordError, match="400,0.. characters, over the 300,000 limit"):
+        manifest.parse_json(long, "r", "<line>")

@@ -52,8 +52,11 @@ def test_jsonl_is_on_disk_after_each_write_and_takes_jax_and_numpy_scalars(tmp_p
         record = json.loads(lines[0])
         assert record["step"] == 10 and record["loss"] == 0.5 and record["lr"] == 1e-4 and record["loss/t2i"] == 0.25
         assert abs(record["walltime"] - time.time()) < 60
-        writer.write(20, {"loss": float("nan")})
-        assert len((tmp_path / m.JSONL).read_text().splitlines()) == 2
+        writer.write(20, {"loss": float("nan"), "grad_norm": float("inf")})
+        lines = (tmp_path / m.JSONL).read_text().splitlines()
+        assert len(lines) == 2
+        strict = json.loads(lines[1], parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+        assert strict["loss"] is None and strict["grad_norm"] is None  # non-finite: null
     assert not (tmp_path / m.TB_DIR).exists()
     assert math.isnan(m.read_jsonl(tmp_path / m.JSONL)[20]["loss"])
 

@@ -36,3 +36,24 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(CheckpointError, match="safetensors only.*save_pretrained"):
         SafetensorsReader(tmp_path, "model")
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors"])
+def test_an_index_may_name_only_shards_of_its_own_folder(tmp_path, shard):
+    import json
+
+    folder = tmp_path / "model"
+    write_safetensors({"a": np.zeros((2,), np.float32), "b": np.ones((2,), np.float32)}, folder, "model",
+                      max_shard_bytes=4)
+    index = folder / "model.safetensors.index.json"
+    document = json.loads(index.read_text())
+    document["weight_map"]["a"] = shard
+    index.write_text(json.dumps(document))
+    with pytest.raises(CheckpointError, match=r"tensor 'a' points at .*, outside"):
+        SafetensorsReader(folder, "model")
+
+
+def test_unparsable_json_names_its_file(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 4,')
+    with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
+        read_config(tmp_path)

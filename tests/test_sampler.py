@@ -257,6 +257,17 @@ def test_cli_writes_the_images_and_a_grid_for_every_task(task, count, model_and_
     assert f"(weights {weights})" in printed
 
 
+def test_cli_samples_in_batches_with_the_same_seeds(model_and_checkpoint, tmp_path, capsys):
+    """``--batch 2`` for 3 images: two calls; image 2 (seed + 2, alone in its call) is the image that
+    ``--seed seed+2 --num-images 1`` gives, bit for bit."""
+    checkpoint = model_and_checkpoint[2]
+    base = ["--checkpoint", str(checkpoint), "--prompt", "a red circle", "--steps", str(STEPS), "--size", "32x32"]
+    batched = sample.main(base + ["--num-images", "3", "--batch", "2", "--seed", "5", "--out", str(tmp_path / "a.png")])
+    assert len(batched) == 4 and "3 images (2 call(s) of up to 2)" in capsys.readouterr().out
+    alone = sample.main(base + ["--num-images", "1", "--seed", "7", "--out", str(tmp_path / "b.png")])
+    np.testing.assert_array_equal(np.asarray(Image.open(batched[2])), np.asarray(Image.open(alone[0])))
+
+
 def test_python_dash_m_snaps_the_size_to_a_bucket(model_and_checkpoint, tmp_path):
     out = tmp_path / "grid.png"
     result = subprocess.run(

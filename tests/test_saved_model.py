@@ -32,3 +32,22 @@ def test_relative_directories_work(tmp_path, monkeypatch):
     params = {"vae": {"b": jnp.ones(2)}}
     saved_model.save_model("rel/model", common.base("tiny"), params, meta={"stage": 1})
     chex.assert_trees_all_equal(saved_model.load_model("rel/model")[1], params)
+
+
+def test_a_crash_while_saving_leaves_no_model_and_the_rerun_saves(tmp_path, monkeypatch):
+    """A stage's final/ is complete or absent: a save that dies half-way leaves only ``.incomplete``, which the
+    next save clears."""
+    params = {"vae": {"b": jnp.ones(2)}}
+    target = tmp_path / "final"
+
+    def die(*args, **kwargs):
+        raise SystemExit("killed")  # the process dies after params/, before config.json
+
+    monkeypatch.setattr(saved_model, "_write_config", die)
+    with pytest.raises(SystemExit):
+        saved_model.save_model(target, common.base("tiny"), params, meta={"stage": 1})
+    monkeypatch.undo()
+    assert not target.exists() and (saved_model.incomplete_path(target) / "params").exists()
+    saved_model.save_model(target, common.base("tiny"), params, meta={"stage": 1})
+    assert not saved_model.incomplete_path(target).exists()
+    chex.assert_trees_all_equal(saved_model.load_model(target)[1], params)

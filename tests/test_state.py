@@ -129,9 +129,11 @@ def test_non_finite_gradients_are_skipped_and_counted():
     bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
     state = jax.jit(st.apply_gradients, static_argnums=2)(state, bad, opt)
     chex.assert_trees_all_equal(state.trainable, before.trainable)
-    assert int(st.nonfinite_count(state.opt_state)) == 1
+    assert int(st.nonfinite_count(state.opt_state)) == 1 and int(st.nonfinite_streak(state.opt_state)) == 1
+    state = st.apply_gradients(state, bad, opt)
+    assert int(st.nonfinite_count(state.opt_state)) == 2 and int(st.nonfinite_streak(state.opt_state)) == 2
     state = st.apply_gradients(state, grads, opt)
-    assert int(st.nonfinite_count(state.opt_state)) == 1
+    assert int(st.nonfinite_count(state.opt_state)) == 2 and int(st.nonfinite_streak(state.opt_state)) == 0
     assert not np.allclose(state.trainable["connector"]["linear_1"]["bias"], before.trainable["connector"]["linear_1"]["bias"])
 
 

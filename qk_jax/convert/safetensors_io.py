@@ -24,14 +24,27 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be converted; the message names the file or tensor and the fix."""
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from ``path``; a missing, unreadable or unparsable file is a ``CheckpointError`` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); is the download complete?") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_config(folder: str | os.PathLike, class_name: str | None = None, hint: str = "") -> dict:
     """``config.json`` of a transformers/diffusers folder; with ``class_name``, a diffusers folder of that model
     (``_class_name``), else a ``CheckpointError`` that names what was found and ``hint``s the right folder."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json; expected a save_pretrained() folder")
-    with open(path) as f:
-        config = json.load(f)
+    config = read_json(path)
     found = config.get("_class_name")
     if class_name is not None and found != class_name:
         raise CheckpointError(f"{folder}: config.json has _class_name={found!r}, expected {class_name!r}. {hint}")
@@ -52,8 +65,17 @@ class SafetensorsReader:
         single = self.folder / f"{weights_name}.safetensors"
         index = self.folder / f"{weights_name}.safetensors.index.json"
         if index.is_file():
-            with open(index) as f:
-                self._file_of = {k: self.folder / v for k, v in json.load(f)["weight_map"].items()}
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no weight_map object; is it a safetensors index?")
+            root = self.folder.resolve()
+            self._file_of = {}
+            for name, shard in weight_map.items():
+                path = (self.folder / str(shard)).resolve()
+                if path.parent != root:  # a shard is a file of this folder: no "../", no absolute path, no subfolder
+                    raise CheckpointError(f"{index}: tensor {name!r} points at {shard!r}, outside {self.folder}; "
+                                          "an index names shard files of its own folder")
+                self._file_of[name] = path
         elif single.is_file():
             with safe_open(single, "np") as f:
                 self._file_of = {k: single for k in f.keys()}

@@ -51,6 +51,7 @@ import logging
 import os
 import posixpath
 import re
+import stat
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -73,6 +74,74 @@ class RecordError(ValueError):
     def __init__(self, kind: str, record_id: str, field: str, message: str):
         self.kind, self.record_id, self.field = kind, record_id, field
         super().__init__(f"record {record_id!r}, field {field!r}: {message} [{kind}]")
+
+
+# A record is one JSON line of at most MAX_LINE_CHARS characters, nested at most MAX_JSON_DEPTH deep (a record
+# is a few levels deep; ShapesWorld's meta about six); longer or deeper lines are ``unparsable``, not a crash.
+MAX_LINE_CHARS = 2**20
+MAX_JSON_DEPTH = 32
+
+
+def parse_json(text: str, record_id: str, field: str) -> Any:
+    """One record's JSON, within ``MAX_LINE_CHARS`` and ``MAX_JSON_DEPTH``; anything else is ``RecordError``."""
+    if len(text) > MAX_LINE_CHARS:
+        raise RecordError("unparsable", record_id, field, f"{len(text):,} characters, over the {MAX_LINE_CHARS:,} "
+                          "limit (qk_jax.data.manifest.MAX_LINE_CHARS)")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError("unparsable", record_id, field, f"not JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise RecordError("unparsable", record_id, field, f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RecordError("unparsable", record_id, field, f"nested deeper than {MAX_JSON_DEPTH} levels")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return obj
+
+
+def _bounded_lines(f) -> Any:
+    """``(number, line)`` of a text file, each line cut to ``MAX_LINE_CHARS + 1`` characters (the rest of an
+    overlong line is skipped unread into memory; ``parse_json`` then refuses it)."""
+    number = 0
+    while True:
+        line = f.readline(MAX_LINE_CHARS + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+            while (rest := f.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+                pass
+        yield number, line
+        number += 1
+
+
+# The largest encoded image a record may have: a file above it is ``too_large`` before a byte of it is read.
+# 64 MiB holds a 4096^2 PNG of noise; raise it here for larger sources.
+MAX_IMAGE_BYTES = 64 * 2**20
+
+
+def read_file(path: str, record_id: str, field: str) -> bytes:
+    """The bytes of the regular file at ``path``, at most ``MAX_IMAGE_BYTES`` of them; anything else (missing,
+    a FIFO or device that would block or never end, a folder, a file over the limit) raises ``RecordError``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without waiting for a writer
+    except OSError as e:
+        raise RecordError("missing_file", record_id, field, f"cannot read {path}: {e.strerror or e}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise RecordError("missing_file", record_id, field, f"{path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise RecordError("too_large", record_id, field, f"{path} is {info.st_size:,} bytes, over the "
+                              f"{MAX_IMAGE_BYTES}-byte limit (qk_jax.data.manifest.MAX_IMAGE_BYTES)")
+        try:
+            return f.read(MAX_IMAGE_BYTES + 1)[:MAX_IMAGE_BYTES]
+        except OSError as e:
+            raise RecordError("missing_file", record_id, field, f"cannot read {path}: {e.strerror or e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +176,7 @@ class Record:
         path = os.path.realpath(os.path.join(root, image))
         if os.path.commonpath([root, path]) != root:
             raise RecordError("unsafe_path", self.id, field, f"{image!r} resolves outside the dataset root {root}")
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise RecordError("missing_file", self.id, field, f"cannot read {path}: {e.strerror or e}") from None
+        return read_file(path, self.id, field)
 
     def segments(self) -> list[str | int]:
         """The prompt as text pieces and 0-based input indices, unplaced inputs first.
@@ -266,7 +331,7 @@ class JsonlManifest:
         self._tasks: list[str] = []
         name = os.path.basename(path)
         with open(path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f):
+            for number, line in _bounded_lines(f):
                 if not line.strip():
                     continue
                 try:
@@ -280,10 +345,7 @@ class JsonlManifest:
 
     def _parse(self, line: str, number: int, name: str) -> Record:
         default_id = f"{name}:{number + 1}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecordError("unparsable", default_id, "<line>", f"not JSON ({e.msg} at column {e.colno})") from None
+        obj = parse_json(line, default_id, "<line>")
         return parse_record(obj, record_id=default_id, index=number, root=self.root,
                             max_references=self.max_references)
 
@@ -335,8 +397,10 @@ def decode_record(data: bytes, *, index: int = -1, max_references: int | None = 
         raise RecordError("unparsable", rid, "<record>", "not a qk_jax ArrayRecord record (bad magic)")
     (head_len,) = struct.unpack("<I", data[len(MAGIC) : start])
     try:
-        header = json.loads(data[start : start + head_len].decode("utf-8"))
+        header = parse_json(data[start : start + head_len].decode("utf-8"), rid, "<header>")
         lengths = [int(n) for n in header.pop("blobs")]
+    except RecordError:
+        raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise RecordError("unparsable", rid, "<header>", f"bad header: {e}") from None
     pos, blobs = start + head_len, []

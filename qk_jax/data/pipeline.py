@@ -5,7 +5,8 @@ records of the stage's tasks  (manifest.open_manifest; bad rows counted when the
  -> host shard (buckets.shard_for_host) -> shuffle (seeded, new order each epoch) -> repeat
     [training stream: one shuffled, endlessly repeated dataset per task, mixed by config.tasks weights]
  -> per record, Grain random_map (a per-record generator seeded by the seed and the record's position):
-      decode (Pillow, Image.MAX_IMAGE_PIXELS on: a decompression bomb is a bad record; EXIF orientation applied)
+      decode (Pillow; an image over data.max_image_pixels, default images.max_pixels_for(resolution), is a bad
+      record read from its header, never decoded; EXIF orientation applied)
       -> aspect bucket of the target (buckets.Buckets) -> resize and centre-crop target and inputs to it
       -> classifier-free-guidance dropout: the text with p = cfg_dropout.text, all input images together with
          p = cfg_dropout.image (independent draws)
@@ -78,7 +79,7 @@ import numpy as np
 from qk_jax.data import buckets as buckets_lib
 from qk_jax.data import manifest as manifest_lib
 from qk_jax.data import tasks as tasks_lib
-from qk_jax.data.images import fit, open_image, oriented_size
+from qk_jax.data.images import fit, max_pixels_for, open_image, oriented_size
 from qk_jax.data.manifest import Record, RecordError
 from qk_jax.data.processors import VLMProcessor, processor_from_config
 from qk_jax.ops import rope
@@ -118,6 +119,7 @@ class SampleSettings:
     pad_token_id: int
     drop_text: float
     drop_images: float
+    max_pixels: int | None = None  # larger images are too_large before decoding (images.max_pixels_for)
 
 
 class MakeSample:
@@ -139,14 +141,15 @@ class MakeSample:
 
     def _sample(self, record: Record, drop_text: bool, drop_images: bool) -> dict[str, np.ndarray]:
         s = self.settings
-        target_image = open_image(record.read(record.target, "target"), record.id, "target")
-        size = s.buckets.sizes[s.buckets.assign(*oriented_size(target_image))]
+        target_image = open_image(record.read(record.target, "target"), record.id, "target", s.max_pixels)
+        size = s.buckets.sizes[s.buckets.assign(*oriented_size(target_image, record.id, "target"))]
         width, height = size
         target = fit(target_image, size, record.id, "target")
         inputs = []
         for k, inp in enumerate(record.inputs):
             field = f"inputs[{k}].path"
-            inputs.append(fit(open_image(record.read(inp.image, field), record.id, field), size, record.id, field))
+            image = open_image(record.read(inp.image, field), record.id, field, s.max_pixels)
+            inputs.append(fit(image, size, record.id, field))
         num = len(inputs)
         kept = [] if drop_images else list(range(num))
 
@@ -313,7 +316,8 @@ class PipelineConfig:
         ``data.{resolution, aspect_ratios, side_multiple}``; optional with defaults: ``data.manifest``,
         ``data.seed`` (else ``seed``, else 0), ``data.workers`` (0), ``data.worker_buffer`` (2),
         ``data.read_threads`` (4), ``data.bucket_buffer`` (lossless), ``data.bucket_max_wait`` (None),
-        ``data.text_multiple`` (0: every batch padded to ``max_text_tokens``).
+        ``data.text_multiple`` (0: every batch padded to ``max_text_tokens``), ``data.max_image_pixels`` (the
+        largest image decoded: ``images.max_pixels_for(resolution)``).
         """
         data = config["data"]
         get = lambda block, key, default: block[key] if key in block else default
@@ -329,6 +333,7 @@ class PipelineConfig:
             pad_token_id=int(config["vlm"]["text"]["bos_token_id"]),
             drop_text=float(config["cfg_dropout"]["text"]),
             drop_images=float(config["cfg_dropout"]["image"]),
+            max_pixels=int(get(data, "max_image_pixels", None) or max_pixels_for(data["resolution"])),
         )
         kwargs = dict(
             manifest=path, batch_size=int(config["batch_size"]),

@@ -6,12 +6,15 @@ Layout::
 
     <directory>/params        all components (``vlm``, ``connector``, ``mmdit``, ``vae``; Orbax, sharded arrays welcome)
     <directory>/config.json   {"config": the stage's ml_collections config as JSON, "meta": {stage, step, ema, ...}}
+
+A directory is complete or absent: ``save_model`` writes ``<directory>.incomplete`` and renames it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -42,14 +45,32 @@ def save_model(directory: str | os.PathLike, config: Any, params: Any, meta: dic
     directory = epath.Path(os.path.abspath(directory))  # Orbax refuses relative paths
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty; choose a new directory for the model")
-    directory.mkdir(parents=True, exist_ok=True)
+    # Written whole beside it, then renamed: a crash leaves no half model under ``directory`` (an earlier crash's
+    # leftover is cleared first).
+    partial = incomplete_path(directory)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / "params", params)
+    checkpointer.save(partial / "params", params)
     checkpointer.wait_until_finished()
+    _write_config(partial / MODEL_CONFIG_FILE, config, meta)
+    if directory.exists():
+        directory.rmdir()  # empty (checked above)
+    os.replace(partial, directory)
+    return directory
+
+
+def _write_config(path: epath.Path, config: Any, meta: dict | None) -> None:
     document = dict(config=json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
                     else dict(config), meta=meta or {})
-    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
-    return directory
+    path.write_text(json.dumps(document, indent=2, sort_keys=True))
+
+
+def incomplete_path(directory: str | os.PathLike) -> epath.Path:
+    """Where ``save_model`` writes ``directory`` before renaming it into place."""
+    directory = epath.Path(os.path.abspath(directory))
+    return directory.parent / f"{directory.name}.incomplete"
 
 
 def load_model(directory: str | os.PathLike, like: Any | None = None) -> tuple[ml_collections.ConfigDict, Any, dict]:
@@ -65,7 +86,10 @@ def load_model(directory: str | os.PathLike, like: Any | None = None) -> tuple[m
             f"{directory} is not a qk_jax model checkpoint (expected {MODEL_CONFIG_FILE} and params/ in it); pass"
             " the directory save_model wrote (a stage's final checkpoint)"
         )
-    document = json.loads(config_file.read_text())
+    try:
+        document = json.loads(config_file.read_text())
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e}); the model directory is damaged") from None
     config = ml_collections.ConfigDict(document["config"])
     checkpointer = ocp.StandardCheckpointer()
     params = checkpointer.restore(directory / "params", abstract_like(like) if like is not None else None)

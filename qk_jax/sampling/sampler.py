@@ -448,16 +448,18 @@ class Sampler:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as uint8 ``[H, W, 3]`` RGB (EXIF orientation applied, Pillow's pixel limit on).
 
-    A missing, unreadable, corrupt or truncated file raises ``ValueError`` naming it.
+    The training pipeline's reading and decoding path (``manifest.read_file``, ``qk_jax.data.images``): a
+    missing, unreadable, non-regular, oversized, corrupt or truncated file raises ``ValueError`` naming it.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ValueError(f"--image {path}: cannot read it ({e.strerror or e}); check the path") from None
+        data = manifest_lib.read_file(str(path), str(path), "image")
+    except manifest_lib.RecordError as e:
+        if e.kind == "missing_file":
+            raise ValueError(f"--image {path}: cannot read it ({e}); check the path") from None
+        raise ValueError(f"--image {path} is not a readable image ({e.kind}: {e}); pass a PNG or JPEG file") from None
     try:
         image = images_lib.open_image(data, str(path), "image")
-        return images_lib.fit(image, images_lib.oriented_size(image), str(path), "image")
+        return images_lib.fit(image, images_lib.oriented_size(image, str(path), "image"), str(path), "image")
     except manifest_lib.RecordError as e:
         raise ValueError(f"--image {path} is not a readable image ({e.kind}: {e}); pass a PNG or JPEG file") from None
 

@@ -9,20 +9,44 @@ Layout of a stage's ``workdir``::
 
 Saves are asynchronous (Orbax writes to a temporary directory and renames it when complete, so a crash during
 a save leaves the previous checkpoint intact), every ``save_every`` steps and at the end, keeping the last
-``keep``. ``restore_latest`` makes "rerun the same command" resume.
+``keep``. ``restore`` makes "rerun the same command" resume, from the newest checkpoint that reads back whole.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
+from qk_jax.models.saved_model import CheckpointMismatchError
 from qk_jax.models.saved_model import abstract_like as _abstract
 from qk_jax.training.state import TrainState
+
+
+class CheckpointDamagedError(RuntimeError):
+    """No checkpoint of a run can be read back; the message names them and what to delete."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+    """``{path: shape}`` of a state tree or of Orbax's metadata of one, paths as ``a/b/0/c`` in both."""
+    def name(key: Any) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
@@ -43,7 +67,9 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
             ),
-            item_names=("state", "data", "meta"),
+            # Handlers up front: a fresh manager (a resumed run) then reads each item's metadata before restoring.
+            item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
+                               meta=ocp.JsonCheckpointHandler()),
         )
         self._frozen = ocp.StandardCheckpointer()
 
@@ -64,10 +90,40 @@ class Checkpointer:
         )
 
     def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, dict, dict]:
-        """Restore ``step`` (default: the latest) into the shapes/shardings of ``like``; frozen params come from ``like``."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """Restore ``step`` (default: the newest intact one) into the shapes/shardings of ``like``; frozen params
+        come from ``like``.
+
+        A checkpoint that cannot be read (a truncated or deleted file, missing metadata, a bad iterator state) is
+        skipped with a warning naming it and why, and set aside as ``<step>.damaged`` so that the run saves that
+        step again; the next older one is tried. A checkpoint whose arrays do not fit ``like`` (another model
+        config) raises ``CheckpointMismatchError`` naming the workdir and the first differences: no older one
+        would fit either.
+        """
+        steps = [step] if step is not None else sorted(self._manager.all_steps(), reverse=True)
+        if not steps or steps == [None]:
             raise FileNotFoundError(f"no checkpoint in {self.workdir / 'checkpoints'}")
+        damaged = []
+        for candidate in steps:
+            try:
+                metadata = self._manager.item_metadata(candidate)["state"]
+                saved = _leaf_shapes(getattr(metadata, "tree", metadata))
+            except Exception as e:  # noqa: BLE001 -- unreadable metadata: a damaged checkpoint
+                damaged.append((candidate, e))
+                continue
+            if saved:
+                self._check_fits(candidate, saved, _leaf_shapes(_state_tree(like)))
+            try:
+                restored = self._restore(like, candidate)
+            except Exception as e:  # noqa: BLE001 -- any failure to read it back: a damaged checkpoint
+                damaged.append((candidate, e))
+                continue
+            self._set_aside(damaged)
+            return restored
+        details = "; ".join(f"{s}: {_first_line(e)}" for s, e in damaged)
+        raise CheckpointDamagedError(f"no checkpoint in {self.workdir / 'checkpoints'} can be restored ({details}); "
+                                     f"delete {self.workdir / 'checkpoints'} to train this stage from its start")
+
+    def _restore(self, like: TrainState, step: int) -> tuple[TrainState, dict, dict]:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -76,6 +132,8 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore(),
             ),
         )
+        if restored.state is None or restored.data is None:
+            raise ValueError("its state or data item is missing")
         tree = restored.state
         state = like.replace(
             step=tree["step"],
@@ -85,6 +143,31 @@ class Checkpointer:
             rng=jax.random.wrap_key_data(tree["rng"]),
         )
         return state, restored.data, restored.meta
+
+    def _check_fits(self, step: int, saved: dict[str, tuple], want: dict[str, tuple]) -> None:
+        problems = [f"{p}: shape {saved[p]} in the checkpoint, {want[p]} now" for p in want
+                    if p in saved and saved[p] != want[p]]
+        problems += [f"{p}: not in the checkpoint" for p in want if p not in saved]
+        problems += [f"{p}: in the checkpoint only" for p in saved if p not in want]
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise CheckpointMismatchError(
+                f"checkpoint {step} in {self.workdir} was written with another model or trainable set: "
+                f"{'; '.join(problems[:3])}{more}. Resume with the config that wrote it, or give another --workdir")
+
+    def _set_aside(self, damaged: list[tuple[int, BaseException]]) -> None:
+        """Rename each damaged step folder out of Orbax's sight (``<step>.damaged``), logging why."""
+        for step, error in damaged:
+            folder = self.workdir / "checkpoints" / str(step)
+            aside = folder.parent / f"{step}.damaged"
+            logging.warning("checkpoint %d in %s cannot be restored (%s); resuming from an older one and keeping "
+                            "it as %s", step, folder.parent, _first_line(error), aside.name)
+            if aside.exists():
+                shutil.rmtree(aside)
+            if folder.exists():
+                os.replace(folder, aside)
+        if damaged:
+            self._manager.reload()
 
     def read_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

@@ -15,8 +15,12 @@ The ShapesWorld configs generate their data under ``config.data.dir`` when it is
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -46,6 +50,7 @@ MODEL_KEYS = ("target", "inputs", "roles", "image_present", "input_ids", "attent
 # Step metrics read at the last step of a log line; every other metric is summed between two lines and divided
 # by the step count (per-task loss sums and counts become per-task means: ``metrics_lib.task_losses``).
 LATEST = ("lr", "nonfinite")
+STREAK = "nonfinite_streak"  # updates skipped in a row: its most since the last line is what the guard reads
 COMPILATION_CACHE = "xla_cache"
 
 
@@ -137,6 +142,36 @@ def training_manifest(config) -> str | shapesworld.ShapesManifest:
     return path
 
 
+def _flat_json(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        return {k: v for key, value in tree.items() for k, v in _flat_json(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def check_same_config(final_dir: str, config) -> None:
+    """A finished stage is skipped only for the config that made it (saved in its ``config.json``); another one
+    raises ``CheckpointMismatchError`` naming the first differences and the way out."""
+    with open(os.path.join(final_dir, saved_model.MODEL_CONFIG_FILE), encoding="utf-8") as f:
+        saved = _flat_json(json.load(f)["config"])
+    now = _flat_json(json.loads(config.to_json_best_effort()))
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        details = "; ".join(f"{k}: {saved.get(k)!r} when it ran, {now.get(k)!r} now" for k in diff[:3])
+        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise saved_model.CheckpointMismatchError(
+            f"stage {config.stage} finished in {os.path.dirname(final_dir)} with another config: {details}{more}. "
+            "Give another --workdir to train this config, or rerun with the config it was trained with")
+
+
+def skipped_summary(counts: Mapping[str, int], good: int) -> str:
+    """``"skipped 37 bad records: 30 corrupt_image, 7 unsafe_path (12,000 good records)"`` for the end of a stage."""
+    bad = {kind: n for kind, n in counts.items() if n}
+    if not bad:
+        return f"no bad record ({good:,} good records)"
+    kinds = ", ".join(f"{n:,} {kind}" for kind, n in sorted(bad.items(), key=lambda kv: -kv[1]))
+    return f"skipped {sum(bad.values()):,} bad records: {kinds} ({good:,} good records)"
+
+
 class Setup(NamedTuple):
     """What a stage trains with: the model, the optimizer and its schedule, the sharded state and its layout."""
 
@@ -160,40 +195,93 @@ def build(config, mesh) -> Setup:
     return Setup(model, optimizer, schedule, jax.device_put(state, state_sh), state_sh)
 
 
+class Stopped(Exception):
+    """SIGTERM (a preemption, ``scancel``, a pod's eviction) stopped the run after a step it saved."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Within: SIGTERM asks the loop to save after the step it is in and stop (``Stopped``); yields the question
+    ``() -> bool``. Outside the main thread (no signal handlers there) nothing is installed."""
+    asked = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield asked.is_set
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: asked.set())
+    try:
+        yield asked.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib.TrainState, dict]],
              step_args: Callable[[int], tuple], *, total: int, log_every: int, checkpointer: ckpt.Checkpointer,
              data_state: Callable[[int], dict], meta: dict, batch_size: int, max_nonfinite: int, nonfinite_hint: str,
-             writer: metrics_lib.MetricsWriter | None, progress: metrics_lib.Progress) -> state_lib.TrainState:
+             writer: metrics_lib.MetricsWriter | None, progress: metrics_lib.Progress,
+             host_scalars: Callable[[], dict] | None = None,
+             stop_requested: Callable[[], bool] = lambda: False) -> state_lib.TrainState:
     """Steps ``state.step + 1 .. total``: ``step_fn(state, *step_args(step))``; every ``log_every`` steps (and the
     last) the summed metrics go to ``writer`` and ``progress`` (``None`` writer: another process logs), and more
-    than ``max_nonfinite`` skipped updates stop the run with ``nonfinite_hint``. After each step ``checkpointer``
+    than ``max_nonfinite`` updates skipped in a row stop the run with ``nonfinite_hint``; ``host_scalars()`` adds
+    scalars the host keeps (the data's bad-record counts); once ``stop_requested()`` the step is saved and
+    ``Stopped`` raised (``stop_on_sigterm``). After each step ``checkpointer``
     saves on its interval with ``data_state(step)`` (the data's resume point) and ``meta``; the last step is always
-    saved. Returns the final state; the checkpointer is closed."""
+    saved. Returns the final state; the checkpointer is closed on every exit, an error's included (its save in
+    flight completes)."""
+    try:
+        state = _steps(state, step_fn, step_args, total=total, log_every=log_every, checkpointer=checkpointer,
+                       data_state=data_state, meta=meta, batch_size=batch_size, max_nonfinite=max_nonfinite,
+                       nonfinite_hint=nonfinite_hint, writer=writer, progress=progress, host_scalars=host_scalars,
+                       stop_requested=stop_requested)
+    except BaseException:
+        # Let the checkpoint in flight finish (else it stays ``N.orbax-checkpoint-tmp`` and resume goes back one
+        # more interval) and stop Orbax's threads, so the error that stopped the run is the one reported.
+        try:
+            checkpointer.close()
+        except Exception as e:  # noqa: BLE001 -- the first error is the one to report
+            logging.warning("closing the checkpointer after the error: %s", e)
+        raise
+    if checkpointer.latest_step() != int(state.step):
+        checkpointer.save(state, data_state(int(state.step)), meta, force=True)
+    checkpointer.close()
+    return state
+
+
+def _steps(state, step_fn, step_args, *, total, log_every, checkpointer, data_state, meta, batch_size,
+           max_nonfinite, nonfinite_hint, writer, progress, host_scalars, stop_requested):
+    """``run_loop``'s steps, logging and periodic saves."""
     start = int(state.step)
-    acc, last_logged = None, start
+    acc, streak, last_logged = None, None, start
     for step in range(start + 1, total + 1):
         state, metrics = step_fn(state, *step_args(step))
-        summed = {k: v for k, v in metrics.items() if k not in LATEST}
+        summed = {k: v for k, v in metrics.items() if k not in LATEST and k != STREAK}
         acc = summed if acc is None else jax.tree.map(jnp.add, acc, summed)
+        if STREAK in metrics:  # on device: a running max, no host round trip
+            streak = metrics[STREAK] if streak is None else jnp.maximum(streak, metrics[STREAK])
         if step % log_every == 0 or step == total:
-            host, latest = jax.device_get((acc, {k: metrics[k] for k in LATEST}))
+            host, latest, longest = jax.device_get((acc, {k: metrics[k] for k in LATEST}, streak))
             n = step - last_logged
             task_sums = host.pop("task_loss_sum", None), host.pop("task_count", None)
             scalars = {k: float(v) / n for k, v in host.items()}
             scalars.update(lr=float(latest["lr"]), nonfinite=int(latest["nonfinite"]))
             if task_sums[0] is not None:
                 scalars.update(metrics_lib.task_losses(*task_sums, TASKS))
+            if host_scalars is not None:
+                scalars.update(host_scalars())
             if writer is not None:
                 writer.write(step, scalars)
                 progress.update(step, scalars, images_in_step=batch_size * n)
-            if scalars["nonfinite"] > max_nonfinite:
-                raise FloatingPointError(f"{scalars['nonfinite']} updates skipped for NaN/inf gradients (more than "
-                                         f"{max_nonfinite}); {nonfinite_hint}")
-            acc, last_logged = None, step
+            longest = scalars["nonfinite"] if longest is None else int(longest)
+            if longest > max_nonfinite:
+                raise FloatingPointError(f"{longest} updates in a row skipped for NaN/inf gradients (more than "
+                                         f"{max_nonfinite}; {scalars['nonfinite']} in all); {nonfinite_hint}")
+            acc, streak, last_logged = None, None, step
         checkpointer.save(state, data_state(step), meta)
-    if checkpointer.latest_step() != int(state.step):
-        checkpointer.save(state, data_state(int(state.step)), meta, force=True)
-    checkpointer.close()
+        if stop_requested():
+            if checkpointer.latest_step() != step:
+                checkpointer.save(state, data_state(step), meta, force=True)
+            raise Stopped(f"stopped by SIGTERM after step {step}, which is saved in {checkpointer.workdir}; rerun the "
+                          "same command to resume")
     return state
 
 
@@ -201,8 +289,13 @@ def train_stage(config, workdir: str) -> str:
     """Train one stage in ``workdir``; returns the final model directory."""
     final_dir = os.path.join(workdir, stages.FINAL)
     if os.path.exists(os.path.join(final_dir, saved_model.MODEL_CONFIG_FILE)):
+        check_same_config(final_dir, config)
         logging.info("stage %s is complete (%s); skipping", config.stage, final_dir)
         return final_dir
+    if os.path.exists(final_dir):  # no config.json: a model folder an older version left half-written
+        logging.warning("removing the incomplete model folder %s (no %s): it is written again at the end", final_dir,
+                        saved_model.MODEL_CONFIG_FILE)
+        shutil.rmtree(final_dir)
     os.makedirs(workdir, exist_ok=True)
 
     # --- set-up ---------------------------------------------------------------------------------------------
@@ -243,17 +336,21 @@ def train_stage(config, workdir: str) -> str:
     total, start = int(config.total_steps), int(state.step)
     log_every = int(config.get("log_every", 10))
     writer = metrics_lib.MetricsWriter(workdir, start_step=start) if jax.process_index() == 0 else None
-    state = run_loop(
-        state, step_fn, step_args, total=total, log_every=log_every, checkpointer=checkpointer,
-        data_state=lambda step: iterator.get_state(), meta=meta, batch_size=int(config.batch_size),
-        max_nonfinite=int(config.optim.get("max_nonfinite", 10)),
-        nonfinite_hint=f"lower optim.lr or check the data (optim.max_nonfinite). The last good checkpoint is in "
-                       f"{workdir}",
-        writer=writer, progress=metrics_lib.Progress(total, start_step=start, every=log_every))
+    with stop_on_sigterm() as stop_requested:
+        state = run_loop(
+            state, step_fn, step_args, total=total, log_every=log_every, checkpointer=checkpointer,
+            data_state=lambda step: iterator.get_state(), meta=meta, batch_size=int(config.batch_size),
+            max_nonfinite=int(config.optim.get("max_nonfinite", 10)),
+            nonfinite_hint=f"lower optim.lr or check the data (optim.max_nonfinite). The last good checkpoint is in "
+                           f"{workdir}",
+            writer=writer, progress=metrics_lib.Progress(total, start_step=start, every=log_every),
+            host_scalars=lambda: {f"skipped/{kind}": n for kind, n in data.metrics(iterator).items()},
+            stop_requested=stop_requested)
 
     # --- the end ----------------------------------------------------------------------------------------------
     if writer is not None:
         writer.close()
+    logging.info("stage %s data: %s", config.stage, skipped_summary(data.metrics(iterator), len(data.manifest)))
     trained = state.ema if state.ema is not None else state.trainable
     saved_model.save_model(final_dir, config,
                            state_lib.combine(jax.device_get(trained), jax.device_get(state.frozen)),

@@ -106,12 +106,15 @@ class MetricsWriter:
             self._events.flush()
 
     def _append(self, record: Mapping[str, Any]) -> None:
-        self._jsonl.write(json.dumps(record) + "\n")
+        # Strict JSON: a non-finite value is null (json.dumps would write a bare NaN that other readers refuse).
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
         os.fsync(self._jsonl.fileno())
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-        """Log ``scalars`` (name -> Python/NumPy/JAX scalar) at ``step``; NaN and inf are kept as such."""
+        """Log ``scalars`` (name -> Python/NumPy/JAX scalar) at ``step``; NaN and inf go to the JSONL as ``null``
+        (``read_jsonl`` reads them back as NaN) and to TensorBoard as such."""
         step = int(step)
         values = {}
         for name, value in scalars.items():
@@ -163,6 +166,7 @@ def read_jsonl(path: str | os.PathLike) -> dict[int, dict[str, float]]:
                 warnings.warn(f"{path}:{lineno}: skipping a line that is not a metrics record: {line[:80]!r}")
                 continue
             obj.pop("walltime", None)
+            obj = {k: float("nan") if v is None else v for k, v in obj.items()}  # null: a non-finite value
             if obj.pop("restart", False):
                 records = {s: row for s, row in records.items() if s <= step}
             elif obj:
@@ -320,6 +324,7 @@ class Progress:
     ) -> str:
         """The line for ``step`` given the window's wall-clock ``seconds``, ``steps`` and ``images``."""
         values = {name: _to_float(name, v) for name, v in scalars.items()}
+        skipped = sum(values.pop(name) for name in [n for n in values if n.startswith("skipped/")])
         parts = [f"step {step}/{self.total_steps}"]
         if "loss" in values:
             parts.append(f"loss {values.pop('loss'):.4f}")
@@ -331,6 +336,8 @@ class Progress:
         if "grad_norm" in values:
             parts.append(f"gnorm {values.pop('grad_norm'):.3g}")
         parts += [f"{name} {v:.4g}" for name, v in values.items()]
+        if skipped:
+            parts.append(f"skipped {skipped:,.0f} bad records")
         if steps > 0 and seconds > 0:
             parts += [f"{_rate(images / seconds)} img/s", f"{_rate(steps / seconds)} it/s"]
             parts.append(f"ETA {format_duration((self.total_steps - step) * seconds / steps)}")

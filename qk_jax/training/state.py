@@ -9,7 +9,8 @@ The optimizer is optax throughout: AdamW with a warmup + constant/cosine/warmup-
 clipping, a weight-decay mask (no decay on biases, norms, embeddings and kontext queries), per-path learning-rate
 multipliers (``optim.lr_multipliers``, e.g. a pretrained VLM at a tenth of a new MMDiT's rate), optional gradient
 accumulation (``optax.MultiSteps``) and a non-finite guard (``optax.apply_if_finite``) that skips an update whose
-gradients hold a NaN/inf and counts it; the trainer stops with a message once ``optim.max_nonfinite`` are skipped.
+gradients hold a NaN/inf and counts it; the trainer stops with a message once more than ``optim.max_nonfinite``
+updates in a row are skipped.
 """
 
 from __future__ import annotations
@@ -178,6 +179,11 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> optax.Gradient
 def nonfinite_count(opt_state: optax.OptState) -> jax.Array:
     """How many updates the non-finite guard has skipped since the optimizer was initialised."""
     return opt_state.total_notfinite
+
+
+def nonfinite_streak(opt_state: optax.OptState) -> jax.Array:
+    """How many updates in a row, up to the last, the non-finite guard has skipped (0 after a finite one)."""
+    return opt_state.notfinite_count
 
 
 def init_state(

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from qk_jax.models.query_kontext import QueryKontext
-from qk_jax.training.state import TrainState, apply_gradients, combine, nonfinite_count
+from qk_jax.training.state import TrainState, apply_gradients, combine, nonfinite_count, nonfinite_streak
 
 
 LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
@@ -50,6 +50,7 @@ def train_step(
         grad_norm=optax.tree.norm(grads),
         lr=jnp.asarray(schedule(state.step), jnp.float32),
         nonfinite=nonfinite_count(new_state.opt_state),
+        nonfinite_streak=nonfinite_streak(new_state.opt_state),
         **(aux._asdict() if hasattr(aux, "_asdict") else aux),
     )
     return new_state, metrics
