@@ -249,6 +249,9 @@ def data(variant, config):
     # (docs/shapesworld_log.md: Evidence moved out of the configs). The batch order depends on the count: resume
     # with the same one.
     block.workers = 0
+    # Multi-process: each process reads its own records (False), or every process reads the whole global stream and
+    # feeds its rows (True: the same batches whatever the process count, at that many times the reading).
+    block.global_stream = False
     # A JSONL manifest (``qk_jax.data.manifest``). Unset on the ShapesWorld configs: the trainer draws
     # ``data.num_samples`` ShapesWorld records as it reads them (``shapesworld.ShapesManifest``), or writes them
     # once into ``data.dir`` when that is set. Fresh scenes matter: the MMDiT memorised the layouts of a written

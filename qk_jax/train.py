@@ -12,7 +12,6 @@ curriculum: ``qk_jax.training.curriculum``.
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Sequence
 
 import jax
@@ -21,6 +20,7 @@ from ml_collections import config_flags
 
 from qk_jax import cli
 from qk_jax.models import saved_model
+from qk_jax.parallel import distributed
 from qk_jax.training import checkpoint, curriculum, loop
 from qk_jax.training import metrics as metrics_lib
 
@@ -36,8 +36,10 @@ def run_flags(fv: flags.FlagValues) -> None:
     if config is None or not workdir:
         raise app.UsageError("give --config configs/stageN.py[:variant] (or configs/shapes.py) and --workdir DIR")
     workdir = os.path.abspath(workdir)
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
-        jax.distributed.initialize()  # multi-host: TPU pod workers or one process per GPU node
+    process, processes = distributed.initialize_from_environment()  # multi-host: SLURM, a TPU pod, JAX_* env
+    if processes > 1:
+        logging.info("process %d of %d, %d of %d devices here", process, processes, jax.local_device_count(),
+                     jax.device_count())
     metrics_lib.quiet_library_logs()
     logging.info("compilation cache: %s", loop.use_compilation_cache(workdir))
     logging.info("config:\n%s", config)
@@ -48,9 +50,8 @@ def run_flags(fv: flags.FlagValues) -> None:
             loop.train_stage(config, workdir)
     except (saved_model.CheckpointMismatchError, checkpoint.CheckpointDamagedError) as e:
         raise app.UsageError(str(e)) from None  # a workdir that does not fit the config: the message says what to do
-    except loop.Stopped as e:
+    except loop.Stopped as e:  # a preemption: the step is saved; exit 0 so that a pod scheduler restarts the job
         logging.warning("%s", e)
-        raise SystemExit(128 + signal.SIGTERM) from None  # 143: schedulers requeue a job stopped by SIGTERM
 
 
 def main(argv: Sequence[str]) -> None:

@@ -51,3 +51,25 @@ def test_a_crash_while_saving_leaves_no_model_and_the_rerun_saves(tmp_path, monk
     saved_model.save_model(target, common.base("tiny"), params, meta={"stage": 1})
     assert not saved_model.incomplete_path(target).exists()
     chex.assert_trees_all_equal(saved_model.load_model(target)[1], params)
+
+
+def test_a_model_saved_from_eight_devices_loads_on_one(tmp_path):
+    """Saved from arrays sharded over 8 (fake) devices, loaded in a process with 1: whole arrays, same values."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, jax, numpy as np\n"
+            "from jax.sharding import NamedSharding, PartitionSpec as P\n"
+            "from configs import common\n"
+            "from qk_jax.models import saved_model\n"
+            "mesh = jax.make_mesh((8,), ('data',))\n"
+            "w = jax.device_put(np.arange(32.0).reshape(8, 4), NamedSharding(mesh, P('data')))\n"
+            "saved_model.save_model(sys.argv[1], common.base('tiny'), {'vae': {'w': w}}, meta={'stage': 1})\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, params, _ = saved_model.load_model(tmp_path / "m")
+    chex.assert_trees_all_equal(params, {"vae": {"w": jnp.arange(32.0).reshape(8, 4)}})

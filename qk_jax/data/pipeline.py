@@ -311,13 +311,13 @@ class PipelineConfig:
     def from_config(cls, config: Mapping[str, Any], manifest: str | None = None, **overrides) -> PipelineConfig:
         """From a stage config; ``manifest`` (else ``config.data.manifest``) and ``overrides`` win.
 
-        Reads ``batch_size``, ``tasks``, ``in_context``, ``max_references``, ``cfg_dropout.{text,image}``,
+        Reads ``batch_size`` (the global batch: each process gets ``batch_size / process_count``), ``tasks``, ``in_context``, ``max_references``, ``cfg_dropout.{text,image}``,
         ``vlm.max_text_tokens``, ``vlm.text.bos_token_id`` (the pad id: Qwen's ``<|endoftext|>``) and
         ``data.{resolution, aspect_ratios, side_multiple}``; optional with defaults: ``data.manifest``,
         ``data.seed`` (else ``seed``, else 0), ``data.workers`` (0), ``data.worker_buffer`` (2),
         ``data.read_threads`` (4), ``data.bucket_buffer`` (lossless), ``data.bucket_max_wait`` (None),
         ``data.text_multiple`` (0: every batch padded to ``max_text_tokens``), ``data.max_image_pixels`` (the
-        largest image decoded: ``images.max_pixels_for(resolution)``).
+        largest image decoded: ``images.max_pixels_for(resolution)``), ``data.global_stream`` (False).
         """
         data = config["data"]
         get = lambda block, key, default: block[key] if key in block else default
@@ -335,8 +335,18 @@ class PipelineConfig:
             drop_images=float(config["cfg_dropout"]["image"]),
             max_pixels=int(get(data, "max_image_pixels", None) or max_pixels_for(data["resolution"])),
         )
+        # config.batch_size is the global batch (table 3); each process reads and feeds its own part of it. With
+        # data.global_stream every process reads the whole global stream instead (and the trainer keeps its rows):
+        # the same batches for any process count, at process_count times the reading.
+        if get(data, "global_stream", False):
+            overrides = dict(dict(process_index=0, process_count=1), **overrides)
+        _, processes = buckets_lib.host_position(overrides.get("process_index"), overrides.get("process_count"))
+        global_batch = int(config["batch_size"])
+        if global_batch % processes:
+            raise ValueError(f"batch_size={global_batch} (the global batch) does not split over {processes} "
+                             f"processes; give a multiple of {processes}")
         kwargs = dict(
-            manifest=path, batch_size=int(config["batch_size"]),
+            manifest=path, batch_size=global_batch // processes,
             tasks=tuple((str(t), float(w)) for t, w in dict(config["tasks"]).items()),
             settings=settings, max_references=int(config["max_references"]),
             seed=int(get(data, "seed", get(config, "seed", 0))),

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -47,18 +48,27 @@ def save_model(directory: str | os.PathLike, config: Any, params: Any, meta: dic
         raise FileExistsError(f"{directory} exists and is not empty; choose a new directory for the model")
     # Written whole beside it, then renamed: a crash leaves no half model under ``directory`` (an earlier crash's
     # leftover is cleared first).
-    partial = incomplete_path(directory)
-    if partial.exists():
+    # Multi-process: every process writes its shards of ``params`` (Orbax); process 0 alone clears, names and
+    # renames, between barriers, so no process reads a half-written folder.
+    partial, lead = incomplete_path(directory), jax.process_index() == 0
+    if lead and partial.exists():
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    _barrier("qk_jax.save_model.cleared")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(partial / "params", params)
     checkpointer.wait_until_finished()
-    _write_config(partial / MODEL_CONFIG_FILE, config, meta)
-    if directory.exists():
-        directory.rmdir()  # empty (checked above)
-    os.replace(partial, directory)
+    if lead:
+        _write_config(partial / MODEL_CONFIG_FILE, config, meta)
+        if directory.exists():
+            directory.rmdir()  # empty (checked above)
+        os.replace(partial, directory)
+    _barrier("qk_jax.save_model.renamed")
     return directory
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _write_config(path: epath.Path, config: Any, meta: dict | None) -> None:
@@ -77,7 +87,7 @@ def load_model(directory: str | os.PathLike, like: Any | None = None) -> tuple[m
     """``(config, params, meta)`` of a ``save_model`` directory.
 
     ``like`` (arrays or ``ShapeDtypeStruct``s with shardings) restores straight into that layout; without it
-    the params come back as saved, on the default device.
+    every array comes back whole on this process's first device (``on_one_device``), whatever saved it.
     """
     directory = epath.Path(os.path.abspath(directory))  # Orbax refuses relative paths
     config_file = directory / MODEL_CONFIG_FILE
@@ -92,5 +102,15 @@ def load_model(directory: str | os.PathLike, like: Any | None = None) -> tuple[m
         raise ValueError(f"{config_file}: not valid JSON ({e}); the model directory is damaged") from None
     config = ml_collections.ConfigDict(document["config"])
     checkpointer = ocp.StandardCheckpointer()
-    params = checkpointer.restore(directory / "params", abstract_like(like) if like is not None else None)
+    params = checkpointer.restore(directory / "params", abstract_like(like) if like is not None
+                                  else on_one_device(checkpointer.metadata(directory / "params")))
     return config, params, document.get("meta", {})
+
+
+def on_one_device(metadata: Any) -> Any:
+    """Restore targets that put every saved array whole on this process's first device, whatever devices saved it
+    (a model trained on 8 GPUs or 2 hosts samples on one)."""
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree)

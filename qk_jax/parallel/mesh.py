@@ -111,6 +111,17 @@ def batch_sharding(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> NamedS
     return NamedSharding(mesh, PartitionSpec(tuple(a for a in axes if a in mesh.shape)))
 
 
+def local_rows(global_batch: int, mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> slice:
+    """The rows of a global batch that this process's devices hold under ``batch_sharding`` (contiguous: the mesh
+    lists each process's devices together)."""
+    index = batch_sharding(mesh, axes).addressable_devices_indices_map((global_batch,))
+    starts = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop) for s in index.values()})
+    rows = slice(starts[0][0], starts[-1][1])
+    if sum(stop - start for start, stop in starts) != rows.stop - rows.start:
+        raise ValueError(f"this process's batch rows {starts} are not contiguous in the mesh {dict(mesh.shape)}")
+    return rows
+
+
 def shard_batch(batch: Any, mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> Any:
     """Put a host batch (dict of NumPy arrays) on the mesh, batch dim over the data-parallel axes.
 
@@ -121,3 +132,23 @@ def shard_batch(batch: Any, mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) 
     if jax.process_count() == 1:
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Put every leaf of ``tree`` (arrays every process holds whole and alike: the same seed's init, the same
+    checkpoint read) at its sharding in ``shardings``; each process fills only its own devices' shards.
+
+    Single-process: ``device_put``. Multi-process ``device_put`` refuses shardings over other hosts' devices, so
+    each shard is cut from the host copy (``make_array_from_callback``); typed PRNG keys travel as their key data.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = one(jax.random.key_data(x), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)

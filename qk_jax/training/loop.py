@@ -192,7 +192,7 @@ def build(config, mesh) -> Setup:
     state = state_lib.init_state(params, config.trainable, optimizer, state_rng, config.get("ema_decay"))
     state = state.replace(frozen=cast_frozen(state.frozen, config))
     state_sh = _state_shardings(state, _param_shardings(model, mesh, config), mesh, config)
-    return Setup(model, optimizer, schedule, jax.device_put(state, state_sh), state_sh)
+    return Setup(model, optimizer, schedule, mesh_lib.place(state, state_sh), state_sh)
 
 
 class Stopped(Exception):
@@ -300,6 +300,10 @@ def train_stage(config, workdir: str) -> str:
 
     # --- set-up ---------------------------------------------------------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
+    data_parallel = mesh_lib.data_axes_size(mesh)
+    if int(config.batch_size) % data_parallel:
+        raise ValueError(f"batch_size={config.batch_size} (the global batch) does not split over the {data_parallel} "
+                         f"data-parallel devices of the mesh {dict(mesh.shape)}; give a multiple of {data_parallel}")
     setup = build(config, mesh)
     state = setup.state
 
@@ -324,9 +328,12 @@ def train_stage(config, workdir: str) -> str:
     # --- the step ---------------------------------------------------------------------------------------------
     step_fn = make_train_step(setup.model, setup.optimizer, setup.schedule, setup.state_shardings)
     shapes_seen: set = set()
+    # data.global_stream: every process read the whole global batch; it feeds its own rows only.
+    rows = (mesh_lib.local_rows(int(config.batch_size), mesh)
+            if config.data.get("global_stream") and jax.process_count() > 1 else slice(None))
 
     def step_args(step: int) -> tuple:
-        host_batch = next(iterator)
+        host_batch = {k: v[rows] for k, v in next(iterator).items()}
         grid = vlm_image_grid(host_batch)
         if (message := new_shape_message(shapes_seen, step, host_batch, grid)) is not None:
             logging.info(message)
@@ -352,8 +359,8 @@ def train_stage(config, workdir: str) -> str:
         writer.close()
     logging.info("stage %s data: %s", config.stage, skipped_summary(data.metrics(iterator), len(data.manifest)))
     trained = state.ema if state.ema is not None else state.trainable
-    saved_model.save_model(final_dir, config,
-                           state_lib.combine(jax.device_get(trained), jax.device_get(state.frozen)),
+    # The arrays as they are sharded: each process writes its own shards, no host gathers the model.
+    saved_model.save_model(final_dir, config, state_lib.combine(trained, state.frozen),
                            meta=dict(meta, step=int(state.step), ema=state.ema is not None))
     if writer is not None:
         metrics_lib.plot(os.path.join(workdir, metrics_lib.JSONL), os.path.join(workdir, "loss.png"),
