@@ -70,3 +70,19 @@ def set_path(tree: dict[str, Any], path: str, value: Any) -> None:
     for key in parents:
         tree = tree.setdefault(key, {})
     tree[leaf] = value
+
+
+def leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+    """``{path: shape}`` of every leaf with a shape (arrays, ``ShapeDtypeStruct``s, Orbax's array metadata), in
+    any pytree (dicts, lists, NamedTuples: an optimizer state too)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {path_str(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def shape_differences(found: Mapping[str, tuple], wanted: Mapping[str, tuple], wanted_as: str) -> list[str]:
+    """What differs between two ``leaf_shapes`` (``found`` in a checkpoint, ``wanted`` ``wanted_as`` says whence),
+    one phrase per leaf: different shapes first, then missing leaves, then extra ones."""
+    problems = [f"{p}: shape {found[p]} in the checkpoint, {wanted[p]} {wanted_as}" for p in wanted
+                if p in found and found[p] != wanted[p]]
+    problems += [f"{p}: missing" for p in wanted if p not in found]
+    return problems + [f"{p}: not made by the config" for p in found if p not in wanted]

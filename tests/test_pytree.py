@@ -29,3 +29,21 @@ def test_regex_mask_uses_search_semantics():
     assert mask["mmdit"]["transformer_blocks_0"]["attn"]["to_q"]["kernel"] is True
     assert mask["stack"] == [False, False]
     assert not match_any("vae/encoder/conv_in/kernel", [])
+
+
+def test_leaf_shapes_and_their_differences():
+    from typing import NamedTuple
+
+    import numpy as np
+
+    from qk_jax.pytree import leaf_shapes, shape_differences
+
+    class State(NamedTuple):
+        mu: dict
+        count: int
+
+    tree = {"a": {"kernel": np.zeros((2, 3))}, "opt": [State(mu={"w": np.zeros(4)}, count=0)]}
+    assert leaf_shapes(tree) == {"a/kernel": (2, 3), "opt/0/mu/w": (4,)}  # leaves without a shape are left out
+    found, wanted = {"a": (2, 3), "b": (1,), "x": (5,)}, {"a": (3, 2), "b": (1,), "c": (7,)}
+    assert shape_differences(found, wanted, "now") == ["a: shape (2, 3) in the checkpoint, (3, 2) now", "c: missing",
+                                                       "x: not made by the config"]

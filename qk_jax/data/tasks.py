@@ -83,7 +83,5 @@ def sampling_roles(task: str, num_images: int) -> tuple[str, ...]:
     check_task(task, SAMPLING_TASKS)
     sources = min(num_images, 1) if "source" in TASK_ROLES[task] else 0
     roles = ("source",) * sources + ("reference",) * (num_images - sources)
-    if task == "t2i" and num_images:
-        roles = ("reference",) * num_images  # reported as references: t2i takes no input image of any role
     check_inputs(task, {role: roles.count(role) for role in ROLES})
     return roles

@@ -19,9 +19,10 @@ from typing import Any
 
 import jax
 import ml_collections
-from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from etils import epath
+
+from qk_jax.parallel import distributed
 
 
 class CheckpointMismatchError(ValueError):
@@ -53,7 +54,7 @@ def save_model(directory: str | os.PathLike, config: Any, params: Any, meta: dic
     partial, lead = incomplete_path(directory), jax.process_index() == 0
     if lead and partial.exists():
         shutil.rmtree(partial)
-    _barrier("qk_jax.save_model.cleared")
+    distributed.barrier("qk_jax.save_model.cleared")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(partial / "params", params)
     checkpointer.wait_until_finished()
@@ -62,13 +63,8 @@ def save_model(directory: str | os.PathLike, config: Any, params: Any, meta: dic
         if directory.exists():
             directory.rmdir()  # empty (checked above)
         os.replace(partial, directory)
-    _barrier("qk_jax.save_model.renamed")
+    distributed.barrier("qk_jax.save_model.renamed")
     return directory
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def _write_config(path: epath.Path, config: Any, meta: dict | None) -> None:

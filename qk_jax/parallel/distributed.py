@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+from jax.experimental import multihost_utils
 
 EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -42,3 +43,9 @@ def initialize_from_environment(env: Mapping[str, str] = os.environ) -> tuple[in
         jax.distributed.initialize(coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or None,
                                    num_processes=number("JAX_NUM_PROCESSES"), process_id=number("JAX_PROCESS_ID"))
     return jax.process_index(), jax.process_count()
+
+
+def barrier(name: str) -> None:
+    """Every process waits here for the others (a no-op alone): around a file operation one process does for all."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -76,7 +76,7 @@ from qk_jax.models import saved_model
 from qk_jax.models import vae as vae_lib
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
 from qk_jax.ops import flow, rope
-from qk_jax.pytree import flatten
+from qk_jax.pytree import leaf_shapes, shape_differences
 
 BRANCHES = ("image_text", "image", "none")  # (I, T), (I, 0), (0, 0): see the module docstring
 # The settings a checkpoint config's ``sample`` block gives (configs/common.py is their one home).
@@ -234,18 +234,12 @@ def reconstruct(params: Mapping[str, Any], images: jax.Array, *, config: QueryKo
 @functools.lru_cache(maxsize=8)
 def _expected_shapes(config: QueryKontextConfig) -> dict[str, tuple[int, ...]]:
     """``{path: shape}`` of the params ``QueryKontext(config)`` creates (``jax.eval_shape``: nothing allocated)."""
-    abstract = nn.meta.unbox(QueryKontext(config).abstract_params())
-    return {path: tuple(leaf.shape) for path, leaf in flatten(abstract).items()}
+    return leaf_shapes(nn.meta.unbox(QueryKontext(config).abstract_params()))
 
 
 def check_params(params: Mapping[str, Any], config: QueryKontextConfig) -> None:
     """Refuses params whose leaves or shapes are not the ones ``config`` makes, naming the first differences."""
-    expected = _expected_shapes(config)
-    got = {path: tuple(np.shape(leaf)) for path, leaf in flatten(params).items()}
-    problems = [f"{p}: shape {got[p]} in the checkpoint, {expected[p]} from the config"
-                for p in expected if p in got and got[p] != expected[p]]
-    problems += [f"{p}: missing" for p in expected if p not in got]
-    problems += [f"{p}: not made by the config" for p in got if p not in expected]
+    problems = shape_differences(leaf_shapes(params), _expected_shapes(config), "from the config")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise saved_model.CheckpointMismatchError(

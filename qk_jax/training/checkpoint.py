@@ -25,6 +25,8 @@ from etils import epath
 
 from qk_jax.models.saved_model import CheckpointMismatchError
 from qk_jax.models.saved_model import abstract_like as _abstract
+from qk_jax.parallel import distributed
+from qk_jax.pytree import leaf_shapes, shape_differences
 from qk_jax.training.state import TrainState
 
 
@@ -35,18 +37,6 @@ class CheckpointDamagedError(RuntimeError):
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
-
-
-def _leaf_shapes(tree: Any) -> dict[str, tuple]:
-    """``{path: shape}`` of a state tree or of Orbax's metadata of one, paths as ``a/b/0/c`` in both."""
-    def name(key: Any) -> str:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                return str(getattr(key, attr))
-        return str(key)
-
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
@@ -106,12 +96,12 @@ class Checkpointer:
         for candidate in steps:
             try:
                 metadata = self._manager.item_metadata(candidate)["state"]
-                saved = _leaf_shapes(getattr(metadata, "tree", metadata))
+                saved = leaf_shapes(getattr(metadata, "tree", metadata))
             except Exception as e:  # noqa: BLE001 -- unreadable metadata: a damaged checkpoint
                 damaged.append((candidate, e))
                 continue
             if saved:
-                self._check_fits(candidate, saved, _leaf_shapes(_state_tree(like)))
+                self._check_fits(candidate, saved, leaf_shapes(_state_tree(like)))
             try:
                 restored = self._restore(like, candidate)
             except Exception as e:  # noqa: BLE001 -- any failure to read it back: a damaged checkpoint
@@ -145,10 +135,7 @@ class Checkpointer:
         return state, restored.data, restored.meta
 
     def _check_fits(self, step: int, saved: dict[str, tuple], want: dict[str, tuple]) -> None:
-        problems = [f"{p}: shape {saved[p]} in the checkpoint, {want[p]} now" for p in want
-                    if p in saved and saved[p] != want[p]]
-        problems += [f"{p}: not in the checkpoint" for p in want if p not in saved]
-        problems += [f"{p}: in the checkpoint only" for p in saved if p not in want]
+        problems = shape_differences(saved, want, "now")
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise CheckpointMismatchError(
@@ -156,18 +143,22 @@ class Checkpointer:
                 f"{'; '.join(problems[:3])}{more}. Resume with the config that wrote it, or give another --workdir")
 
     def _set_aside(self, damaged: list[tuple[int, BaseException]]) -> None:
-        """Rename each damaged step folder out of Orbax's sight (``<step>.damaged``), logging why."""
+        """Rename each damaged step folder out of Orbax's sight (``<step>.damaged``), logging why; process 0 renames
+        for every process (they all found the same damage)."""
+        if not damaged:
+            return
         for step, error in damaged:
             folder = self.workdir / "checkpoints" / str(step)
             aside = folder.parent / f"{step}.damaged"
             logging.warning("checkpoint %d in %s cannot be restored (%s); resuming from an older one and keeping "
                             "it as %s", step, folder.parent, _first_line(error), aside.name)
-            if aside.exists():
-                shutil.rmtree(aside)
-            if folder.exists():
-                os.replace(folder, aside)
-        if damaged:
-            self._manager.reload()
+            if jax.process_index() == 0:
+                if aside.exists():
+                    shutil.rmtree(aside)
+                if folder.exists():
+                    os.replace(folder, aside)
+        distributed.barrier("qk_jax.checkpoint.set_aside")
+        self._manager.reload()
 
     def read_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

@@ -36,6 +36,7 @@ from qk_jax.data import pipeline as pipeline_lib
 from qk_jax.data.tasks import TASKS
 from qk_jax.models import saved_model
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig, vlm_image_grid
+from qk_jax.parallel import distributed
 from qk_jax.parallel import mesh as mesh_lib
 from qk_jax.pytree import leaf_paths
 from qk_jax.training import checkpoint as ckpt
@@ -228,11 +229,43 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
     saves on its interval with ``data_state(step)`` (the data's resume point) and ``meta``; the last step is always
     saved. Returns the final state; the checkpointer is closed on every exit, an error's included (its save in
     flight completes)."""
+    def save_now(step: int) -> None:  # off the interval too, unless this step was just saved
+        if checkpointer.latest_step() != step:
+            checkpointer.save(state, data_state(step), meta, force=True)
+
+    start = int(state.step)
+    acc, streak, last_logged = None, None, start
     try:
-        state = _steps(state, step_fn, step_args, total=total, log_every=log_every, checkpointer=checkpointer,
-                       data_state=data_state, meta=meta, batch_size=batch_size, max_nonfinite=max_nonfinite,
-                       nonfinite_hint=nonfinite_hint, writer=writer, progress=progress, host_scalars=host_scalars,
-                       stop_requested=stop_requested)
+        for step in range(start + 1, total + 1):
+            state, metrics = step_fn(state, *step_args(step))
+            summed = {k: v for k, v in metrics.items() if k not in LATEST and k != STREAK}
+            acc = summed if acc is None else jax.tree.map(jnp.add, acc, summed)
+            if STREAK in metrics:  # on device: a running max, no host round trip
+                streak = metrics[STREAK] if streak is None else jnp.maximum(streak, metrics[STREAK])
+            if step % log_every == 0 or step == total:
+                host, latest, longest = jax.device_get((acc, {k: metrics[k] for k in LATEST}, streak))
+                n = step - last_logged
+                task_sums = host.pop("task_loss_sum", None), host.pop("task_count", None)
+                scalars = {k: float(v) / n for k, v in host.items()}
+                scalars.update(lr=float(latest["lr"]), nonfinite=int(latest["nonfinite"]))
+                if task_sums[0] is not None:
+                    scalars.update(metrics_lib.task_losses(*task_sums, TASKS))
+                if host_scalars is not None:
+                    scalars.update(host_scalars())
+                if writer is not None:
+                    writer.write(step, scalars)
+                    progress.update(step, scalars, images_in_step=batch_size * n)
+                longest = scalars["nonfinite"] if longest is None else int(longest)
+                if longest > max_nonfinite:
+                    raise FloatingPointError(f"{longest} updates in a row skipped for NaN/inf gradients (more than "
+                                             f"{max_nonfinite}; {scalars['nonfinite']} in all); {nonfinite_hint}")
+                acc, streak, last_logged = None, None, step
+            checkpointer.save(state, data_state(step), meta)
+            if stop_requested():
+                save_now(step)
+                raise Stopped(f"stopped by SIGTERM after step {step}, which is saved in {checkpointer.workdir}; "
+                              "rerun the same command to resume")
+        save_now(int(state.step))
     except BaseException:
         # Let the checkpoint in flight finish (else it stays ``N.orbax-checkpoint-tmp`` and resume goes back one
         # more interval) and stop Orbax's threads, so the error that stopped the run is the one reported.
@@ -241,47 +274,7 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
         except Exception as e:  # noqa: BLE001 -- the first error is the one to report
             logging.warning("closing the checkpointer after the error: %s", e)
         raise
-    if checkpointer.latest_step() != int(state.step):
-        checkpointer.save(state, data_state(int(state.step)), meta, force=True)
     checkpointer.close()
-    return state
-
-
-def _steps(state, step_fn, step_args, *, total, log_every, checkpointer, data_state, meta, batch_size,
-           max_nonfinite, nonfinite_hint, writer, progress, host_scalars, stop_requested):
-    """``run_loop``'s steps, logging and periodic saves."""
-    start = int(state.step)
-    acc, streak, last_logged = None, None, start
-    for step in range(start + 1, total + 1):
-        state, metrics = step_fn(state, *step_args(step))
-        summed = {k: v for k, v in metrics.items() if k not in LATEST and k != STREAK}
-        acc = summed if acc is None else jax.tree.map(jnp.add, acc, summed)
-        if STREAK in metrics:  # on device: a running max, no host round trip
-            streak = metrics[STREAK] if streak is None else jnp.maximum(streak, metrics[STREAK])
-        if step % log_every == 0 or step == total:
-            host, latest, longest = jax.device_get((acc, {k: metrics[k] for k in LATEST}, streak))
-            n = step - last_logged
-            task_sums = host.pop("task_loss_sum", None), host.pop("task_count", None)
-            scalars = {k: float(v) / n for k, v in host.items()}
-            scalars.update(lr=float(latest["lr"]), nonfinite=int(latest["nonfinite"]))
-            if task_sums[0] is not None:
-                scalars.update(metrics_lib.task_losses(*task_sums, TASKS))
-            if host_scalars is not None:
-                scalars.update(host_scalars())
-            if writer is not None:
-                writer.write(step, scalars)
-                progress.update(step, scalars, images_in_step=batch_size * n)
-            longest = scalars["nonfinite"] if longest is None else int(longest)
-            if longest > max_nonfinite:
-                raise FloatingPointError(f"{longest} updates in a row skipped for NaN/inf gradients (more than "
-                                         f"{max_nonfinite}; {scalars['nonfinite']} in all); {nonfinite_hint}")
-            acc, streak, last_logged = None, None, step
-        checkpointer.save(state, data_state(step), meta)
-        if stop_requested():
-            if checkpointer.latest_step() != step:
-                checkpointer.save(state, data_state(step), meta, force=True)
-            raise Stopped(f"stopped by SIGTERM after step {step}, which is saved in {checkpointer.workdir}; rerun the "
-                          "same command to resume")
     return state
 
 
@@ -295,7 +288,9 @@ def train_stage(config, workdir: str) -> str:
     if os.path.exists(final_dir):  # no config.json: a model folder an older version left half-written
         logging.warning("removing the incomplete model folder %s (no %s): it is written again at the end", final_dir,
                         saved_model.MODEL_CONFIG_FILE)
-        shutil.rmtree(final_dir)
+        if jax.process_index() == 0:
+            shutil.rmtree(final_dir)
+        distributed.barrier("qk_jax.train_stage.cleared")
     os.makedirs(workdir, exist_ok=True)
 
     # --- set-up ---------------------------------------------------------------------------------------------
