@@ -1,5 +1,5 @@
-"""One stage's set-up, step and loop: the NaN guard, the sharded step equal to one device, shape logging, the
-compilation cache."""
+"""One stage's set-up, step and loop: the NaN guard, shape logging, the compilation cache (the sharded step
+equal to one device: tests/test_zero.py)."""
 
 import os
 import subprocess
@@ -40,54 +40,6 @@ def test_nan_batch_is_skipped_and_counted(tmp_path):
     state, m = step(state, mesh_lib.shard_batch(poisoned, mesh), grid)
     assert int(m["nonfinite"]) == 1 and not np.isfinite(float(m["loss"]))
     chex.assert_trees_all_equal(jax.device_get(state.trainable), before)
-
-SHARDED = textwrap.dedent(
-    """
-    import sys, jax, numpy as np
-    jax.config.update("jax_default_matmul_precision", "highest")
-    from configs import stage1
-    from qk_jax.training import loop
-    from qk_jax.data import pipeline
-    from qk_jax.models.query_kontext import vlm_image_grid
-    from qk_jax.parallel import mesh as mesh_lib
-    from qk_jax.pytree import flatten
-
-    def run(axes):
-        config = stage1.get_config("tiny")
-        config.batch_size = 4
-        config.mesh = axes
-        mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[: 8 if len(axes) > 1 and axes[0][1] != 1 else 1])
-        setup = loop.build(config, mesh)
-        manifest = loop.training_manifest(config)
-        batch = next(iter(pipeline.make_pipeline(config, manifest=manifest)))
-        step = loop.make_train_step(setup.model, setup.optimizer, setup.schedule, setup.state_shardings)
-        model_batch = {k: batch[k] for k in loop.MODEL_KEYS if k in batch}
-        state, _ = step(setup.state, mesh_lib.shard_batch(model_batch, mesh), vlm_image_grid(batch))
-        state, _ = step(state, mesh_lib.shard_batch(model_batch, mesh), vlm_image_grid(batch))
-        return state
-
-    single = run((("data", 1), ("fsdp", 1), ("tensor", 1)))
-    sharded = run((("data", 2), ("fsdp", 2), ("tensor", 2)))
-    for path, value in flatten(jax.device_get(single.trainable)).items():
-        np.testing.assert_allclose(flatten(jax.device_get(sharded.trainable))[path], value, atol=1e-5, err_msg=path)
-    # ZeRO-2: Adam's moments of the MMDiT are split over data x fsdp (4 ways) ...
-    mu = sharded.opt_state.inner_state[1][0].mu
-    kernel = mu["mmdit"]["transformer_blocks_0"]["attn"]["to_q"]["kernel"]
-    assert kernel.addressable_shards[0].data.size * 4 == kernel.size, kernel.sharding
-    # ... while the MMDiT's params are replicated and the VLM's kernels are split over 'tensor'.
-    q = sharded.trainable["mmdit"]["transformer_blocks_0"]["attn"]["to_q"]["kernel"]
-    assert q.addressable_shards[0].data.size == q.size
-    vlm_q = sharded.frozen["vlm"]["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    assert vlm_q.addressable_shards[0].data.size * 2 == vlm_q.size, vlm_q.sharding
-    print("ok")
-    """
-)
-
-def test_sharded_step_equals_single_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / "data")], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-4000:]
 
 def test_each_new_batch_shape_is_logged_once():
     """The loop logs a line when a batch shape first comes (its step compiles meanwhile), never twice; host-only
@@ -246,3 +198,17 @@ def test_sigterm_saves_the_step_and_stops(tmp_path):
                       stop_requested=stop_requested)
     assert signal.getsignal(signal.SIGTERM) is before
     assert ckpt.Checkpointer(tmp_path, save_every=10).restore(state)[1] == dict(next=3)
+
+
+def test_a_stage_that_cannot_fit_stops_before_anything_is_built():
+    """The planner's estimate against the device's memory (given here: CPU devices report none): too little stops
+    with the figures and the ways out; ``memory_check=False`` goes on; unknown memory is not checked."""
+    config = stage1.get_config("tiny")
+    mesh = mesh_lib.make_mesh(config.mesh)
+    plan = loop.check_memory(config, mesh, memory=1e12)
+    assert 0 < plan.total < 1e9 and plan.params > 0 and plan.activations > 0
+    with pytest.raises(MemoryError, match=r"stage 1 needs about 0\.\d GB per device .* --config.memory_check=False"):
+        loop.check_memory(config, mesh, memory=1e3)
+    config.memory_check = False
+    assert loop.check_memory(config, mesh, memory=1e3).total == plan.total
+    assert loop.device_memory() is None  # XLA:CPU reports no limit

@@ -26,7 +26,7 @@ references, or all as sources).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -138,6 +138,25 @@ class QueryKontextConfig:
         )
 
 
+class BatchRows(NamedTuple):
+    """A shard of a global batch: its first row's index there (traced: a device's place on the mesh) and the
+    global batch size."""
+
+    offset: jax.Array | int
+    global_batch: int
+
+
+def draw_rows(draw: Callable[[tuple[int, ...]], jax.Array], shape: tuple[int, ...],
+              rows: BatchRows | None = None) -> jax.Array:
+    """``draw(shape)`` (a random draw of leading dim the batch); for a shard (``rows``), its rows of the global
+    batch's draw, so that a sample's noise is the same however the batch is split over devices (the
+    data-parallel step, ``qk_jax.parallel.zero``, runs the loss on each shard)."""
+    if rows is None:
+        return draw(tuple(shape))
+    full = draw((rows.global_batch,) + tuple(shape[1:]))
+    return jax.lax.dynamic_slice_in_dim(full, rows.offset, shape[0], axis=0)
+
+
 class LossAux(NamedTuple):
     """Per-step diagnostics: summed per-sample losses and sample counts per task (index into ``TASKS``)."""
 
@@ -224,14 +243,17 @@ class QueryKontext:
         return self.connector.apply({"params": params["connector"]}, text, queries,
                                     out.text_mask[:, :prompt_len], self.config.conditioning)
 
-    def encode(self, params: Mapping[str, Any], images: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    def encode(self, params: Mapping[str, Any], images: jax.Array, key: jax.Array | None = None,
+               rows: BatchRows | None = None) -> jax.Array:
         """Images ``[N, H, W, 3]`` in [-1, 1] -> packed, normalised latent tokens ``[N, (h/2)(w/2), 4C]``.
 
-        With ``key`` the latent is a posterior sample (the training target), else the posterior mean
-        (in-context images, and every input at sampling time).
+        With ``key`` the latent is a posterior sample (the training target; ``rows``: see ``draw_rows``), else the
+        posterior mean (in-context images, and every input at sampling time).
         """
         mean, logvar = self.vae.apply({"params": params["vae"]}, images, method=self.vae.encode)
-        latents = vae_lib.latents_from_posterior(mean, logvar, key)
+        eps = None if key is None else draw_rows(lambda shape: jax.random.normal(key, shape, jnp.float32),
+                                                 mean.shape, rows)
+        latents = vae_lib.latents_from_posterior(mean, logvar, eps=eps)
         return vae_lib.pack_latents(vae_lib.scale_latents(latents, self.config.vae))
 
     def place(self, roles: jax.Array) -> jax.Array:
@@ -295,13 +317,14 @@ class QueryKontext:
 
     def loss(
         self, params: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array,
-        image_grid: tuple[tuple[int, int, int], ...] = (),
+        image_grid: tuple[tuple[int, int, int], ...] = (), rows: BatchRows | None = None,
     ) -> tuple[jax.Array, LossAux]:
         """Flow-matching loss of a bucketed batch (``qk_jax.data.pipeline``'s schema), and per-task sums.
 
         The VLM runs once per sample; the VAE encodes the target (a posterior sample) and, when the stage has
         in-context inputs, every slot (the posterior mean; empty slots are masked out of attention). Padding
-        rows of a partial batch (``valid`` False) carry no loss.
+        rows of a partial batch (``valid`` False) carry no loss. ``rows``: ``batch`` is these rows of a global
+        batch, and the noise, timesteps and posterior samples are that batch's (``draw_rows``).
         """
         key_t, key_noise, key_vae = jax.random.split(rng, 3)
         target = batch["target"]  # [B, H, W, 3]
@@ -309,7 +332,7 @@ class QueryKontext:
         cond = self.condition(params, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
                               image_grid, batch.get("image_present"))
 
-        x0 = self.encode(params, target, key_vae)  # [B, T, 4C]
+        x0 = self.encode(params, target, key_vae, rows)  # [B, T, 4C]
         f = 2 * self.config.vae.downsample_factor
         latent_hw = (target.shape[1] // f, target.shape[2] // f)
         in_context, roles = None, None
@@ -321,9 +344,11 @@ class QueryKontext:
             roles = batch["roles"]
 
         tokens = x0.shape[1]
-        t = flow.sample_training_timesteps(key_t, batch_size, tokens, mean=self.config.flow.mean,
-                                           std=self.config.flow.std, **self.config.flow.shift_kwargs())
-        noise = jax.random.normal(key_noise, x0.shape, jnp.float32).astype(x0.dtype)
+        t = draw_rows(lambda shape: flow.sample_training_timesteps(
+            key_t, shape[0], tokens, mean=self.config.flow.mean, std=self.config.flow.std,
+            **self.config.flow.shift_kwargs()), (batch_size,), rows)
+        noise = draw_rows(lambda shape: jax.random.normal(key_noise, shape, jnp.float32), x0.shape,
+                          rows).astype(x0.dtype)
         x_t = flow.interpolate(x0, noise, t)
         v = self.velocity(params, cond, x_t, t, latent_hw, in_context, roles)
 
@@ -339,4 +364,5 @@ class QueryKontext:
         return loss, aux
 
 
-__all__ = ["QueryKontext", "QueryKontextConfig", "FlowConfig", "LossAux", "PLACEMENTS", "vlm_image_grid"]
+__all__ = ["QueryKontext", "QueryKontextConfig", "FlowConfig", "BatchRows", "LossAux", "PLACEMENTS", "draw_rows",
+           "vlm_image_grid"]

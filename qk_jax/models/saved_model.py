@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -79,11 +80,15 @@ def incomplete_path(directory: str | os.PathLike) -> epath.Path:
     return directory.parent / f"{directory.name}.incomplete"
 
 
-def load_model(directory: str | os.PathLike, like: Any | None = None) -> tuple[ml_collections.ConfigDict, Any, dict]:
+def load_model(directory: str | os.PathLike, like: Any | None = None,
+               sharding_for: Callable[[tuple[str, ...], Any], jax.sharding.Sharding] | None = None
+               ) -> tuple[ml_collections.ConfigDict, Any, dict]:
     """``(config, params, meta)`` of a ``save_model`` directory.
 
-    ``like`` (arrays or ``ShapeDtypeStruct``s with shardings) restores straight into that layout; without it
-    every array comes back whole on this process's first device (``on_one_device``), whatever saved it.
+    ``like`` (arrays or ``ShapeDtypeStruct``s with shardings) restores straight into that layout;
+    ``sharding_for(path, leaf)`` (path: the leaf's dict keys; leaf: its saved shape and dtype) gives each array's
+    sharding (each process reads only its shards); without either every array comes back whole on this
+    process's first device (``on_one_device``), whatever saved it.
     """
     directory = epath.Path(os.path.abspath(directory))  # Orbax refuses relative paths
     config_file = directory / MODEL_CONFIG_FILE
@@ -98,15 +103,24 @@ def load_model(directory: str | os.PathLike, like: Any | None = None) -> tuple[m
         raise ValueError(f"{config_file}: not valid JSON ({e}); the model directory is damaged") from None
     config = ml_collections.ConfigDict(document["config"])
     checkpointer = ocp.StandardCheckpointer()
-    params = checkpointer.restore(directory / "params", abstract_like(like) if like is not None
-                                  else on_one_device(checkpointer.metadata(directory / "params")))
+    if like is not None:
+        target = abstract_like(like)
+    else:
+        target = on_one_device(checkpointer.metadata(directory / "params"), sharding_for)
+    params = checkpointer.restore(directory / "params", target)
     return config, params, document.get("meta", {})
 
 
-def on_one_device(metadata: Any) -> Any:
+def on_one_device(metadata: Any, sharding_for: Callable[[tuple[str, ...], Any], jax.sharding.Sharding] | None = None
+                  ) -> Any:
     """Restore targets that put every saved array whole on this process's first device, whatever devices saved it
-    (a model trained on 8 GPUs or 2 hosts samples on one)."""
+    (a model trained on 8 GPUs or 2 hosts samples on one), or where ``sharding_for(path, leaf)`` says."""
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree)
+
+    def target(path, leaf):
+        sharding = device if sharding_for is None else sharding_for(tuple(str(k.key) for k in path), leaf)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(target, tree)

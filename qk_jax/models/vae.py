@@ -423,15 +423,18 @@ class AutoencoderKL(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def latents_from_posterior(mean: jax.Array, logvar: jax.Array, key: jax.Array | None = None) -> jax.Array:
-    """A latent from the diagonal Gaussian posterior: the mean when ``key`` is None, else ``mean + std * eps``.
+def latents_from_posterior(mean: jax.Array, logvar: jax.Array, key: jax.Array | None = None,
+                           eps: jax.Array | None = None) -> jax.Array:
+    """A latent from the diagonal Gaussian posterior: the mean when neither ``key`` nor ``eps`` is given, else
+    ``mean + std * eps`` with ``eps`` standard normal (given, or drawn from ``key``).
 
     (diffusers ``DiagonalGaussianDistribution.mode()`` / ``.sample()``; ``logvar`` as returned by ``encode``.)
     """
-    if key is None:
+    if key is None and eps is None:
         return mean
-    eps = jax.random.normal(key, mean.shape, jnp.float32).astype(mean.dtype)
-    return mean + jnp.exp(0.5 * logvar) * eps
+    if eps is None:
+        eps = jax.random.normal(key, mean.shape, jnp.float32)
+    return mean + jnp.exp(0.5 * logvar) * eps.astype(mean.dtype)
 
 
 def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:

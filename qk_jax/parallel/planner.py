@@ -14,17 +14,18 @@ Parameter counts, dtypes and logical axes come from ``jax.eval_shape`` of the re
 Per device, for a mesh ``(data, fsdp, tensor)`` with ``Z = data * fsdp`` (the ZeRO axes) and ``b`` samples
 per device per micro-step (``micro``):
 
-- **params**: each leaf's bytes divided by the mesh sizes its logical axes map to (``config.sharding.vlm_rules``
-  for the VLM: heads/kv_heads/mlp/vocab over 'tensor'; ``mmdit_rules`` for the rest: replicated), rounded up.
-  Trainable leaves are float32 (the master copy); frozen VLM leaves are ``config.vlm.frozen_dtype``
-  (``training.loop.cast_frozen``), every other frozen leaf keeps float32 (so stage 3's frozen MMDiT base is float32).
-- **grads**: ``4 B x trainable`` (float32, as the params), divided by ``Z`` when
-  ``config.sharding.mmdit_zero_stage >= 2`` (ZeRO-2: reduce-scattered as they are produced; the transient
-  of one layer's full gradient is ignored).
+- **params**: each frozen leaf's bytes divided by the mesh sizes its logical axes map to
+  (``config.sharding.vlm_rules`` for the VLM: heads/kv_heads/mlp/vocab over 'tensor'; ``mmdit_rules`` for the
+  rest: replicated), rounded up; frozen VLM leaves are ``config.vlm.frozen_dtype`` (``training.loop.cast_frozen``),
+  every other frozen leaf keeps float32 (so stage 3's frozen MMDiT base is float32). Trainable leaves are float32
+  masters: the VLM's by its rules, every other one split over ``Z`` (``parallel.mesh.zero_spec``) when
+  ``config.sharding.mmdit_zero_stage >= 2`` (ZeRO-2, ``parallel.zero``), else by its rules (replicated).
+- **grads**: float32, split as the masters (ZeRO-2: reduce-scattered; the VLM's all-reduced).
 - **optimizer**: AdamW ``mu`` and ``nu`` (``8 B x trainable``), plus the ``optax.MultiSteps`` accumulator
-  (``4 B``) when ``optim.grad_accum_steps > 1`` (or the plan needs accumulation), plus the EMA copy (``4 B``)
-  when ``ema_decay`` is set; all sharded over ``Z`` (``parallel.mesh.zero_sharding``; the EMA follows the
-  params' layout, replicated, as ``training.loop._state_shardings`` does).
+  (``4 B``) when ``optim.grad_accum_steps > 1`` (or the plan needs accumulation), all split over ``Z``
+  (``parallel.mesh.zero_sharding``); plus the EMA copy when ``ema_decay`` is set, laid out as the masters.
+- **compute copy**: the ZeRO-2 step gathers the masters of the split leaves whole, kernels cast to the compute
+  dtype (``c B``), the rest float32, and keeps it through the backward pass.
 - **activations**: what the backward pass keeps, per component on the gradient path (see ``_activations``):
 
   * MMDiT, ``T = L + S`` tokens per sample (``L`` = ``vlm.max_text_tokens + num_queries`` text/kontext
@@ -47,7 +48,7 @@ per device per micro-step (``micro``):
   * ViT and VAE: frozen and off the gradient path (pixels in, no trainable leaf): forward only, their
     transients are freed before the MMDiT's residuals build up; not counted.
 - **batch**: the step's inputs (float32 pixels of target, in-context and VLM images, int32 tokens), per device.
-- **total** = params + grads + optimizer + activations + batch.
+- **total** = params + grads + optimizer + compute copy + activations + batch.
 
 FLOPs per step (model FLOPs, the MFU convention; no remat recompute): for every matmul, ``2 x MACs`` forward;
 trained weights cost ``3x`` forward (forward, input gradient, weight gradient), frozen weights on the gradient
@@ -56,15 +57,29 @@ path ``2x`` (no weight gradient), frozen weights off it (ViT) ``1x``; attention 
 matmuls of ``qk_jax.models.mmdit.MMDiT`` (every dense: q/k/v/out of both streams, FFNs, adaLN linears, embedders,
 ``proj_out`` on the target tokens only). The VAE encoder is left out (forward only, < 1% at paper scale).
 Remat adds one more forward of the rematerialised blocks to the *hardware* FLOPs; MFU uses model FLOPs.
-Time per step = FLOPs per device / (``--mfu`` x ``--peak-tflops``), where a device does its ``global / Z``
-samples' MMDiT and connector work (replicated over 'tensor') and a ``1 / tensor`` share of their VLM work.
+Compute time per step = FLOPs per device / (``--mfu`` x ``--peak-tflops``), where a device does its
+``global / Z`` samples' MMDiT and connector work (replicated over 'tensor': a mesh with ``tensor > 1`` repeats
+it on every device of a tensor group) and a ``1 / tensor`` share of their VLM work.
+
+Communication per device per step (ring collectives: an all-gather or reduce-scatter of ``X`` bytes over ``n``
+devices sends ``X (n-1)/n``, an all-reduce twice that), each micro-step (``parallel.zero``):
+
+- ``zero_all_gather``: the compute copy of the ZeRO leaves that are split, over ``Z``;
+- ``zero_reduce_scatter``: their float32 gradients, whole size, over ``Z``;
+- ``data_all_reduce``: the float32 gradients of the other trainable leaves (the VLM's, its tensor share; a ZeRO
+  leaf no axis divides) over ``Z``;
+- ``tensor_all_reduce``: the VLM's tensor-parallel activations, two all-reduces of ``b L D c`` bytes per LLM layer
+  forward and two more backward, two per ViT block forward (``b`` images' patches), over ``tensor``.
+
+Their time at the ``interconnect``'s bandwidth per device (``INTERCONNECTS``: the data axes between nodes, the
+tensor axis inside one), **not overlapped** with compute: ``time_per_step_s`` = compute + communication is an
+upper bound (XLA's asynchronous collectives hide part of it).
 
 Mesh: ``--mesh data,fsdp,tensor`` fixes it. Without it the planner tries every ``tensor`` in the divisors of the
 VLM's KV heads (so heads, MLP and vocabulary split evenly) and every split of ``devices / tensor`` into
-``data x fsdp`` (the MMDiT's params are replicated and both are ZeRO axes, but ``parallel.mesh.zero_spec``
-shards a leaf only over axes that divide its dims: 192 = 64 x 3 shards the 2560/10240-wide MMDiT 64 ways where
-192 x 1 cannot shard it at all) and picks the layout that fits with the fewest accumulation steps, then the
-lowest total. "Smallest mesh that fits" is the
+``data x fsdp`` (both are ZeRO axes, but ``parallel.mesh.zero_spec`` shards a leaf only over axes that divide
+its dims: 192 = 64 x 3 shards the 2560/10240-wide MMDiT 64 ways where 192 x 1 cannot shard it at all) and picks
+the layout that fits with the shortest planned step, then the lowest total. "Smallest mesh that fits" is the
 fewest devices (a multiple of that tensor size) on which micro-batch 1 fits.
 
 Global batch: ``config.batch_size`` over ``data * fsdp``; if that many samples per device do not fit, the plan
@@ -103,6 +118,23 @@ LLM_BYTES = {2: (32.0, 5.6), 4: (34.0, 15.6)}  # (per width unit, per MLP unit),
 # compiled float32 step keeps about half, measured on the tiny config; bf16 assumed to keep the same tensors).
 XLA_ATTENTION_BYTES = {2: 5.5, 4: 6.5}
 FLASH_ATTENTION_BYTES = 4.0  # per head per token: the float32 log-sum-exp
+
+
+@dataclasses.dataclass(frozen=True)
+class Interconnect:
+    """Bandwidth per device (bytes/s, one direction) inside a node and between nodes, and devices per node."""
+
+    intra: float
+    inter: float
+    devices_per_node: int
+
+
+INTERCONNECTS = {
+    # 8 x H100 SXM per node: NVLink 4 (900 GB/s both directions), one 400 Gb/s InfiniBand NIC per GPU.
+    "h100-ib": Interconnect(intra=450e9, inter=50e9, devices_per_node=8),
+    # TPU v5p: 4,800 Gb/s of ICI per chip over six links of the 3D torus; a ring along one axis uses two.
+    "tpu-v5p": Interconnect(intra=200e9, inter=200e9, devices_per_node=4),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,13 +288,18 @@ class Plan:
     params: float
     grads: float
     optimizer: float
+    compute_copy: float  # the ZeRO-2 step's gathered copy of the ZeRO leaves (whole, compute dtype kernels)
     activations: float
     activations_no_remat: float
     activations_full_remat: float
     batch_inputs: float
     total: float
     flops_per_step: float  # whole mesh, one optimizer step (all accumulation micro-steps)
-    time_per_step_s: float
+    compute_time_s: float
+    comm_bytes: dict[str, float]  # per device per optimizer step, by collective (module docstring)
+    comm_time_s: float  # at the interconnect's bandwidth, not overlapped
+    time_per_step_s: float  # compute + communication: an upper bound
+    interconnect: str
     device_memory: float
     fits: bool
     zero: str
@@ -292,11 +329,6 @@ class Planner:
                 axes = tuple(spec) if spec is not None else ()
                 axes = axes + (None,) * (len(leaf.shape) - len(axes))
                 self.leaves.append((component, full, tuple(leaf.shape), axes, trainable, item))
-        # Trainable leaves grouped by shape: the ZeRO bytes of a mesh are a sum over a few shapes.
-        self.trainable_shapes: dict[tuple[int, ...], int] = {}
-        for _, _, shape, _, trainable, _ in self.leaves:
-            if trainable:
-                self.trainable_shapes[shape] = self.trainable_shapes.get(shape, 0) + 1
         self.work = workload(config)
         self.compute_bytes = jnp.dtype(self.qk.compute_dtype).itemsize
         self.counts = dict(total=0, trainable=0, frozen=0)
@@ -314,35 +346,62 @@ class Planner:
         sharding = self.config["sharding"]
         return dict(sharding["vlm_rules"] if component == "vlm" else sharding["mmdit_rules"])
 
+    @functools.cached_property
+    def zero2(self) -> bool:
+        return int(self.config["sharding"].get("mmdit_zero_stage", 2)) >= 2
+
     @functools.lru_cache(maxsize=None)
-    def _param_bytes(self, tensor: int) -> tuple[float, float]:
-        """(all params, trainable params) bytes per device with ``tensor``-way tensor parallelism."""
-        mesh = dict(data=1, fsdp=1, tensor=tensor)
-        total = trainable_bytes = 0.0
-        for component, _, shape, names, trainable, item in self.leaves:
-            b = _shard_factor(names, shape, self._rules(component), mesh) * item
-            total += b
-            trainable_bytes += b if trainable else 0.0
-        return total, trainable_bytes
+    def _state_parts(self, data: int, fsdp: int, tensor: int, zero: str) -> dict[str, float]:
+        """Bytes per device of the stored state on one mesh (``training.loop._state_shardings``): params (frozen
+        leaves by the logical rules; trainable ones as float32 masters, ZeRO-split outside the VLM at ZeRO-2),
+        their float32 gradients (split as the masters), the EMA (as the masters), the ZeRO-split elements the
+        optimizer keeps per trainable leaf (``zero``: ``'repo'`` = ``mesh.zero_spec``, whole dims only;
+        ``'even'`` = every leaf split ``data x fsdp`` ways, padded), and the whole compute copy the ZeRO-2 step
+        gathers (``parallel.zero``: kernels in the compute dtype)."""
+        mesh = dict(data=data, fsdp=fsdp, tensor=tensor)
+        z = data * fsdp
+        out = dict(params=0.0, grads=0.0, ema=0.0, zero_elements=0.0, copy=0.0, gathered=0.0, zero_whole=0.0,
+                   other_grads=0.0)
+        for (component, shape, names, trainable, item, kernel), n in self._leaf_kinds.items():
+            local = _shard_factor(names, shape, self._rules(component), mesh)
+            if not trainable:
+                out["params"] += n * local * item
+                continue
+            split = math.ceil(math.prod(shape) / z) if zero == "even" else _zero_elems(shape, mesh)
+            out["zero_elements"] += n * split
+            if self.zero2 and component != "vlm":
+                local = split
+                copy = n * math.prod(shape) * (self.compute_bytes if kernel else 4)
+                out["copy"] += copy
+                if split < math.prod(shape):  # gathered, and its float32 gradient reduce-scattered
+                    out["gathered"] += copy
+                    out["zero_whole"] += n * 4 * math.prod(shape)
+                else:  # no axis divides it: whole everywhere, its gradient all-reduced
+                    out["other_grads"] += n * 4 * local
+            else:
+                out["other_grads"] += n * 4 * local
+            for key in ("params", "grads", "ema"):
+                out[key] += n * 4 * local
+        return out
 
-    def _zero_elements(self, mesh: Mapping[str, int], zero: str) -> float:
-        """Trainable elements per device of a ZeRO-sharded copy: ``'repo'`` = ``mesh.zero_sharding`` (whole
-        dims only: an axis that divides no dim of a leaf leaves it whole over that axis), ``'even'`` = every
-        leaf split ``data x fsdp`` ways (padded)."""
-        if zero == "even":
-            z = mesh["data"] * mesh["fsdp"]
-            return sum(count * math.ceil(math.prod(shape) / z) for shape, count in self.trainable_shapes.items())
-        return sum(count * _zero_elems(shape, mesh) for shape, count in self.trainable_shapes.items())
+    @functools.cached_property
+    def _leaf_kinds(self) -> dict[tuple, int]:
+        """Leaves counted by what their bytes depend on (a paper VLM has ~700 leaves of a few dozen kinds)."""
+        kinds: dict[tuple, int] = {}
+        for component, path, shape, names, trainable, item in self.leaves:
+            key = (component, shape, names, trainable, item, path.endswith("kernel"))
+            kinds[key] = kinds.get(key, 0) + 1
+        return kinds
 
-    def _state_bytes(self, mesh: Mapping[str, int], accumulate: bool, zero: str) -> tuple[float, float, float]:
-        stage = int(self.config["sharding"].get("mmdit_zero_stage", 2))
+    def _state_bytes(self, mesh: Mapping[str, int], accumulate: bool, zero: str
+                     ) -> tuple[float, float, float, float]:
+        """(params, grads, optimizer, compute copy) bytes per device (``_state_parts``); the optimizer holds
+        AdamW's two moments, the ``optax.MultiSteps`` accumulator when accumulating, and the EMA when set."""
+        parts = self._state_parts(mesh["data"], mesh["fsdp"], mesh["tensor"], zero)
         optim = self.config["optim"]
         opt_per = 8 + (4 if accumulate or int(optim.get("grad_accum_steps", 1)) > 1 else 0)
-        params, trainable_params = self._param_bytes(mesh["tensor"])
-        zeroed = self._zero_elements(mesh, zero)
-        grads = 4 * (zeroed if stage >= 2 else self.counts["trainable"])
-        opt = opt_per * zeroed + (trainable_params if self.config.get("ema_decay") else 0.0)
-        return params, grads, opt
+        opt = opt_per * parts["zero_elements"] + (parts["ema"] if self.config.get("ema_decay") else 0.0)
+        return parts["params"], parts["grads"], opt, parts["copy"]
 
     def _activations(self, b: int, remat: str, attention: str) -> float:
         """Saved residuals of one micro-step on one device (module docstring)."""
@@ -357,7 +416,10 @@ class Planner:
             double = b * (MMDIT_DOUBLE_BYTES[c] * t * m.inner_dim + attn)
             single = b * (MMDIT_SINGLE_BYTES[c] * t * m.inner_dim + attn)
             casts = 0.0
-            if c < 4:  # bf16 copies of the float32 weights, kept for the input gradients
+            mmdit_copied = self.zero2 and any(t for comp, p, _, _, t, _ in self.leaves
+                                              if comp == "mmdit" and p.endswith("/kernel") and "lora" not in p)
+            if c < 4 and not mmdit_copied:  # bf16 casts of the float32 weights, kept for the input gradients
+                # (a ZeRO-2 trained MMDiT's bf16 compute copy is those casts: counted in the state)
                 casts = c * self.counts["mmdit"] / max(m.num_layers + m.num_single_layers, 1)
             layers = m.num_layers * (double + casts) + m.num_single_layers * (single + casts)
             if remat == "full":
@@ -405,11 +467,37 @@ class Planner:
         lora_vlm = any(t for comp, p, _, _, t, _ in self.leaves if comp == "vlm" and "lora_" in p)
         return _vlm_flops(self._abstract["vlm"], self.qk, 1, w.text_tokens, w.vlm_images, w.vlm_patches, lora_vlm)
 
+    # -- communication ----------------------------------------------------------------------------------------
+
+    def _comm_bytes(self, mesh: Mapping[str, int], b: int, zero: str) -> dict[str, float]:
+        """Bytes one device sends in one micro-step of ``b`` samples, by collective (module docstring)."""
+        z, t = mesh["data"] * mesh["fsdp"], mesh["tensor"]
+        ring, tp_ring = (z - 1) / z, (t - 1) / t
+        parts = self._state_parts(mesh["data"], mesh["fsdp"], mesh["tensor"], zero)
+        text, vision = self.qk.vlm.text, self.qk.vlm.vision
+        c, w = self.compute_bytes, self.work
+        llm = text.num_hidden_layers * 4 * b * w.text_tokens * text.hidden_size * c
+        vit = vision.depth * 2 * b * w.vlm_images * w.vlm_patches * vision.hidden_size * c
+        return dict(zero_all_gather=ring * parts["gathered"], zero_reduce_scatter=ring * parts["zero_whole"],
+                    data_all_reduce=2 * ring * parts["other_grads"], tensor_all_reduce=2 * tp_ring * (llm + vit))
+
+    @staticmethod
+    def _comm_time(comm: Mapping[str, float], mesh: Mapping[str, int], interconnect: str) -> float:
+        """Seconds at the bandwidth of the links each collective crosses: the tensor axis stays inside a node; the
+        data axes leave it once the mesh has more devices than a node."""
+        if interconnect not in INTERCONNECTS:
+            raise ValueError(f"unknown interconnect {interconnect!r}; one of {sorted(INTERCONNECTS)}")
+        link = INTERCONNECTS[interconnect]
+        devices = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
+        data_bw = link.inter if devices > link.devices_per_node else link.intra
+        return (sum(v for k, v in comm.items() if k != "tensor_all_reduce") / data_bw
+                + comm.get("tensor_all_reduce", 0.0) / link.intra)
+
     # -- one plan ---------------------------------------------------------------------------------------------
 
     def plan(self, mesh: tuple[int, int, int], device_memory: float, *, micro: int | None = None,
              remat: str = "none", attention: str = "flash", zero: str = "repo", mfu: float = 0.4,
-             peak_tflops: float = 989.0, global_batch: int | None = None) -> Plan:
+             peak_tflops: float = 989.0, global_batch: int | None = None, interconnect: str = "h100-ib") -> Plan:
         """The plan on ``mesh`` = (data, fsdp, tensor). ``micro`` None: the largest divisor of the per-device
         batch that fits (1 if none does)."""
         data, fsdp, tensor = mesh
@@ -420,9 +508,9 @@ class Planner:
 
         def total_for(b):
             accumulate = b < per_device
-            params, grads, opt = self._state_bytes(axes, accumulate, zero)
+            params, grads, opt, copy = self._state_bytes(axes, accumulate, zero)
             act = self._activations(b, remat, attention)
-            return params, grads, opt, act, self._batch_bytes(b)
+            return params, grads, opt, copy, act, self._batch_bytes(b)
 
         if micro is None:
             micro = 1
@@ -430,19 +518,24 @@ class Planner:
                 if sum(total_for(b)) <= device_memory:
                     micro = b
                     break
-        params, grads, opt, act, batch_bytes = total_for(micro)
-        total = params + grads + opt + act + batch_bytes
+        params, grads, opt, copy, act, batch_bytes = total_for(micro)
+        total = params + grads + opt + copy + act + batch_bytes
         flops = self.flops_per_sample * global_batch
         # Per device: its samples through the replicated MMDiT/connector, and a 1/tensor share of their VLM work.
         device_flops = per_device * (self.flops_per_sample - self.vlm_flops_per_sample * (1 - 1 / tensor))
-        time = device_flops / (mfu * peak_tflops * 1e12)
+        compute = device_flops / (mfu * peak_tflops * 1e12)
+        steps = math.ceil(per_device / micro)
+        comm = {k: steps * v for k, v in self._comm_bytes(axes, micro, zero).items()}
+        comm_time = self._comm_time(comm, axes, interconnect)
         return Plan(
             stage=self.name, mesh=mesh, devices=data * fsdp * tensor, global_batch=global_batch,
             batch_per_device=per_device, micro_batch=micro, grad_accum_steps=math.ceil(per_device / micro),
             remat=remat, attention=attention, counts=dict(self.counts), params=params, grads=grads,
-            optimizer=opt, activations=act, activations_no_remat=self._activations(micro, "none", attention),
+            optimizer=opt, compute_copy=copy, activations=act,
+            activations_no_remat=self._activations(micro, "none", attention),
             activations_full_remat=self._activations(micro, "full", attention), batch_inputs=batch_bytes,
-            total=total, flops_per_step=flops, time_per_step_s=time, device_memory=device_memory,
+            total=total, flops_per_step=flops, compute_time_s=compute, comm_bytes=comm, comm_time_s=comm_time,
+            time_per_step_s=compute + comm_time, interconnect=interconnect, device_memory=device_memory,
             fits=total <= device_memory, zero=zero, warnings=self.warnings(global_batch, z))
 
     def warnings(self, global_batch: int, z: int) -> list[str]:
@@ -469,13 +562,14 @@ class Planner:
         return [t for t in range(1, kv + 1) if kv % t == 0]
 
     def best(self, devices: int, device_memory: float, **kw) -> Plan:
-        """The layout for ``devices`` that fits with the fewest accumulation steps, then the lowest total."""
+        """The layout for ``devices`` that fits with the shortest planned step (compute + communication), then
+        the lowest total."""
         plans = [self.plan((devices // t // f, f, t), device_memory, **kw)
                  for t in self.tensor_choices() if devices % t == 0
                  for f in _divisors(devices // t)]
         if not plans:
             raise ValueError(f"{devices} devices are not divisible by any tensor size in {self.tensor_choices()}")
-        return min(plans, key=lambda p: (not p.fits, p.grad_accum_steps, p.total))
+        return min(plans, key=lambda p: (not p.fits, p.time_per_step_s, p.total))
 
     def smallest(self, device_memory: float, max_devices: int = 4096, **kw) -> Plan | None:
         """The fewest devices on which micro-batch 1 fits (``None`` if none up to ``max_devices``)."""
@@ -524,12 +618,16 @@ def format_plan(p: Plan, smallest: Plan | None) -> str:
                                 if k not in ("total", "trainable", "frozen")) + ")",
         f"   global batch {p.global_batch} -> {p.batch_per_device} per device = micro-batch {p.micro_batch} x"
         f" {p.grad_accum_steps} accumulation step(s)",
-        "   per device (GB)     params    grads optimizer activ.   (no remat / full remat)   batch    total",
-        f"                     {_gb(p.params)} {_gb(p.grads)} {_gb(p.optimizer)} {_gb(p.activations)}   "
+        "   per device (GB)     params    grads optimizer  copy   activ.   (no remat / full remat)   batch    total",
+        f"                     {_gb(p.params)} {_gb(p.grads)} {_gb(p.optimizer)} {_gb(p.compute_copy)}"
+        f" {_gb(p.activations)}   "
         f"({_gb(p.activations_no_remat).strip()} / {_gb(p.activations_full_remat).strip()})"
         f"          {_gb(p.batch_inputs)} {_gb(p.total)}",
         f"   {'FITS' if p.fits else 'DOES NOT FIT'} in {p.device_memory / GB:.0f} GB;"
-        f" {p.flops_per_step:.3e} FLOPs per step, {p.time_per_step_s:.2f} s per step at the given MFU",
+        f" {p.flops_per_step:.3e} FLOPs per step",
+        f"   time per step: {p.time_per_step_s:.2f} s = compute {p.compute_time_s:.2f} s at the given MFU +"
+        f" communication {p.comm_time_s:.2f} s on {p.interconnect}, not overlapped ("
+        + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in p.comm_bytes.items() if v) + " per device)",
     ]
     if smallest is not None:
         lines.append(f"   smallest mesh that fits (micro-batch 1): {smallest.mesh} = {smallest.devices} devices,"

@@ -38,6 +38,7 @@ from qk_jax.models import saved_model
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig, vlm_image_grid
 from qk_jax.parallel import distributed
 from qk_jax.parallel import mesh as mesh_lib
+from qk_jax.parallel import planner
 from qk_jax.pytree import leaf_paths
 from qk_jax.training import checkpoint as ckpt
 from qk_jax.training import metrics as metrics_lib
@@ -53,6 +54,7 @@ MODEL_KEYS = ("target", "inputs", "roles", "image_present", "input_ids", "attent
 LATEST = ("lr", "nonfinite")
 STREAK = "nonfinite_streak"  # updates skipped in a row: its most since the last line is what the guard reads
 COMPILATION_CACHE = "xla_cache"
+GB = 1e9
 
 
 def new_shape_message(seen: set, step: int, host_batch: Mapping[str, Any], grid: tuple) -> str | None:
@@ -85,11 +87,12 @@ def use_compilation_cache(workdir: str) -> str:
 
 
 def _param_shardings(model: QueryKontext, mesh, config) -> dict[str, Any]:
-    """Per component: the VLM by its tensor-parallel rules, the rest by the MMDiT's (replicated: ZeRO-2)."""
+    """Per component (unboxed): the VLM by its tensor-parallel rules, the rest by the MMDiT's (replicated: the
+    ZeRO-2 masters are split in ``_state_shardings``)."""
     abstract = model.abstract_params()
     rules = dict(vlm=config.sharding.vlm_rules)
-    return {name: mesh_lib.logical_shardings(tree, mesh, rules.get(name, config.sharding.mmdit_rules))
-            for name, tree in abstract.items()}
+    return nn.meta.unbox({name: mesh_lib.logical_shardings(tree, mesh, rules.get(name, config.sharding.mmdit_rules))
+                          for name, tree in abstract.items()})
 
 
 def _subset(tree: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
@@ -97,12 +100,23 @@ def _subset(tree: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _subset(tree[k], v) if isinstance(v, Mapping) else tree[k] for k, v in like.items()}
 
 
+def zero_axes(config) -> tuple[str, ...]:
+    """The mesh axes ZeRO splits the optimizer state (and, at ZeRO-2, the masters and gradients) over."""
+    return tuple(config.sharding.get("opt_state_axes", ("data", "fsdp")))
+
+
 def _state_shardings(state: state_lib.TrainState, params_sh: Mapping[str, Any], mesh, config
                      ) -> state_lib.TrainState:
-    """Shardings of every field: params by the logical rules, optimizer moments ZeRO-sharded over data x fsdp."""
-    params_sh = nn.meta.unbox(params_sh)
-    axes = tuple(config.sharding.get("opt_state_axes", ("data", "fsdp")))
-    trainable_sh = _subset(params_sh, state.trainable)
+    """Shardings of every field: params by the logical rules, optimizer moments ZeRO-sharded over the data axes,
+    and at ``sharding.mmdit_zero_stage`` 2 the float32 masters (and EMA) of every trainable leaf outside the VLM
+    too (``qk_jax.parallel.zero``; the VLM keeps its tensor-parallel layout)."""
+    axes = zero_axes(config)
+    zero2 = int(config.sharding.get("mmdit_zero_stage", 2)) >= 2
+
+    def master(path, leaf, logical):
+        return mesh_lib.zero_sharding(leaf.shape, mesh, axes) if zero2 and path[0].key != "vlm" else logical
+
+    trainable_sh = jax.tree_util.tree_map_with_path(master, state.trainable, _subset(params_sh, state.trainable))
     return state.replace(
         step=mesh_lib.replicated(mesh),
         trainable=trainable_sh,
@@ -181,19 +195,96 @@ class Setup(NamedTuple):
     schedule: optax.Schedule
     state: state_lib.TrainState
     state_shardings: state_lib.TrainState
+    init_memory: Any = None  # XLA's memory analysis of the program that made ``state`` (per device)
 
 
 def build(config, mesh) -> Setup:
-    """The model, the stage's starting params (``stages.initial_params``) split into a sharded train state."""
+    """The model, the stage's starting params (``stages.initial_params``) split into a train state that is
+    sharded from the start: its layout comes from ``jax.eval_shape`` alone, random components are created by a
+    ``jax.jit`` with those ``out_shardings`` (each device makes only its shards), a previous stage's model is
+    read shard by shard into the layout (``saved_model.load_model``), and the state is assembled by one more jit
+    with the state's shardings (``parallel.mesh`` docstring)."""
     model = QueryKontext(QueryKontextConfig.from_config(config))
     init_rng, state_rng = jax.random.split(jax.random.key(int(config.get("seed", 0))))
-    params = stages.initial_params(model, config, init_rng)
     optimizer = state_lib.make_optimizer(config.optim, int(config.total_steps))
     schedule = state_lib.learning_rate_schedule(config.optim, int(config.total_steps))
-    state = state_lib.init_state(params, config.trainable, optimizer, state_rng, config.get("ema_decay"))
-    state = state.replace(frozen=cast_frozen(state.frozen, config))
-    state_sh = _state_shardings(state, _param_shardings(model, mesh, config), mesh, config)
-    return Setup(model, optimizer, schedule, mesh_lib.place(state, state_sh), state_sh)
+
+    def make_state(params):
+        state = state_lib.init_state(params, config.trainable, optimizer, state_rng, config.get("ema_decay"))
+        return state.replace(frozen=cast_frozen(state.frozen, config))
+
+    abstract = jax.eval_shape(make_state, nn.meta.unbox(model.abstract_params()))
+    state_sh = _state_shardings(abstract, _param_shardings(model, mesh, config), mesh, config)
+    layout = state_lib.combine(state_sh.trainable, state_sh.frozen)  # where each parameter lives in the state
+
+    if stages.random_start(config):  # one program: random params straight into the state's shards
+        program = jax.jit(lambda rng: make_state(model.init(rng)), out_shardings=state_sh).lower(init_rng).compile()
+        state = program(init_rng)
+    else:
+        def init(rng, components=("vlm", "connector", "mmdit", "vae")):
+            shardings = {c: layout[c] for c in components}
+            return jax.jit(lambda r: model.init(r, components), out_shardings=shardings)(rng)
+
+        params = stages.initial_params(model, config, init_rng, init=init,
+                                       sharding_for=lambda path, leaf: _sharding_for(layout, mesh, path, leaf))
+        params = jax.tree.map(lambda x, sh: _on_mesh(x, sh, mesh), params, layout)
+        program = jax.jit(make_state, out_shardings=state_sh).lower(params).compile()
+        state = program(params)
+    return Setup(model, optimizer, schedule, state, state_sh, program.memory_analysis())
+
+
+def _sharding_for(layout: Mapping[str, Any], mesh, path: tuple[str, ...], leaf: Any) -> jax.sharding.Sharding:
+    """Where to read a saved leaf: its place in this stage's ``layout`` when it has one for that shape, else whole
+    on every device (a stage-1 LoRA factor to be merged, a light head to be dropped)."""
+    node: Any = layout
+    for key in path:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    if isinstance(node, jax.sharding.NamedSharding):
+        try:
+            node.shard_shape(tuple(leaf.shape))
+            return node
+        except (ValueError, IndexError):  # another shape than this stage's leaf
+            pass
+    return mesh_lib.replicated(mesh)
+
+
+def _on_mesh(x: Any, sharding, mesh) -> jax.Array:
+    """``x`` at ``sharding``: a global array on this mesh is resharded, anything else (host arrays of an import,
+    one device's) is cut into this process's shards (``mesh_lib.place``)."""
+    if isinstance(x, jax.Array) and x.sharding.device_set == set(mesh.devices.flat):
+        return x if x.sharding == sharding else jax.device_put(x, sharding)
+    return mesh_lib.place(x, sharding)
+
+
+def device_memory() -> float | None:
+    """Bytes one local accelerator can hold (its allocator's limit), ``None`` where JAX does not say (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return float(stats["bytes_limit"]) if stats.get("bytes_limit") else None
+
+
+def check_memory(config, mesh, memory: float | None = None) -> planner.Plan:
+    """The planner's per-device estimate of this stage on ``mesh`` (``qk_jax.parallel.planner``), logged before
+    anything is allocated; with ``config.memory_check`` (the default) a stage whose estimate exceeds ``memory``
+    (default: ``device_memory()``; unknown on CPU: nothing is checked) raises ``MemoryError`` with the figures
+    and the ways out, instead of an out-of-memory error minutes into compilation."""
+    memory = device_memory() if memory is None else memory
+    shape = tuple(int(mesh.shape.get(axis, 1)) for axis in mesh_lib.MESH_AXES)
+    remat = "none" if config.get("remat", "none") == "none" else "full"
+    attention = "xla" if jax.default_backend() == "cpu" else "flash"
+    plan = planner.Planner(config, f"stage {config.stage}").plan(
+        shape, memory or float("inf"), micro=int(config.batch_size) // mesh_lib.data_axes_size(mesh),
+        remat=remat, attention=attention)
+    parts = (f"params {plan.params / GB:.2f}, grads {plan.grads / GB:.2f}, optimizer {plan.optimizer / GB:.2f}, "
+             f"compute copy {plan.compute_copy / GB:.2f}, activations {plan.activations / GB:.2f}")
+    have = f" of {memory / GB:.1f} GB" if memory else ""
+    logging.info("stage %s: planned %.2f GB per device%s (%s)", config.stage, plan.total / GB, have, parts)
+    if memory and plan.total > memory and config.get("memory_check", True):
+        raise MemoryError(
+            f"stage {config.stage} needs about {plan.total / GB:.1f} GB per device on the mesh {dict(mesh.shape)} "
+            f"({parts} GB) but a device has {memory / GB:.1f} GB. Lower batch_size (or add optim.grad_accum_steps), "
+            "set remat, or use more devices (python -m qk_jax.plan suggests a mesh); --config.memory_check=False "
+            "tries anyway")
+    return plan
 
 
 class Stopped(Exception):
@@ -299,6 +390,7 @@ def train_stage(config, workdir: str) -> str:
     if int(config.batch_size) % data_parallel:
         raise ValueError(f"batch_size={config.batch_size} (the global batch) does not split over the {data_parallel} "
                          f"data-parallel devices of the mesh {dict(mesh.shape)}; give a multiple of {data_parallel}")
+    check_memory(config, mesh)
     setup = build(config, mesh)
     state = setup.state
 
@@ -321,7 +413,8 @@ def train_stage(config, workdir: str) -> str:
     meta = dict(stage=int(config.stage))
 
     # --- the step ---------------------------------------------------------------------------------------------
-    step_fn = make_train_step(setup.model, setup.optimizer, setup.schedule, setup.state_shardings)
+    step_fn = make_train_step(setup.model, setup.optimizer, setup.schedule, setup.state_shardings, mesh=mesh,
+                              zero_axes=zero_axes(config))
     shapes_seen: set = set()
     # data.global_stream: every process read the whole global batch; it feeds its own rows only.
     rows = (mesh_lib.local_rows(int(config.batch_size), mesh)

@@ -15,7 +15,7 @@ Each stage reads the previous stage's final model checkpoint (``<init_from>/fina
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -66,27 +66,40 @@ def _check(saved: Mapping[str, Any], saved_stage: int, config: Mapping[str, Any]
                 " curriculum must share these dims")
 
 
-def initial_params(model: QueryKontext, config: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
-    """The parameters a stage starts from (see the module docstring)."""
+def random_start(config: Mapping[str, Any]) -> bool:
+    """Whether the stage starts from random parameters only (stage 1, nothing imported)."""
+    return not config.get("init_from") and not any(dict(config.get("pretrained") or {}).values())
+
+
+def initial_params(model: QueryKontext, config: Mapping[str, Any], rng: jax.Array,
+                   init: Callable[..., dict[str, Any]] | None = None,
+                   sharding_for: Callable[[tuple[str, ...], Any], jax.sharding.Sharding] | None = None
+                   ) -> dict[str, Any]:
+    """The parameters a stage starts from (see the module docstring). ``init(rng, components)`` makes random
+    components (``model.init``, or one that creates them sharded); ``sharding_for(path, leaf)`` says where to read
+    each leaf of the previous stage's model (``saved_model.load_model``; default: whole on one device)."""
+    if init is None:
+        def init(rng, components=("vlm", "connector", "mmdit", "vae")):
+            return model.init(rng, components)
     init_from = config.get("init_from")
     pretrained = dict(config.get("pretrained") or {})
     if not init_from:
         if int(config["stage"]) != 1:
             raise ValueError(f"stage {config['stage']} needs config.init_from (the previous stage's workdir)")
-        params = model.init(rng)
+        params = init(rng)
         return _load_pretrained(params, pretrained, ("vlm", "vae", "mmdit"), model.config)
 
     source = os.path.join(init_from, FINAL)
-    saved_config, params, meta = saved_model.load_model(source)
+    saved_config, params, meta = saved_model.load_model(source, sharding_for=sharding_for)
     stage, previous = int(config["stage"]), int(saved_config["stage"])
     _check(saved_config, previous, config, source)
     params = dict(params)
     if stage == 2 and previous == 1:
         params["vlm"] = lora_lib.merge_lora(params["vlm"], float(saved_config["vlm"]["lora"]["alpha"]))
-        params["mmdit"] = model.init(rng, components=("mmdit",))["mmdit"]  # the large MMDiT replaces the head
+        params["mmdit"] = init(rng, ("mmdit",))["mmdit"]  # the large MMDiT replaces the head
         params = _load_pretrained(params, pretrained, ("mmdit",), model.config)
     elif stage == 3 and previous == 2:
-        fresh = model.init(rng, components=("mmdit",))["mmdit"]
+        fresh = init(rng, ("mmdit",))["mmdit"]
         params["mmdit"] = _graft(with_layout(params["mmdit"], model.config.mmdit, model.config.scan_layers),
                                  lora_lib.lora_params(fresh))
     elif "mmdit" in params:  # 3 -> 3b: the previous stage may have scanned its layers and this one not, or back
