@@ -426,10 +426,11 @@ def mesh(variant):
 
     Deviation: appendix D puts tensor parallelism on the VLM; the default here has none at every scale. In our
     step a 'tensor' axis repeats the MMDiT's work on each of its devices, and the 7B VLM fits without it: on 192
-    x 80 GB the planner fits every paper stage at 64 x 3 x 1, stage 2 at 2.0 s per step against 4.0 s at
-    48 x 1 x 4 (``python -m qk_jax.plan``). ``('tensor', 4)``, the largest that divides the LLM's 4 KV heads,
-    splits the VLM as the paper does. A device count with a factor 3 (192 = 64 x 3) needs ``('fsdp', 3)``:
-    ZeRO splits a leaf only over axes that divide its dims.
+    x 80 GB the planner fits every paper stage at 64 x 3 x 1 (stage 2: 68 GB, 2.0 s per step), while at
+    48 x 1 x 4 stage 2 needs 164 GB per device and a device does 22 samples' MMDiT work instead of 6
+    (``python -m qk_jax.plan``). ``('tensor', 4)``, the largest that divides the LLM's 4 KV heads, splits the VLM
+    as the paper does. A device count with a factor 3 (192 = 64 x 3) needs ``('fsdp', 3)``: ZeRO splits a leaf
+    only over axes that divide its dims.
     """
     del variant
     return (("data", -1), ("fsdp", 1), ("tensor", 1))

@@ -1,21 +1,27 @@
 r"""Plan a stage on a mesh: parameters, memory and FLOPs per device, before anything is allocated.
 
 USAGE: python -m qk_jax.plan (--config STAGE.py[:variant] | --all) --devices N --device-memory 80GB [--mesh D,F,T]
+                            [--compile [--topology v5p:4x4x8]]
 
-  python -m qk_jax.plan --config configs/stage2.py --devices 192 --device-memory 80GB --mesh 48,1,4
+  python -m qk_jax.plan --config configs/stage2.py --devices 192 --device-memory 80GB --mesh 64,3,1
+  python -m qk_jax.plan --config configs/stage2.py --devices 128 --compile --topology v5p:4x4x8   # AOT, no TPU
 
 How the numbers are made: ``qk_jax.parallel.planner``.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from qk_jax import cli
+from qk_jax.parallel import mesh as mesh_lib
 from qk_jax.parallel import planner
+from qk_jax.training import loop
 
 
 def _config_name(flag_text: str) -> str:
@@ -44,6 +50,11 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_enum("zero", "repo", ["repo", "even"], "ZeRO shards as parallel.mesh.zero_sharding does (repo: a"
                       " leaf with no dim divisible by data x fsdp stays whole) or every leaf evenly (even).", **fv)
     flags.DEFINE_bool("json", False, "Print one JSON line per stage instead of the table.", **fv)
+    flags.DEFINE_bool("compile", False, "Also lower and compile the real sharded training step for the mesh (the"
+                      " config's, or --mesh) on --topology and print the compiler's memory analysis beside the"
+                      " plan. Nothing is allocated.", **fv)
+    flags.DEFINE_string("topology", "local", "With --compile: 'local' (this host's devices) or a TPU topology,"
+                        " e.g. v5p:4x4x8 (needs pip install libtpu; no TPU).", **fv)
 
 
 def run_flags(fv: flags.FlagValues) -> list[str]:
@@ -61,8 +72,37 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
         raise app.UsageError(str(e)) from None
     fmt = planner.format_json if fv.json else planner.format_plan
     out = [fmt(plan, smallest) for plan, smallest in results]
+    if fv.compile:
+        out.append(_compiled(fv, configs))
     print("\n".join(out))
     return out
+
+
+def _compiled(fv: flags.FlagValues, configs) -> str:
+    """``--compile``: the step of the one ``--config`` compiled on ``--topology`` (``loop.compile_step``)."""
+    if len(configs) != 1 or fv.all:
+        raise app.UsageError("--compile takes one --config")
+    (name, config), = configs
+    try:
+        devices = mesh_lib.topology_devices(fv.topology)
+        if fv.mesh:
+            config.mesh = tuple(zip(mesh_lib.MESH_AXES, planner.parse_mesh(fv.mesh)))
+        mesh = mesh_lib.make_mesh(config.mesh, devices)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    shape = tuple(int(mesh.shape[a]) for a in mesh_lib.MESH_AXES)
+    plan = planner.Planner(config, name).plan(shape, planner.parse_memory(fv["device-memory"].value),
+                                              micro=int(config.batch_size) // mesh_lib.data_axes_size(mesh),
+                                              attention=fv.attention,
+                                              remat=fv.remat or ("none" if config.get("remat", "none") == "none"
+                                                                 else "full"))
+    start = time.perf_counter()
+    stats = loop.compile_step(config, mesh).memory_analysis()
+    where = f"{len(devices)} devices ({fv.topology}), mesh {dict(mesh.shape)}"
+    if fv.json:
+        return json.dumps(dict(stage=name, compiled_bytes=planner.compiled_bytes(stats), planned_bytes=plan.total,
+                               temp_bytes=stats.temp_size_in_bytes, devices=len(devices), topology=fv.topology))
+    return planner.format_compiled(stats, plan, where, time.perf_counter() - start)
 
 
 def main(argv: Sequence[str]) -> list[str]:

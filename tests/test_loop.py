@@ -212,3 +212,31 @@ def test_a_stage_that_cannot_fit_stops_before_anything_is_built():
     config.memory_check = False
     assert loop.check_memory(config, mesh, memory=1e3).total == plan.total
     assert loop.device_memory() is None  # XLA:CPU reports no limit
+
+
+def test_frozen_mmdit_kernels_in_the_compute_dtype_change_no_number():
+    """Stage 3's frozen MMDiT base is stored with bf16 kernels when the compute dtype is bf16 (half its memory):
+    its layers cast every kernel to bf16 for the matmul anyway, so the output is bit for bit the float32 one."""
+    import jax.numpy as jnp
+
+    from configs import stage3
+    from qk_jax.models import mmdit as mmdit_lib
+    from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
+    from qk_jax.pytree import flatten
+    from qk_jax.training import state as state_lib
+
+    config = stage3.get_config("tiny")
+    config.compute_dtype = "bfloat16"
+    model = QueryKontext(QueryKontextConfig.from_config(config))
+    params = model.init(jax.random.key(0), ("mmdit",))
+    trainable, frozen = state_lib.partition(params, config.trainable)
+    cast = loop.cast_frozen(frozen, config)
+    dtypes = {p: x.dtype for p, x in flatten(cast["mmdit"]).items()}
+    assert {d for p, d in dtypes.items() if p.endswith("kernel")} == {jnp.dtype(jnp.bfloat16)}
+    assert {d for p, d in dtypes.items() if not p.endswith("kernel")} == {jnp.dtype(jnp.float32)}
+    cfg = model.config.mmdit
+    inputs = mmdit_lib.init_inputs(cfg, batch=2, img_len=8, text_len=4)
+    apply = jax.jit(lambda p: model.mmdit.apply({"params": p}, **inputs, target_start=jnp.zeros((2,), jnp.int32),
+                                                target_len=8))
+    np.testing.assert_array_equal(apply(state_lib.combine(trainable, cast)["mmdit"]),
+                                  apply(state_lib.combine(trainable, frozen)["mmdit"]))

@@ -480,3 +480,25 @@ def test_processor_choice_and_vocabulary_errors():
     paper.vlm.tokenizer = "word"
     with pytest.raises(ValueError, match="needs config.vlm.vocabulary"):
         processors.processor_from_config(paper.vlm)
+
+
+def test_abstract_batch_is_what_the_pipeline_yields():
+    """The shapes ahead-of-time compilation uses (``pipeline.abstract_batch``) are those of real ShapesWorld
+    batches of the same bucket and slot count: every model entry's shape and dtype and the static image grid
+    (text no longer than the longest)."""
+    from qk_jax.models.query_kontext import vlm_image_grid
+    from qk_jax.training.loop import MODEL_KEYS, training_manifest
+
+    for module in (stage1, stage3):
+        config = module.get_config("tiny")
+        stream = iter(pipeline.make_pipeline(config, manifest=training_manifest(config), batch_size=2))
+        for _ in range(4):
+            batch = next(stream)
+            slots = batch["pixel_values"].shape[1] if "pixel_values" in batch else 0
+            shapes, grid = pipeline.abstract_batch(config, 2, slots)
+            real = {k: (np.shape(batch[k]), np.asarray(batch[k]).dtype) for k in MODEL_KEYS if k in batch}
+            assert set(real) == set(shapes) and grid == vlm_image_grid(batch), (module.__name__, slots)
+            for key, (shape, dtype) in shapes.items():
+                text = key in ("input_ids", "attention_mask")
+                assert real[key][1] == dtype and (real[key][0][:1] == shape[:1] and real[key][0][1] <= shape[1]
+                                                  if text else real[key][0] == shape), (key, real[key], shape)

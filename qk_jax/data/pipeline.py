@@ -458,6 +458,25 @@ def skipped_counts(state: Any) -> dict[str, int]:
     return totals
 
 
+def abstract_batch(config: Mapping[str, Any], batch_size: int, slots: int, processor: VLMProcessor | None = None
+                   ) -> tuple[dict[str, tuple[tuple[int, ...], np.dtype]], tuple[tuple[int, int, int], ...]]:
+    """``({key: (shape, dtype)}, image_grid)`` of the entries the model reads from a square bucket at
+    ``config.resolution`` with ``slots`` input images and the longest text (the module docstring's schema), and
+    the static grid ``vlm_image_grid`` would read from it: what compiling the step ahead of time needs
+    (``qk_jax.training.loop.compile_step``)."""
+    processor = processor or processor_from_config(config["vlm"])
+    side, length = int(config["resolution"]), int(config["vlm"]["max_text_tokens"])
+    t, h, w = processor.image_grid_thw(side, side)
+    b, m = int(batch_size), int(slots)
+    out = dict(target=((b, side, side, 3), np.float32), roles=((b, m), np.int32), image_present=((b, m), np.bool_),
+               input_ids=((b, length), np.int32), attention_mask=((b, length), np.int32),
+               pixel_values=((b, m, t * h * w, processor.patch_dim), np.float32), task=((b,), np.int32),
+               valid=((b,), np.bool_))
+    if config.get("in_context"):
+        out["inputs"] = ((b, m, side, side, 3), np.float32)
+    return {k: (shape, np.dtype(dtype)) for k, (shape, dtype) in out.items()}, ((t, h, w),) * m
+
+
 def make_pipeline(config: Mapping[str, Any], processor: VLMProcessor | None = None, *,
                   manifest: str | manifest_lib.Manifest | None = None, **overrides) -> DataPipeline:
     """``DataPipeline`` of a stage config; the processor defaults to ``processor_from_config(config.vlm)``.

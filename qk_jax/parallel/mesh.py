@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import topologies
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -55,6 +56,19 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
     if devices == list(jax.devices()):
         return jax.make_mesh(sizes, names, axis_types=axis_types, devices=devices)
     return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=axis_types)
+
+
+def topology_devices(topology: str) -> list:
+    """Devices to compile for: ``'local'`` (this host's) or a TPU topology such as ``'v5p:4x4x8'`` (128 chips),
+    whose devices exist for ahead-of-time compilation only (``jax.experimental.topologies``; needs ``libtpu``,
+    ``pip install libtpu``, not a TPU)."""
+    if topology == "local":
+        return list(jax.devices())
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu").devices)
+    except Exception as e:  # noqa: BLE001 -- libtpu missing or a bad name: both are the user's to fix
+        raise ValueError(f"no TPU topology {topology!r} ({str(e).splitlines()[0][:200]}); give e.g. v5p:4x4x8 "
+                         "(pip install libtpu for TPU topologies) or 'local'") from None
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:

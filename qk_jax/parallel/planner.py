@@ -16,8 +16,8 @@ per device per micro-step (``micro``):
 
 - **params**: each frozen leaf's bytes divided by the mesh sizes its logical axes map to
   (``config.sharding.vlm_rules`` for the VLM: heads/kv_heads/mlp/vocab over 'tensor'; ``mmdit_rules`` for the
-  rest: replicated), rounded up; frozen VLM leaves are ``config.vlm.frozen_dtype`` (``training.loop.cast_frozen``),
-  every other frozen leaf keeps float32 (so stage 3's frozen MMDiT base is float32). Trainable leaves are float32
+  rest: replicated), rounded up; frozen VLM leaves are ``config.vlm.frozen_dtype`` and frozen MMDiT kernels (stage
+  3's base) the compute dtype (``training.loop.cast_frozen``); every other frozen leaf keeps float32. Trainable leaves are float32
   masters: the VLM's by its rules, every other one split over ``Z`` (``parallel.mesh.zero_spec``) when
   ``config.sharding.mmdit_zero_stage >= 2`` (ZeRO-2, ``parallel.zero``), else by its rules (replicated).
 - **grads**: float32, split as the masters (ZeRO-2: reduce-scattered; the VLM's all-reduced).
@@ -35,8 +35,9 @@ per device per micro-step (``micro``):
     ``a_c = 114`` / ``163``; attention adds ``b H T^2 s`` with ``s = 5.5``/``6.5`` bytes (XLA attention keeps
     the probabilities and the mask: CPU, and the ``--attention xla`` plans; JAX saves 13 B, XLA:CPU's compiled step
     keeps about 6.5, calibrated on the tiny config's compiled step) or ``b H T 4`` bytes (cuDNN
-    flash attention keeps the log-sum-exp only: the default on GPU); with bf16 compute of float32 params the
-    bf16 weight casts are kept too (``2 B x`` the component's parameters). The constants are JAX's own saved
+    flash attention keeps the log-sum-exp only: the default on GPU); with bf16 compute of float32 trained
+    kernels not under ZeRO-2 the bf16 weight casts are kept too (``2 B x`` the component's parameters; ZeRO-2's
+    compute copy and cast_frozen's bf16 kernels are those casts already). The constants are JAX's own saved
     residuals of one block (``jax._src.ad_checkpoint.saved_residuals``) per token and width, measured at several
     sizes (they vary by < 10%); ``tests/test_planner.py`` checks them against a fresh count.
     Full remat per block (``--remat full``) keeps only each block's inputs (``b T D c`` per block) plus one
@@ -324,7 +325,11 @@ class Planner:
             for path, leaf in flatten(nn.meta.unbox(tree)).items():
                 full = f"{component}/{path}"
                 trainable = match_any(full, regexes)
-                item = leaf.dtype.itemsize if trainable or component != "vlm" else frozen_vlm
+                item = leaf.dtype.itemsize
+                if not trainable and component == "vlm":
+                    item = frozen_vlm
+                elif not trainable and component == "mmdit" and full.endswith("kernel"):  # loop.cast_frozen
+                    item = jnp.dtype(self.qk.compute_dtype).itemsize
                 spec = specs.get(path)
                 axes = tuple(spec) if spec is not None else ()
                 axes = axes + (None,) * (len(leaf.shape) - len(axes))
@@ -416,10 +421,11 @@ class Planner:
             double = b * (MMDIT_DOUBLE_BYTES[c] * t * m.inner_dim + attn)
             single = b * (MMDIT_SINGLE_BYTES[c] * t * m.inner_dim + attn)
             casts = 0.0
-            mmdit_copied = self.zero2 and any(t for comp, p, _, _, t, _ in self.leaves
-                                              if comp == "mmdit" and p.endswith("/kernel") and "lora" not in p)
-            if c < 4 and not mmdit_copied:  # bf16 casts of the float32 weights, kept for the input gradients
-                # (a ZeRO-2 trained MMDiT's bf16 compute copy is those casts: counted in the state)
+            float32_kernels = not self.zero2 and any(t for comp, p, _, _, t, _ in self.leaves
+                                                     if comp == "mmdit" and p.endswith("/kernel"))
+            if c < 4 and float32_kernels:  # bf16 casts of the float32 weights, kept for the input gradients
+                # (a ZeRO-2 trained MMDiT's compute copy is those casts, counted in the state; a frozen one is
+                # stored in bf16, loop.cast_frozen)
                 casts = c * self.counts["mmdit"] / max(m.num_layers + m.num_single_layers, 1)
             layers = m.num_layers * (double + casts) + m.num_single_layers * (single + casts)
             if remat == "full":
@@ -549,12 +555,6 @@ class Planner:
             out.append(f"{w.vlm_images} image(s) of {w.vlm_image_tokens} VLM tokens each at"
                        f" {self.config['resolution']}px exceed vlm.max_text_tokens="
                        f"{self.config['vlm']['max_text_tokens']}: such prompts are skipped as too long")
-        frozen_mmdit = sum(math.prod(s) for comp, _, s, _, t, item in self.leaves
-                           if comp == "mmdit" and not t and item == 4)
-        if frozen_mmdit > 1e8:
-            out.append(f"{frozen_mmdit / 1e9:.1f}B frozen MMDiT params stay float32 (training.loop.cast_frozen casts"
-                       " only the VLM); casting them to bf16 would save"
-                       f" {2 * frozen_mmdit / GB:.1f} GB per device")
         return out
 
     def tensor_choices(self) -> list[int]:
@@ -627,7 +627,8 @@ def format_plan(p: Plan, smallest: Plan | None) -> str:
         f" {p.flops_per_step:.3e} FLOPs per step",
         f"   time per step: {p.time_per_step_s:.2f} s = compute {p.compute_time_s:.2f} s at the given MFU +"
         f" communication {p.comm_time_s:.2f} s on {p.interconnect}, not overlapped ("
-        + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in p.comm_bytes.items() if v) + " per device)",
+        + (", ".join(f"{k} {v / GB:.1f} GB" for k, v in p.comm_bytes.items() if v) or "no collectives")
+        + " per device)",
     ]
     if smallest is not None:
         lines.append(f"   smallest mesh that fits (micro-batch 1): {smallest.mesh} = {smallest.devices} devices,"
@@ -636,6 +637,21 @@ def format_plan(p: Plan, smallest: Plan | None) -> str:
         lines.append("   no mesh fits micro-batch 1")
     lines += [f"   warning: {w}" for w in p.warnings]
     return "\n".join(lines)
+
+
+def compiled_bytes(stats: Any) -> float:
+    """Per-device bytes of a compiled program's ``memory_analysis()``: arguments + outputs - aliased (the
+    donated state) + temporaries."""
+    return float(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+                 + stats.temp_size_in_bytes)
+
+
+def format_compiled(stats: Any, p: Plan, where: str, seconds: float) -> str:
+    """The compiler's memory analysis of the real step beside the plan of the same mesh."""
+    return (f"   compiled for {where} in {seconds:.0f} s, per device (GB): arguments "
+            f"{stats.argument_size_in_bytes / GB:.2f}, outputs {stats.output_size_in_bytes / GB:.2f}, aliased "
+            f"{stats.alias_size_in_bytes / GB:.2f}, temporaries {stats.temp_size_in_bytes / GB:.2f}: total "
+            f"{compiled_bytes(stats) / GB:.2f} (planned {p.total / GB:.2f})")
 
 
 def format_json(p: Plan, smallest: Plan | None) -> str:

@@ -39,7 +39,7 @@ from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig, vlm_im
 from qk_jax.parallel import distributed
 from qk_jax.parallel import mesh as mesh_lib
 from qk_jax.parallel import planner
-from qk_jax.pytree import leaf_paths
+from qk_jax.pytree import leaf_paths, path_str
 from qk_jax.training import checkpoint as ckpt
 from qk_jax.training import metrics as metrics_lib
 from qk_jax.training import stages
@@ -128,10 +128,17 @@ def _state_shardings(state: state_lib.TrainState, params_sh: Mapping[str, Any], 
 
 
 def cast_frozen(frozen: dict[str, Any], config) -> dict[str, Any]:
-    """The frozen VLM in ``config.vlm.frozen_dtype`` (bf16 at paper scale: half the memory, no optimizer)."""
+    """The frozen VLM in ``config.vlm.frozen_dtype`` (bf16 at paper scale: half the memory, no optimizer), and the
+    frozen MMDiT's kernels (stage 3's base under LoRA) in the compute dtype: its layers cast them to it for every
+    matmul anyway, so storing them so changes no number and halves them at paper scale (20 GB per device). The
+    stage's saved model keeps them in that dtype, as it keeps the frozen VLM's."""
     dtype = jnp.dtype(config.vlm.get("frozen_dtype", "float32"))
     if "vlm" in frozen:
         frozen = dict(frozen, vlm=jax.tree.map(lambda x: x.astype(dtype), frozen["vlm"]))
+    compute = jnp.dtype(config.get("compute_dtype", "float32"))
+    if "mmdit" in frozen:
+        frozen = dict(frozen, mmdit=jax.tree_util.tree_map_with_path(
+            lambda p, x: x.astype(compute) if path_str(p).endswith("kernel") else x, frozen["mmdit"]))
     return frozen
 
 
@@ -198,14 +205,22 @@ class Setup(NamedTuple):
     init_memory: Any = None  # XLA's memory analysis of the program that made ``state`` (per device)
 
 
-def build(config, mesh) -> Setup:
-    """The model, the stage's starting params (``stages.initial_params``) split into a train state that is
-    sharded from the start: its layout comes from ``jax.eval_shape`` alone, random components are created by a
-    ``jax.jit`` with those ``out_shardings`` (each device makes only its shards), a previous stage's model is
-    read shard by shard into the layout (``saved_model.load_model``), and the state is assembled by one more jit
-    with the state's shardings (``parallel.mesh`` docstring)."""
+class Layout(NamedTuple):
+    """A stage's pieces from shapes alone (nothing allocated): ``make_state(params)`` builds the train state,
+    ``abstract`` is its shapes and ``shardings`` its layout on the mesh."""
+
+    model: QueryKontext
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    make_state: Callable[[Any], state_lib.TrainState]
+    abstract: state_lib.TrainState
+    shardings: state_lib.TrainState
+
+
+def layout(config, mesh) -> Layout:
+    """The model, optimizer and the train state's shapes and shardings on ``mesh`` (``jax.eval_shape``)."""
     model = QueryKontext(QueryKontextConfig.from_config(config))
-    init_rng, state_rng = jax.random.split(jax.random.key(int(config.get("seed", 0))))
+    state_rng = jax.random.split(jax.random.key(int(config.get("seed", 0))))[1]
     optimizer = state_lib.make_optimizer(config.optim, int(config.total_steps))
     schedule = state_lib.learning_rate_schedule(config.optim, int(config.total_steps))
 
@@ -214,20 +229,49 @@ def build(config, mesh) -> Setup:
         return state.replace(frozen=cast_frozen(state.frozen, config))
 
     abstract = jax.eval_shape(make_state, nn.meta.unbox(model.abstract_params()))
-    state_sh = _state_shardings(abstract, _param_shardings(model, mesh, config), mesh, config)
-    layout = state_lib.combine(state_sh.trainable, state_sh.frozen)  # where each parameter lives in the state
+    return Layout(model, optimizer, schedule, make_state, abstract,
+                  _state_shardings(abstract, _param_shardings(model, mesh, config), mesh, config))
+
+
+def compile_step(config, mesh, slots: int | None = None) -> jax.stages.Compiled:
+    """The stage's training step lowered and compiled for ``mesh`` from shapes alone, nothing allocated: on this
+    host's devices, or on a TPU topology's (``mesh_lib.topology_devices``) from a CPU host, as maxtext's
+    ``train_compile.py`` does (``python -m qk_jax.plan --compile``). The batch is a square bucket at
+    ``config.resolution`` with ``slots`` input images (default: the most the stage's tasks have, as the
+    planner's workload) and the longest text."""
+    pieces = layout(config, mesh)
+    slots = planner.workload(config).vlm_images if slots is None else int(slots)
+    shapes, grid = pipeline_lib.abstract_batch(config, int(config.batch_size), slots)
+    batch_sh = mesh_lib.batch_sharding(mesh, zero_axes(config))
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in shapes.items()}
+    state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), pieces.abstract,
+                         pieces.shardings)
+    step = make_train_step(pieces.model, pieces.optimizer, pieces.schedule, pieces.shardings, mesh=mesh,
+                           zero_axes=zero_axes(config))
+    return step.lower(state, batch, grid).compile()
+
+
+def build(config, mesh) -> Setup:
+    """The model, the stage's starting params (``stages.initial_params``) split into a train state that is
+    sharded from the start: its layout comes from ``jax.eval_shape`` alone (``layout``), random components are
+    created by a ``jax.jit`` with those ``out_shardings`` (each device makes only its shards), a previous stage's
+    model is read shard by shard into the layout (``saved_model.load_model``), and the state is assembled by one
+    more jit with the state's shardings (``parallel.mesh`` docstring)."""
+    model, optimizer, schedule, make_state, _, state_sh = layout(config, mesh)
+    init_rng = jax.random.split(jax.random.key(int(config.get("seed", 0))))[0]
+    places = state_lib.combine(state_sh.trainable, state_sh.frozen)  # where each parameter lives in the state
 
     if stages.random_start(config):  # one program: random params straight into the state's shards
         program = jax.jit(lambda rng: make_state(model.init(rng)), out_shardings=state_sh).lower(init_rng).compile()
         state = program(init_rng)
     else:
         def init(rng, components=("vlm", "connector", "mmdit", "vae")):
-            shardings = {c: layout[c] for c in components}
+            shardings = {c: places[c] for c in components}
             return jax.jit(lambda r: model.init(r, components), out_shardings=shardings)(rng)
 
         params = stages.initial_params(model, config, init_rng, init=init,
-                                       sharding_for=lambda path, leaf: _sharding_for(layout, mesh, path, leaf))
-        params = jax.tree.map(lambda x, sh: _on_mesh(x, sh, mesh), params, layout)
+                                       sharding_for=lambda path, leaf: _sharding_for(places, mesh, path, leaf))
+        params = jax.tree.map(lambda x, sh: _on_mesh(x, sh, mesh), params, places)
         program = jax.jit(make_state, out_shardings=state_sh).lower(params).compile()
         state = program(params)
     return Setup(model, optimizer, schedule, state, state_sh, program.memory_analysis())
