@@ -16,10 +16,11 @@ per device per micro-step (``micro``):
 
 - **params**: each frozen leaf's bytes divided by the mesh sizes its logical axes map to
   (``config.sharding.vlm_rules`` for the VLM: heads/kv_heads/mlp/vocab over 'tensor'; ``mmdit_rules`` for the
-  rest: replicated), rounded up; frozen VLM leaves are ``config.vlm.frozen_dtype`` and frozen MMDiT kernels (stage
-  3's base) the compute dtype (``training.loop.cast_frozen``); every other frozen leaf keeps float32. Trainable leaves are float32
-  masters: the VLM's by its rules, every other one split over ``Z`` (``parallel.mesh.zero_spec``) when
-  ``config.sharding.mmdit_zero_stage >= 2`` (ZeRO-2, ``parallel.zero``), else by its rules (replicated).
+  rest: replicated), rounded up; frozen VLM leaves are ``config.vlm.frozen_dtype`` and frozen MMDiT kernels
+  (stage 3's base) the compute dtype (``training.loop.cast_frozen``); every other frozen leaf keeps float32.
+  Trainable leaves are float32 masters: the VLM's by its rules, every other one split over ``Z``
+  (``parallel.mesh.zero_spec``) when ``config.sharding.mmdit_zero_stage >= 2`` (ZeRO-2, ``parallel.zero``), else
+  by its rules (replicated).
 - **grads**: float32, split as the masters (ZeRO-2: reduce-scattered; the VLM's all-reduced).
 - **optimizer**: AdamW ``mu`` and ``nu`` (``8 B x trainable``), plus the ``optax.MultiSteps`` accumulator
   (``4 B``) when ``optim.grad_accum_steps > 1`` (or the plan needs accumulation), all split over ``Z``
