@@ -391,6 +391,12 @@ class Planner:
         return out
 
     @functools.cached_property
+    def _float32_mmdit_kernels(self) -> bool:
+        """Whether the step multiplies by float32-stored MMDiT kernels: trained ones not under ZeRO-2."""
+        return not self.zero2 and any(t for comp, p, _, _, t, _ in self.leaves
+                                      if comp == "mmdit" and p.endswith("/kernel"))
+
+    @functools.cached_property
     def _leaf_kinds(self) -> dict[tuple, int]:
         """Leaves counted by what their bytes depend on (a paper VLM has ~700 leaves of a few dozen kinds)."""
         kinds: dict[tuple, int] = {}
@@ -422,9 +428,7 @@ class Planner:
             double = b * (MMDIT_DOUBLE_BYTES[c] * t * m.inner_dim + attn)
             single = b * (MMDIT_SINGLE_BYTES[c] * t * m.inner_dim + attn)
             casts = 0.0
-            float32_kernels = not self.zero2 and any(t for comp, p, _, _, t, _ in self.leaves
-                                                     if comp == "mmdit" and p.endswith("/kernel"))
-            if c < 4 and float32_kernels:  # bf16 casts of the float32 weights, kept for the input gradients
+            if c < 4 and self._float32_mmdit_kernels:  # bf16 casts of the float32 weights, kept for the input gradients
                 # (a ZeRO-2 trained MMDiT's compute copy is those casts, counted in the state; a frozen one is
                 # stored in bf16, loop.cast_frozen)
                 casts = c * self.counts["mmdit"] / max(m.num_layers + m.num_single_layers, 1)
@@ -536,7 +540,7 @@ class Planner:
         comm_time = self._comm_time(comm, axes, interconnect)
         return Plan(
             stage=self.name, mesh=mesh, devices=data * fsdp * tensor, global_batch=global_batch,
-            batch_per_device=per_device, micro_batch=micro, grad_accum_steps=math.ceil(per_device / micro),
+            batch_per_device=per_device, micro_batch=micro, grad_accum_steps=steps,
             remat=remat, attention=attention, counts=dict(self.counts), params=params, grads=grads,
             optimizer=opt, compute_copy=copy, activations=act,
             activations_no_remat=self._activations(micro, "none", attention),

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from qk_jax.models.query_kontext import BatchRows
+from qk_jax.parallel import mesh as mesh_lib
 from qk_jax.pytree import path_str
 
 # (sum of per-row losses, number of rows with a loss, per-row sums to report) of one shard of the batch.
@@ -88,9 +89,7 @@ def value_and_grad(sum_loss: SumLoss, combine: Callable[[Any, Any], Any], mesh: 
     axes = tuple(a for a in axes if a in mesh.shape)
     t_specs = jax.tree.map(lambda s: manual_spec(s, axes), trainable_specs)
     f_specs = jax.tree.map(lambda s: manual_spec(s, axes), frozen_specs)
-    shards = 1
-    for a in axes:
-        shards *= mesh.shape[a]
+    shards = mesh_lib.data_axes_size(mesh, axes)
 
     def local(trainable, frozen, key, batch):
         rows_here = jax.tree.leaves(batch)[0].shape[0]

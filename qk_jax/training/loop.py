@@ -217,10 +217,16 @@ class Layout(NamedTuple):
     shardings: state_lib.TrainState
 
 
+def _rngs(config) -> tuple[jax.Array, jax.Array]:
+    """``(init_rng, state_rng)``: the random parameters' key and the train state's, from ``config.seed``."""
+    init_rng, state_rng = jax.random.split(jax.random.key(int(config.get("seed", 0))))
+    return init_rng, state_rng
+
+
 def layout(config, mesh) -> Layout:
     """The model, optimizer and the train state's shapes and shardings on ``mesh`` (``jax.eval_shape``)."""
     model = QueryKontext(QueryKontextConfig.from_config(config))
-    state_rng = jax.random.split(jax.random.key(int(config.get("seed", 0))))[1]
+    state_rng = _rngs(config)[1]
     optimizer = state_lib.make_optimizer(config.optim, int(config.total_steps))
     schedule = state_lib.learning_rate_schedule(config.optim, int(config.total_steps))
 
@@ -258,7 +264,7 @@ def build(config, mesh) -> Setup:
     model is read shard by shard into the layout (``saved_model.load_model``), and the state is assembled by one
     more jit with the state's shardings (``parallel.mesh`` docstring)."""
     model, optimizer, schedule, make_state, _, state_sh = layout(config, mesh)
-    init_rng = jax.random.split(jax.random.key(int(config.get("seed", 0))))[0]
+    init_rng = _rngs(config)[0]
     places = state_lib.combine(state_sh.trainable, state_sh.frozen)  # where each parameter lives in the state
 
     if stages.random_start(config):  # one program: random params straight into the state's shards
@@ -277,10 +283,10 @@ def build(config, mesh) -> Setup:
     return Setup(model, optimizer, schedule, state, state_sh, program.memory_analysis())
 
 
-def _sharding_for(layout: Mapping[str, Any], mesh, path: tuple[str, ...], leaf: Any) -> jax.sharding.Sharding:
-    """Where to read a saved leaf: its place in this stage's ``layout`` when it has one for that shape, else whole
-    on every device (a stage-1 LoRA factor to be merged, a light head to be dropped)."""
-    node: Any = layout
+def _sharding_for(places: Mapping[str, Any], mesh, path: tuple[str, ...], leaf: Any) -> jax.sharding.Sharding:
+    """Where to read a saved leaf: its place in this stage's state (``places``) when it has one for that shape,
+    else whole on every device (a stage-1 LoRA factor to be merged, a light head to be dropped)."""
+    node: Any = places
     for key in path:
         node = node.get(key) if isinstance(node, Mapping) else None
     if isinstance(node, jax.sharding.NamedSharding):
