@@ -19,6 +19,14 @@ for ((i = 0; i < N; i++)); do
     JAX_NUM_PROCESSES="$N" JAX_PROCESS_ID="$i" python -m qk_jax.train "$@" >"$workdir.process$i.log" 2>&1 &
   pids+=($!)
 done
+# SIGTERM / Ctrl-C reach every process, as a scheduler's would: each saves the same step and exits 0.
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || { code=$?; [ "$status" -eq 0 ] && status=$code; }; done
+for pid in "${pids[@]}"; do
+  while :; do
+    code=0; wait "$pid" || code=$?
+    kill -0 "$pid" 2>/dev/null || break  # else a forwarded signal interrupted the wait: wait again
+  done
+  [ "$status" -eq 0 ] && status=$code
+done
 exit "$status"

@@ -1,10 +1,15 @@
 """The pod path without a pod: two CPU processes joined by ``jax.distributed`` (``launch/local_processes.sh``, 4
-fake devices each) train the tiny stage 1 and then stage 2 from it, as one process with 8 devices does: the same
-global batches (``data.global_stream``), the same per-step losses and final params within 1e-5."""
+fake devices each) train the tiny curriculum, stage 1 -> 2 -> 3, as one process with 8 devices does: the same
+global batches (``data.global_stream``), the same per-step losses and final params within 1e-5. On the way the
+two-process run is stopped twice, as a pod is: SIGTERM to one process in stage 1 (both save the same step and exit
+0) and ``kill -9`` of both in stage 2 after a checkpoint; each rerun resumes, and the curve still equals the
+uninterrupted one-process run's."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,50 +20,121 @@ from qk_jax.pytree import flatten
 from qk_jax.training import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["--config.batch_size=8", "--config.total_steps=3", "--config.data.global_stream=True"]
+FLAGS = ["--config.batch_size=8", "--config.data.global_stream=True"]
+STAGES = dict(stage1=6, stage2=6, stage3=3)  # steps: enough after a stop (tiny saves every 2) to resume into
+TIMEOUT = 900
 
 
-def _train(processes: int, devices: int, workdir: str, config: str, *extra: str) -> None:
-    args = ["--config", config, "--workdir", workdir, *FLAGS, *extra]
+def _command(processes: int, devices: int, workdir: str, stage: str, root) -> tuple[list[str], dict]:
+    args = ["--config", f"configs/{stage}.py:tiny", "--workdir", workdir, *FLAGS,
+            f"--config.total_steps={STAGES[stage]}"]
+    if stage != "stage1":
+        args.append(f"--config.init_from={root / f'stage{int(stage[-1]) - 1}'}")
     if processes == 1:
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        out = subprocess.run([sys.executable, "-m", "qk_jax.train", *args], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=900)
-        assert out.returncode == 0, out.stderr[-4000:]
-        return
-    out = subprocess.run(["bash", "launch/local_processes.sh", str(processes), str(devices), *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
-    logs = [f"{workdir}.process{i}.log" for i in range(processes)]
-    assert out.returncode == 0, out.stderr[-2000:] + "".join(open(p).read()[-3000:] for p in logs if os.path.exists(p))
+        return [sys.executable, "-m", "qk_jax.train", *args], env
+    return ["bash", "launch/local_processes.sh", str(processes), str(devices), *args], dict(os.environ)
+
+
+def _logs(workdir: str, processes: int) -> list[str]:
+    paths = [f"{workdir}.process{i}.log" for i in range(processes)]
+    return [open(p).read() if os.path.exists(p) else "" for p in paths]
+
+
+def _finish(launched: subprocess.Popen, workdir: str, processes: int) -> None:
+    _, err = launched.communicate(timeout=TIMEOUT)
+    assert launched.returncode == 0, (err or "")[-3000:] + "".join(log[-3000:] for log in _logs(workdir, processes))
+
+
+def _wait_until(ready, launched: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not ready():
+        assert launched.poll() is None, f"the run ended (exit {launched.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} in {TIMEOUT} s"
+        time.sleep(0.1)
+
+
+def _children(pid: int) -> list[int]:
+    """The launcher's processes (``python -m qk_jax.train``, one per JAX process), in start order."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _interrupted(stage: str, workdir: str, root, devices: int = 4) -> dict[str, str]:
+    """Starts the two-process run of ``stage``, stops it once (stage 1: SIGTERM to process 1 alone after the first
+    step; stage 2: SIGKILL to both after the checkpoint of step 2), reruns it to the end; the logs of both runs."""
+    command, env = _command(2, devices, workdir, stage, root)
+    launched = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if stage == "stage1":
+        _wait_until(lambda: "step 1/" in _logs(workdir, 2)[0], launched, "step 1")
+        os.kill(_children(launched.pid)[1], signal.SIGTERM)  # a scheduler's notice to one host only
+        _finish(launched, workdir, 2)
+    else:
+        _wait_until(lambda: os.path.isdir(os.path.join(workdir, "checkpoints", "2")), launched, "checkpoint 2")
+        for pid in _children(launched.pid):
+            os.kill(pid, signal.SIGKILL)
+        launched.kill()
+        launched.communicate()
+    stopped = "\n".join(_logs(workdir, 2))
+    _finish(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            workdir, 2)
+    return dict(stopped=stopped, resumed="\n".join(_logs(workdir, 2)))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess")
-    for name, (processes, devices) in dict(one=(1, 8), two=(2, 4)).items():
-        _train(processes, devices, str(root / name / "stage1"), "configs/stage1.py:tiny")
-        _train(processes, devices, str(root / name / "stage2"), "configs/stage2.py:tiny",
-               f"--config.init_from={root / name / 'stage1'}")
-    return root
+    logs = {}
+    for stage in STAGES:
+        command, env = _command(1, 8, str(root / "one" / stage), stage, root / "one")
+        out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        assert out.returncode == 0, out.stderr[-4000:]
+        workdir = str(root / "two" / stage)
+        if stage in ("stage1", "stage2"):
+            logs[stage] = _interrupted(stage, workdir, root / "two")
+        else:
+            command, env = _command(2, 4, workdir, stage, root / "two")
+            _finish(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True), workdir, 2)
+    return root, logs
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_two_processes_train_as_one(runs, stage):
-    one, two = (metrics.read_jsonl(str(runs / name / stage / metrics.JSONL)) for name in ("one", "two"))
-    assert sorted(one) == sorted(two) == [1, 2, 3]
+    root, _ = runs
+    one, two = (metrics.read_jsonl(str(root / name / stage / metrics.JSONL)) for name in ("one", "two"))
+    assert sorted(one) == sorted(two) == list(range(1, STAGES[stage] + 1))
     for step in one:
         for key in ("loss", "grad_norm"):
             np.testing.assert_allclose(two[step][key], one[step][key], rtol=1e-5, err_msg=f"{stage} step {step} {key}")
-    _, params_one, meta = saved_model.load_model(runs / "one" / stage / "final")
-    _, params_two, _ = saved_model.load_model(runs / "two" / stage / "final")
+    _, params_one, meta = saved_model.load_model(root / "one" / stage / "final")
+    _, params_two, _ = saved_model.load_model(root / "two" / stage / "final")
     flat_one, flat_two = flatten(params_one), flatten(params_two)
-    assert flat_one.keys() == flat_two.keys() and meta["step"] == 3
+    assert flat_one.keys() == flat_two.keys() and meta["step"] == STAGES[stage]
     for path, value in flat_one.items():
         np.testing.assert_allclose(flat_two[path], value, rtol=1e-5, atol=1e-6, err_msg=path)
 
 
+def test_sigterm_to_one_process_stops_both_at_one_saved_step(runs):
+    _, logs = runs
+    stopped = logs["stage1"]["stopped"]
+    # Both processes name the same step (JAX's preemption sync point), which the rerun resumes from.
+    lines = [line for line in stopped.splitlines() if "stopped by SIGTERM" in line]
+    steps = {line.split("after step ")[1].split(",")[0] for line in lines}
+    assert len(steps) == 1 and len(lines) == 2, stopped[-3000:]
+    step = int(steps.pop())
+    assert 1 <= step < STAGES["stage1"] and f"resumed from step {step}" in logs["stage1"]["resumed"]
+
+
+def test_kill_9_of_both_resumes_from_the_last_checkpoint(runs):
+    _, logs = runs
+    resumed = logs["stage2"]["resumed"]
+    assert "resumed from step 2" in resumed or "resumed from step 4" in resumed, resumed[-3000:]
+
+
 def test_each_process_joined_with_its_share_of_the_devices(runs):
-    log = open(f"{runs / 'two' / 'stage1'}.process1.log").read()
+    root, _ = runs
+    log = open(f"{root / 'two' / 'stage3'}.process1.log").read()
     assert "process 1 of 2, 4 of 8 devices here" in log
 
 

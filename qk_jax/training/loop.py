@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from qk_jax.data import buckets, shapesworld
 from qk_jax.data import pipeline as pipeline_lib
@@ -344,14 +345,24 @@ class Stopped(Exception):
 @contextlib.contextmanager
 def stop_on_sigterm():
     """Within: SIGTERM asks the loop to save after the step it is in and stop (``Stopped``); yields the question
-    ``() -> bool``. Outside the main thread (no signal handlers there) nothing is installed."""
+    ``(step) -> bool``, asked after every step. Outside the main thread (no signal handlers there) nothing is
+    installed.
+
+    Several processes: every one must stop after the same step, or the others wait forever in its next
+    collective, yet a scheduler may signal only some of them. JAX's preemption service (started by
+    ``jax.distributed.initialize``) already catches SIGTERM in each process, tells the coordinator, and names one
+    step, the largest any process has reached plus one, at which ``reached_preemption_sync_point`` is true in all;
+    a Python handler would replace its own, so none is installed then."""
+    if jax.process_count() > 1:
+        yield multihost_utils.reached_preemption_sync_point
+        return
     asked = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield asked.is_set
+        yield lambda step: asked.is_set()
         return
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: asked.set())
     try:
-        yield asked.is_set
+        yield lambda step: asked.is_set()
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -361,11 +372,11 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
              data_state: Callable[[int], dict], meta: dict, batch_size: int, max_nonfinite: int, nonfinite_hint: str,
              writer: metrics_lib.MetricsWriter | None, progress: metrics_lib.Progress,
              host_scalars: Callable[[], dict] | None = None,
-             stop_requested: Callable[[], bool] = lambda: False) -> state_lib.TrainState:
+             stop_requested: Callable[[int], bool] = lambda step: False) -> state_lib.TrainState:
     """Steps ``state.step + 1 .. total``: ``step_fn(state, *step_args(step))``; every ``log_every`` steps (and the
     last) the summed metrics go to ``writer`` and ``progress`` (``None`` writer: another process logs), and more
     than ``max_nonfinite`` updates skipped in a row stop the run with ``nonfinite_hint``; ``host_scalars()`` adds
-    scalars the host keeps (the data's bad-record counts); once ``stop_requested()`` the step is saved and
+    scalars the host keeps (the data's bad-record counts); once ``stop_requested(step)`` the step is saved and
     ``Stopped`` raised (``stop_on_sigterm``). After each step ``checkpointer``
     saves on its interval with ``data_state(step)`` (the data's resume point) and ``meta``; the last step is always
     saved. Returns the final state; the checkpointer is closed on every exit, an error's included (its save in
@@ -402,7 +413,7 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
                                              f"{max_nonfinite}; {scalars['nonfinite']} in all); {nonfinite_hint}")
                 acc, streak, last_logged = None, None, step
             checkpointer.save(state, data_state(step), meta)
-            if stop_requested():
+            if stop_requested(step):
                 save_now(step)
                 raise Stopped(f"stopped by SIGTERM after step {step}, which is saved in {checkpointer.workdir}; "
                               "rerun the same command to resume")
