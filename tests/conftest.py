@@ -30,3 +30,37 @@ def tiny_stage0(tmp_path_factory):
 
     directory = str(tmp_path_factory.mktemp("tiny_stage0") / stage0.DIRNAME)
     return directory, stage0.run(shapes_config.get_config("tiny"), directory)
+
+
+# The files that take minutes, longest first: run first, each xdist worker starts on one of them and the short
+# files fill in around them, instead of one long file starting last and running alone at the end.
+LONG_FILES = ("test_multiprocess.py", "test_curriculum.py", "test_zero.py", "test_stage0.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: the rest keep their order
+
+
+def host_bytes_held(pattern: str) -> int:
+    """Bytes of live Python/NumPy allocations made by lines of files matching ``pattern`` (``tracemalloc``, which
+    must be tracing): what a loader holds on the host at this moment."""
+    import tracemalloc
+
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, pattern)])
+    return sum(stat.size for stat in snapshot.statistics("filename"))
+
+
+@pytest.fixture(scope="session")
+def random_stage3_checkpoint(tmp_path_factory):
+    """A tiny stage-3 model folder (``saved_model.save_model``) of random, untrained params: for tests of what
+    reads a checkpoint (sampling, diagnostics), not of what it learned. Read it in place."""
+    from configs import stage3
+    from qk_jax.models import saved_model
+    from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
+
+    config = stage3.get_config("tiny")
+    params = QueryKontext(QueryKontextConfig.from_config(config)).init(jax.random.key(0))
+    path = tmp_path_factory.mktemp("random_stage3") / "model"
+    saved_model.save_model(path, config, params, meta={"stage": 3, "step": 0})
+    return path

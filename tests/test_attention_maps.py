@@ -138,12 +138,8 @@ def test_changed_tokens_flags_the_patches_that_differ():
 
 
 @pytest.fixture(scope="module")
-def tiny_stage3(tmp_path_factory):
-    config = stage3.get_config("tiny")
-    params = QueryKontext(QueryKontextConfig.from_config(config)).init(jax.random.key(0))
-    path = tmp_path_factory.mktemp("diagnose") / "model"
-    saved_model.save_model(path, config, params, meta={"stage": 3, "step": 0})
-    return path
+def tiny_stage3(random_stage3_checkpoint):
+    return random_stage3_checkpoint
 
 
 @pytest.mark.parametrize("task", ["edit", "custom", "subject_edit"])

@@ -122,6 +122,10 @@ def test_relative_directories_work(tmp_path, monkeypatch):
     assert data == {"next_batch": 1}
 
 
+DAMAGES = ("truncated_data_file", "deleted_data_file", "deleted_metadata", "deleted_iterator_state",
+           "garbage_iterator_json", "deleted_state")
+
+
 def _damage(folder, how):
     """One of the six ways a latest checkpoint was found broken."""
     data_files = [p for p in (folder / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
@@ -141,8 +145,7 @@ def _damage(folder, how):
         shutil.rmtree(folder / "state")
 
 
-@pytest.mark.parametrize("how", ["truncated_data_file", "deleted_data_file", "deleted_metadata",
-                                 "deleted_iterator_state", "garbage_iterator_json", "deleted_state"])
+@pytest.mark.parametrize("how", DAMAGES)
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, how, caplog):
     state, opt = _state()
     grads = jax.tree.map(jnp.ones_like, state.trainable)

@@ -18,6 +18,7 @@ import pytest
 from qk_jax.convert import hf_qwen_vl
 from qk_jax.convert.safetensors_io import CheckpointError
 from qk_jax.models.qwen_vl import QwenVL
+from qk_jax.pytree import unflatten
 
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
@@ -235,3 +236,33 @@ def test_export_merges_lora_and_leaves_out_the_queries(loaded, tmp_path):
     want = merge_lora({k: v for k, v in trained.items() if k != "kontext_queries"}, 4.0)
     chex.assert_trees_all_close(back, want, atol=1e-6, rtol=0)
     assert np.abs(back["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"] - q_proj["kernel"]).max() > 0.1
+
+
+def test_load_with_place_holds_one_tensor_at_a_time(saved, loaded, tmp_path):
+    """``load(place=...)`` hands each tensor on as it is converted: whatever the file count, the host never holds
+    more than the tensor in hand (+ the reader's small change), where keeping them (``place`` returning the
+    array, what ``load`` does by default) grows to the whole model. Values and order are those of ``load``."""
+    import tracemalloc
+
+    from conftest import host_bytes_held
+
+    model, _ = saved
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    whole = sum(x.nbytes for x in jax.tree.leaves(loaded[1]))
+    held = {}
+    for mode in ("stream", "keep"):
+        seen, received = [], {}
+
+        def place(path, array, mode=mode, seen=seen, received=received):
+            seen.append(host_bytes_held("*/qk_jax/convert/*") - array.nbytes)  # besides the tensor in hand
+            received[path] = np.array(array)
+            return jax.ShapeDtypeStruct(array.shape, array.dtype) if mode == "stream" else array
+
+        tracemalloc.start()
+        try:
+            hf_qwen_vl.load(tmp_path / "sharded", place=place)
+        finally:
+            tracemalloc.stop()
+        held[mode] = max(seen[1:])  # the first call also pays the loader's one-time tables
+        chex.assert_trees_all_equal(unflatten(received), loaded[1])
+    assert held["stream"] < whole / 4 and held["keep"] > 0.7 * whole, (held, whole)

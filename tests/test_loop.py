@@ -240,3 +240,23 @@ def test_frozen_mmdit_kernels_in_the_compute_dtype_change_no_number():
                                                 target_len=8))
     np.testing.assert_array_equal(apply(state_lib.combine(trainable, cast)["mmdit"]),
                                   apply(state_lib.combine(trainable, frozen)["mmdit"]))
+
+
+def test_a_per_layer_leaf_goes_where_its_layer_of_the_scanned_stack_goes():
+    """An imported or saved per-layer leaf (``transformer_blocks_3/...``) read into a stage that scans the stack
+    (``transformer_blocks/...``, layers first) is placed as that layer's slice: the stacked spec without its
+    layer axis, not whole on every device."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from qk_jax.parallel import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh((("data", 1), ("fsdp", 1), ("tensor", 1)), jax.devices()[:1])
+    stacked = NamedSharding(mesh, P(None, "data", "tensor"))
+    places = {"mmdit": {"transformer_blocks": {"attn": {"kernel": stacked}}, "proj_out": {"kernel": stacked}}}
+    leaf = jax.ShapeDtypeStruct((4, 6), jax.numpy.float32)
+    got = loop._sharding_for(places, mesh, ("mmdit", "transformer_blocks_3", "attn", "kernel"), leaf)
+    assert got.spec == P("data", "tensor")
+    assert loop._sharding_for(places, mesh, ("mmdit", "transformer_blocks", "attn", "kernel"),
+                              jax.ShapeDtypeStruct((2, 4, 6), jax.numpy.float32)) is stacked
+    assert loop._sharding_for(places, mesh, ("mmdit", "other_3", "kernel"), leaf).spec == P()  # no such stack

@@ -1,4 +1,5 @@
-"""``python -m qk_jax.train``: a usage error is one line; (slow) kill -9 and resume continue the same run."""
+"""``python -m qk_jax.train``: a usage error is one line; (slow) kill -9 and resume continue the same run; (slow) a
+crash at each phase, or a damaged latest checkpoint, reruns to the same final params bit for bit."""
 
 import json
 import os
@@ -52,3 +53,108 @@ def test_kill_and_resume_continues_the_same_run(tmp_path):
         np.testing.assert_allclose(resumed[step]["loss"], straight[step]["loss"], rtol=1e-6, err_msg=f"step {step}")
     with open(killed / metrics.JSONL) as f:
         assert any(json.loads(line).get("restart") for line in f)  # it really resumed
+
+
+# A run that dies as under kill -9 (``os._exit``: no finally, no atexit, nothing flushed) at one phase, chosen in the
+# process itself so that the phase is hit every time rather than by a race.
+CRASH = r'''
+import os, sys
+import orbax.checkpoint as ocp
+from qk_jax import train
+from qk_jax.models import saved_model
+from qk_jax.training import checkpoint as ckpt
+
+phase, argv = sys.argv[1], sys.argv[2:]
+die = lambda: os._exit(137)
+save, frozen_save, write_config = ckpt.Checkpointer.save, ocp.StandardCheckpointer.save, saved_model._write_config
+
+def checkpoint_save(self, state, *args, **kwargs):
+    step = int(state.step)
+    if phase == "mid_step" and step == 5:
+        self.wait()
+        die()  # step 5 dispatched, checkpoint 4 complete, nothing of step 5 saved
+    started = save(self, state, *args, **kwargs)
+    if phase == "async_save" and started and step == 4:
+        die()  # checkpoint 4 being written in the background
+    return started
+
+def standard_save(self, path, *args, **kwargs):
+    frozen_save(self, path, *args, **kwargs)
+    if phase == "frozen_save" and str(path).endswith("/frozen"):
+        die()  # the frozen params half written, before their wait_until_finished
+
+def final_config(path, *args, **kwargs):
+    if phase == "final_save":
+        die()  # final's params written, its config.json not, nothing renamed
+    write_config(path, *args, **kwargs)
+
+ckpt.Checkpointer.save, ocp.StandardCheckpointer.save, saved_model._write_config = (
+    checkpoint_save, standard_save, final_config)
+train.main(argv)
+'''
+TINY = ["--config", "configs/stage1.py:tiny", "--config.total_steps=8", "--config.checkpoint_every=2"]
+
+
+def _final_params(workdir):
+    from qk_jax.models import saved_model
+    from qk_jax.pytree import flatten
+
+    return {k: np.asarray(v) for k, v in flatten(saved_model.load_model(workdir / "final")[1]).items()}
+
+
+def _assert_bit_identical(got, want, what):
+    assert got.keys() == want.keys(), what
+    for path, value in want.items():
+        np.testing.assert_array_equal(got[path], value, err_msg=f"{what}: {path}")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight")
+    data = f"--config.data.dir={root / 'data'}"
+    subprocess.run([sys.executable, "-m", "qk_jax.train", *TINY, data, f"--workdir={root / 'run'}"], cwd=ROOT,
+                   check=True, capture_output=True, timeout=600)
+    return data, _final_params(root / "run")
+
+
+def _crash_then_rerun(workdir, phase, data):
+    died = subprocess.run([sys.executable, "-c", CRASH, phase, *TINY, data, f"--workdir={workdir}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert died.returncode == 137, died.stderr[-3000:]
+    rerun = subprocess.run([sys.executable, "-m", "qk_jax.train", *TINY, data, f"--workdir={workdir}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    return rerun.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["mid_step", "async_save", "frozen_save", "final_save"])
+def test_a_crash_at_each_phase_reruns_to_the_same_final_params(tmp_path, straight, phase):
+    data, want = straight
+    log = _crash_then_rerun(tmp_path / "run", phase, data)
+    _assert_bit_identical(_final_params(tmp_path / "run"), want, phase)
+    if phase in ("mid_step", "async_save"):
+        assert ("resumed from step 4" if phase == "mid_step" else "resumed from step 2") in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_each_damage_to_the_latest_checkpoint_reruns_to_the_same_final_params(tmp_path, straight):
+    """Killed after checkpoint 6 (4 intact below it), the latest damaged in each of the six ways of
+    ``test_checkpoint``: each rerun falls back to checkpoint 4 and ends bit-identical to the uninterrupted run."""
+    import shutil
+
+    from test_checkpoint import DAMAGES, _damage
+
+    data, want = straight
+    crashed = tmp_path / "crashed"
+    died = subprocess.run([sys.executable, "-c", CRASH.replace("step == 5", "step == 7"), "mid_step", *TINY, data,
+                           f"--workdir={crashed}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert died.returncode == 137 and (crashed / "checkpoints" / "6").is_dir(), died.stderr[-3000:]
+    for how in DAMAGES:
+        workdir = tmp_path / how
+        shutil.copytree(crashed, workdir)
+        _damage(workdir / "checkpoints" / "6", how)
+        rerun = subprocess.run([sys.executable, "-m", "qk_jax.train", *TINY, data, f"--workdir={workdir}"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0 and "resumed from step 4" in rerun.stderr, rerun.stderr[-3000:]
+        _assert_bit_identical(_final_params(workdir), want, how)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +137,16 @@ def load_config(path: str | os.PathLike) -> MMDiTConfig:
     return MMDiTConfig.from_config({k: v for k, v in raw.items() if k in fields})
 
 
-def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[MMDiTConfig, dict[str, Any]]:
+def load(path: str | os.PathLike, dtype: Any = jnp.float32, place: Callable[[str, np.ndarray], Any] | None = None
+         ) -> tuple[MMDiTConfig, dict[str, Any]]:
     """Read a diffusers ``FluxTransformer2DModel`` folder.
 
     Args:
       path: a ``save_pretrained`` folder (safetensors only; ``SafetensorsReader`` refuses pickles).
       dtype: dtype of the returned params (``jnp.float32``, or ``jnp.bfloat16`` to halve host memory).
+      place: ``(path, array) -> array``, called on each leaf as soon as it is converted (``path`` its
+        ``/``-joined leaf path), e.g. onto its devices' shards: the host then holds one tensor of the import at a
+        time, not the whole model (``stages.initial_params``). Default: the host array is kept.
 
     Returns:
       ``(config, params)``: params a nested dict of NumPy arrays, for ``MMDiT(config).apply({'params': params},
@@ -162,7 +166,9 @@ def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[MMDiTConfig
         array = reader.get(t.diffusers, shape[::-1] if t.transposed else shape)
         if t.transposed:
             array = array.T
-        set_path(params, t.ours, np.ascontiguousarray(array.astype(np_dtype, copy=False)))
+        array = np.ascontiguousarray(array.astype(np_dtype, copy=False))
+        set_path(params, t.ours, array if place is None else place(t.ours, array))
+        del array
     unused = sorted(set(reader.keys()) - {t.diffusers for t in table})
     if unused:
         logging.warning("%s: %d tensors not used by the MMDiT: %s", path, len(unused), unused)

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -111,11 +111,15 @@ def config_from_folder(path: str | os.PathLike) -> VAEConfig:
         raise CheckpointError(f"{path}/config.json: {e}") from None
 
 
-def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[VAEConfig, dict[str, Any]]:
+def load(path: str | os.PathLike, dtype: Any = jnp.float32, place: Callable[[str, np.ndarray], Any] | None = None
+         ) -> tuple[VAEConfig, dict[str, Any]]:
     """A diffusers ``AutoencoderKL`` folder -> ``(VAEConfig, params)`` (plain nested dicts of ``dtype`` arrays).
 
     Raises CheckpointError for a folder of another model type, a missing tensor or a tensor of the wrong shape
     (naming it). Tensors in the file that the config does not use are logged as a warning.
+
+    ``place(path, array)``: as in ``diffusers_mmdit.load`` (each leaf onto its devices as it is read); default:
+    each leaf a ``jnp`` array on the default device.
     """
     config = config_from_folder(path)
     reader = SafetensorsReader(path, WEIGHTS_NAME)
@@ -124,7 +128,9 @@ def load(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[VAEConfig, 
     params: dict[str, Any] = {}
     for row in table:
         array = reader.get(row.theirs, _their_shape(row))
-        set_path(params, row.ours, jnp.asarray(_permute(array, row.layout, to_diffusers=False), dtype=dtype))
+        array = np.ascontiguousarray(_permute(array, row.layout, to_diffusers=False), np.dtype(jnp.dtype(dtype)))
+        set_path(params, row.ours, jnp.asarray(array) if place is None else place(row.ours, array))
+        del array
     unused = sorted(set(reader.keys()) - {row.theirs for row in table})
     if unused:
         logger.warning("%s: %d tensors not used by the VAE: %s", path, len(unused), ", ".join(unused))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +137,16 @@ def _resolve(reader: SafetensorsReader, name: str) -> str:
     return name  # reader.get raises naming it
 
 
-def load(folder: str | os.PathLike, dtype: Any = jnp.float32, **overrides: Any) -> tuple[QwenVLConfig, dict]:
+def load(folder: str | os.PathLike, dtype: Any = jnp.float32, place: Callable[[str, np.ndarray], Any] | None = None,
+         **overrides: Any) -> tuple[QwenVLConfig, dict]:
     """Read a transformers Qwen2.5-VL folder.
 
     Args:
       folder: a ``save_pretrained`` folder (``config.json`` + ``model.safetensors`` or a sharded index).
       dtype: dtype of the returned params (and the config's ``param_dtype``).
+      place: ``(path, array) -> array``, called on each leaf as soon as it is converted (``path`` its
+        ``/``-joined leaf path), e.g. onto its devices' shards: the host then holds one tensor of the import at a
+        time, not the whole model (``stages.initial_params``). Default: the host array is kept.
       **overrides: ``QwenVLConfig`` fields that transformers' config has no word for (``num_queries``,
         ``query_attention``, ``lora``, ``dtype`` of compute).
 
@@ -160,10 +164,12 @@ def load(folder: str | os.PathLike, dtype: Any = jnp.float32, **overrides: Any) 
         name = _resolve(reader, entry.hf_name)
         used.add(name)
         tensor = reader.get(name)
-        flat[entry.path] = np.ascontiguousarray(to_ours(entry, tensor), np_dtype)
-        if flat[entry.path].shape != shapes[entry.path]:
+        array = np.ascontiguousarray(to_ours(entry, tensor), np_dtype)
+        if array.shape != shapes[entry.path]:
             raise CheckpointError(f"{folder}: tensor {name!r} has shape {tensor.shape}, which gives {entry.path}"
-                                  f" {flat[entry.path].shape} but config.json implies {shapes[entry.path]}")
+                                  f" {array.shape} but config.json implies {shapes[entry.path]}")
+        flat[entry.path] = array if place is None else place(entry.path, array)
+        del tensor, array
     ignorable = {"lm_head.weight"} if config.text.tie_word_embeddings else set()
     unexpected = sorted(set(reader.keys()) - used - ignorable)
     if unexpected:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -285,11 +286,20 @@ def build(config, mesh) -> Setup:
 
 
 def _sharding_for(places: Mapping[str, Any], mesh, path: tuple[str, ...], leaf: Any) -> jax.sharding.Sharding:
-    """Where to read a saved leaf: its place in this stage's state (``places``) when it has one for that shape,
-    else whole on every device (a stage-1 LoRA factor to be merged, a light head to be dropped)."""
+    """Where to read a saved or imported leaf: its place in this stage's state (``places``) when it has one for
+    that shape, else whole on every device (a stage-1 LoRA factor to be merged, a light head to be dropped). A
+    per-layer leaf (``transformer_blocks_3/...``, the converters' layout) of a stack this stage scans
+    (``transformer_blocks/...``, layers first) goes where its layer's slice of the stacked leaf goes, so that
+    stacking it (``mmdit.with_layout``) moves nothing between devices."""
     node: Any = places
+    layer = False
     for key in path:
+        if isinstance(node, Mapping) and key not in node and (m := re.fullmatch(r"(.+)_\d+", key)) and \
+                m.group(1) in node:
+            key, layer = m.group(1), True
         node = node.get(key) if isinstance(node, Mapping) else None
+    if isinstance(node, jax.sharding.NamedSharding) and layer:
+        node = jax.sharding.NamedSharding(node.mesh, jax.sharding.PartitionSpec(*node.spec[1:]))
     if isinstance(node, jax.sharding.NamedSharding):
         try:
             node.shard_shape(tuple(leaf.shape))

@@ -14,6 +14,7 @@ Each stage reads the previous stage's final model checkpoint (``<init_from>/fina
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,6 +26,7 @@ from qk_jax.models import lora as lora_lib
 from qk_jax.models import saved_model
 from qk_jax.models.mmdit import with_layout
 from qk_jax.models.query_kontext import QueryKontext, QueryKontextConfig
+from qk_jax.parallel import mesh as mesh_lib
 
 FINAL = "final"  # a stage's self-contained model checkpoint: <workdir>/final
 
@@ -77,7 +79,9 @@ def initial_params(model: QueryKontext, config: Mapping[str, Any], rng: jax.Arra
                    ) -> dict[str, Any]:
     """The parameters a stage starts from (see the module docstring). ``init(rng, components)`` makes random
     components (``model.init``, or one that creates them sharded); ``sharding_for(path, leaf)`` says where to read
-    each leaf of the previous stage's model (``saved_model.load_model``; default: whole on one device)."""
+    each leaf of the previous stage's model (``saved_model.load_model``; default: whole on one device) and where
+    each imported tensor goes as soon as it is converted (``pretrained.*``): one tensor at a time on the host, only
+    its shards on each device."""
     if init is None:
         def init(rng, components=("vlm", "connector", "mmdit", "vae")):
             return model.init(rng, components)
@@ -87,7 +91,7 @@ def initial_params(model: QueryKontext, config: Mapping[str, Any], rng: jax.Arra
         if int(config["stage"]) != 1:
             raise ValueError(f"stage {config['stage']} needs config.init_from (the previous stage's workdir)")
         params = init(rng)
-        return _load_pretrained(params, pretrained, ("vlm", "vae", "mmdit"), model.config)
+        return _load_pretrained(params, pretrained, ("vlm", "vae", "mmdit"), model.config, sharding_for)
 
     source = os.path.join(init_from, FINAL)
     saved_config, params, meta = saved_model.load_model(source, sharding_for=sharding_for)
@@ -97,7 +101,7 @@ def initial_params(model: QueryKontext, config: Mapping[str, Any], rng: jax.Arra
     if stage == 2 and previous == 1:
         params["vlm"] = lora_lib.merge_lora(params["vlm"], float(saved_config["vlm"]["lora"]["alpha"]))
         params["mmdit"] = init(rng, ("mmdit",))["mmdit"]  # the large MMDiT replaces the head
-        params = _load_pretrained(params, pretrained, ("mmdit",), model.config)
+        params = _load_pretrained(params, pretrained, ("mmdit",), model.config, sharding_for)
     elif stage == 3 and previous == 2:
         fresh = init(rng, ("mmdit",))["mmdit"]
         params["mmdit"] = _graft(with_layout(params["mmdit"], model.config.mmdit, model.config.scan_layers),
@@ -116,19 +120,30 @@ def _graft(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _load_pretrained(params: dict[str, Any], pretrained: Mapping[str, Any], components: tuple[str, ...],
-                     model_config: QueryKontextConfig) -> dict[str, Any]:
-    """Replace components by imported weights where ``config.pretrained.<component>`` names a folder."""
+                     model_config: QueryKontextConfig,
+                     sharding_for: Callable[[tuple[str, ...], Any], jax.sharding.Sharding] | None = None
+                     ) -> dict[str, Any]:
+    """Replace components by imported weights where ``config.pretrained.<component>`` names a folder; with
+    ``sharding_for``, each tensor is placed on its shards as it is read (``mesh.place``)."""
     for component in components:
         folder = pretrained.get(component)
         if not folder:
             continue
+        place = None if sharding_for is None else functools.partial(_place, sharding_for, component)
         if component == "vlm":
-            _, loaded = hf_qwen_vl.load(folder)
+            _, loaded = hf_qwen_vl.load(folder, place=place)
             loaded = _graft(loaded, {k: v for k, v in params["vlm"].items() if k == "kontext_queries"})
             params["vlm"] = _graft(loaded, lora_lib.lora_params(params["vlm"]))
         elif component == "vae":
-            params["vae"] = diffusers_vae.load(folder)[1]
+            params["vae"] = diffusers_vae.load(folder, place=place)[1]
         else:
-            imported = with_layout(diffusers_mmdit.load(folder)[1], model_config.mmdit, model_config.scan_layers)
+            imported = with_layout(diffusers_mmdit.load(folder, place=place)[1], model_config.mmdit,
+                                   model_config.scan_layers)
             params["mmdit"] = _graft(imported, lora_lib.lora_params(params["mmdit"]))
     return params
+
+
+def _place(sharding_for: Callable[[tuple[str, ...], Any], jax.sharding.Sharding], component: str, path: str,
+           array: Any) -> jax.Array:
+    """One imported leaf (a host array) cut into its shards on this process's devices."""
+    return mesh_lib.place(array, sharding_for((component, *path.split("/")), array))
