@@ -62,8 +62,8 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
         raise app.UsageError(f"--out {out}: give a .png path (the grid; the images go beside it)")
     try:
         size = sampling.parse_size(fv["size"].value) if fv["size"].value else None
-        images = tuple(sampling.read_image(path) for path in fv["image"].value)
         sampler = sampling.Sampler.from_checkpoint(fv["checkpoint"].value, tokenizer=fv["tokenizer"].value)
+        images = tuple(sampling.read_image(path, sampler.max_image_pixels) for path in fv["image"].value)
         request = sampling.Request(task=fv["task"].value, prompt=fv["prompt"].value, images=images,
                                    num_images=fv["num-images"].value, seed=fv["seed"].value,
                                    negative_prompt=fv["negative-prompt"].value, cfg_text=fv["cfg-text"].value,

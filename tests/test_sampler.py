@@ -344,3 +344,24 @@ def test_reconstruct_is_the_vae_round_trip_through_the_mmdit_latent_layout(sampl
     assert got.dtype == np.uint8 and got.shape == images.shape
     np.testing.assert_allclose(got.astype(np.float64), expected, atol=1)  # float32 rounding at .5 boundaries
     assert np.mean(got == expected) > 0.99
+
+
+def test_an_input_image_over_the_training_pixel_cap_is_refused_before_decoding(model_and_checkpoint, tmp_path):
+    """``sample --image`` and the pipeline read through the training cap (``data.max_image_pixels``, else
+    ``images.max_pixels_for(resolution)``): a 2049 x 2049 PNG (1.5 KB of zeros) at the tiny 32 px resolution is a
+    one-line usage error naming the limit, from its header alone; one under the cap is read."""
+    from qk_jax.data import images as images_lib
+    from qk_jax.sampling import kontext_pipeline
+
+    config, _, checkpoint = model_and_checkpoint
+    cap = images_lib.max_pixels_for(config.data.resolution)
+    assert cap == 2048**2 and sampling.Sampler.from_checkpoint(checkpoint).max_image_pixels == cap
+    big, fine = tmp_path / "big.png", tmp_path / "fine.png"
+    Image.new("RGB", (2049, 2049)).save(big)
+    Image.new("RGB", (2048, 2048)).save(fine)
+    with pytest.raises(app.UsageError, match=r"big.png is not a readable image \(too_large: .*2049x2049 pixels is "
+                                             r"over the 4,194,304-pixel limit"):
+        sample.main(_flags(checkpoint, tmp_path / "x.png", "edit", [str(big)]))
+    with pytest.raises(ValueError, match="too_large"):
+        kontext_pipeline.QueryKontextPipeline.from_pretrained(checkpoint)("edit", [str(big)], task="edit")
+    assert sampling.read_image(fine, cap).shape == (2048, 2048, 3) and sampling.read_image(big).shape[0] == 2049

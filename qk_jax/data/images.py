@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -18,6 +19,13 @@ def max_pixels_for(resolution: int) -> int:
     bucket area, at least 2048^2. Decoding a larger image costs seconds and gigabytes for pixels that the resize
     to the bucket throws away (a 9000^2 PNG: 3.3 s, +620 MB)."""
     return max(64 * int(resolution) ** 2, 2048**2)
+
+
+def configured_max_pixels(data: Any) -> int:
+    """The pixel cap of a config's ``data`` block: ``data.max_image_pixels``, else ``max_pixels_for`` its
+    ``resolution``; the one rule for training, sampling and evaluation."""
+    given = data["max_image_pixels"] if "max_image_pixels" in data else None
+    return int(given or max_pixels_for(data["resolution"]))
 
 
 def open_image(data: bytes, record_id: str, field: str, max_pixels: int | None = None) -> Image.Image:

@@ -79,7 +79,7 @@ import numpy as np
 from qk_jax.data import buckets as buckets_lib
 from qk_jax.data import manifest as manifest_lib
 from qk_jax.data import tasks as tasks_lib
-from qk_jax.data.images import fit, max_pixels_for, open_image, oriented_size
+from qk_jax.data.images import configured_max_pixels, fit, open_image, oriented_size
 from qk_jax.data.manifest import Record, RecordError
 from qk_jax.data.processors import VLMProcessor, processor_from_config
 from qk_jax.ops import rope
@@ -333,7 +333,7 @@ class PipelineConfig:
             pad_token_id=int(config["vlm"]["text"]["bos_token_id"]),
             drop_text=float(config["cfg_dropout"]["text"]),
             drop_images=float(config["cfg_dropout"]["image"]),
-            max_pixels=int(get(data, "max_image_pixels", None) or max_pixels_for(data["resolution"])),
+            max_pixels=configured_max_pixels(data),
         )
         # config.batch_size is the global batch (table 3); each process reads and feeds its own part of it. With
         # data.global_stream every process reads the whole global stream instead (and the trainer keeps its rows):

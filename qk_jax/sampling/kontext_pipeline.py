@@ -110,12 +110,12 @@ def _describe(candidates: Sequence[str]) -> str:
     return "; ".join(f"{t}: {what.get(t, t)}" for t in candidates)
 
 
-def to_rgb(image: ImageInput, index: int) -> np.ndarray:
+def to_rgb(image: ImageInput, index: int, max_pixels: int | None = None) -> np.ndarray:
     """An input image as uint8 ``[H, W, 3]``: a PIL image of any mode is oriented (EXIF) and converted to RGB, a
     uint8 array is read as Pillow reads it (``[H, W]`` grey, ``[H, W, 3]`` RGB, ``[H, W, 4]`` RGBA), a path goes
-    through ``read_image``. ``index`` (from 1) names the image in errors."""
+    through ``read_image`` (refused over ``max_pixels``). ``index`` (from 1) names the image in errors."""
     if isinstance(image, (str, os.PathLike)):
-        return read_image(image)
+        return read_image(image, max_pixels)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
             raise ValueError(f"input image {index} is an array of shape {image.shape} {image.dtype}; give uint8 HxW, "
@@ -218,7 +218,8 @@ class QueryKontextPipeline:
             raise ValueError(f"height={height}, width={width}: give both or neither (neither: the source image's "
                              "bucket, else the square one)")
         size = None if height is None else (int(width), int(height))
-        inputs = tuple(to_rgb(image, k + 1) for k, image in enumerate(_image_list(images)))
+        inputs = tuple(to_rgb(image, k + 1, self.sampler.max_image_pixels)
+                       for k, image in enumerate(_image_list(images)))
         task = self.task_for(len(inputs), task)
         requests = [Request(task=task, prompt=p, images=inputs, num_images=num_images, seed=seed,
                             negative_prompt=negative_prompt, cfg_text=guidance_scale, cfg_image=image_guidance_scale)

@@ -268,6 +268,7 @@ class Sampler:
         self.meta = dict(meta or {})
         self.processor = processors.processor_for(config, tokenizer)
         self.buckets = buckets_lib.Buckets.from_config(config["data"])
+        self.max_image_pixels = images_lib.configured_max_pixels(config["data"])  # read_image's cap, as in training
         block = dict(config.get("sample") or {})
         missing = [k for k in SAMPLE_KEYS if k not in block]
         if missing:
@@ -439,11 +440,13 @@ class Sampler:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """An image file as uint8 ``[H, W, 3]`` RGB (EXIF orientation applied, Pillow's pixel limit on).
 
     The training pipeline's reading and decoding path (``manifest.read_file``, ``qk_jax.data.images``): a
-    missing, unreadable, non-regular, oversized, corrupt or truncated file raises ``ValueError`` naming it.
+    missing, unreadable, non-regular, oversized, corrupt or truncated file raises ``ValueError`` naming it, and
+    so does one over ``max_pixels`` (``Sampler.max_image_pixels``: the checkpoint's training cap), refused from
+    its header before its pixels are decoded.
     """
     try:
         data = manifest_lib.read_file(str(path), str(path), "image")
@@ -452,7 +455,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             raise ValueError(f"--image {path}: cannot read it ({e}); check the path") from None
         raise ValueError(f"--image {path} is not a readable image ({e.kind}: {e}); pass a PNG or JPEG file") from None
     try:
-        image = images_lib.open_image(data, str(path), "image")
+        image = images_lib.open_image(data, str(path), "image", max_pixels)
         return images_lib.fit(image, images_lib.oriented_size(image, str(path), "image"), str(path), "image")
     except manifest_lib.RecordError as e:
         raise ValueError(f"--image {path} is not a readable image ({e.kind}: {e}); pass a PNG or JPEG file") from None
