@@ -42,7 +42,9 @@ def run_flags(fv: flags.FlagValues) -> None:
                      jax.device_count())
     metrics_lib.quiet_library_logs()
     logging.info("compilation cache: %s", loop.use_compilation_cache(workdir))
-    logging.info("config:\n%s", config)
+    if process == 0:
+        path = metrics_lib.save_run_config(config, workdir)
+        logging.info("config: %s (all of it: %s)", metrics_lib.config_summary(config), path)
     try:
         if "stages" in config:
             curriculum.run_curriculum(config, workdir)

@@ -251,3 +251,37 @@ def test_format_duration_rejects_negative_and_nan():
         m.format_duration(-1.0)
     with pytest.raises(ValueError, match="finite number of seconds"):
         m.format_duration(float("nan"))
+
+
+def test_the_run_config_is_saved_whole_and_logged_as_one_line(tmp_path):
+    from configs import shapes, stage1
+
+    config = stage1.get_config("tiny")
+    path = m.save_run_config(config, tmp_path / "run")
+    assert path == str(tmp_path / "run" / m.RUN_CONFIG)
+    back = m.read_run_config(tmp_path / "run")
+    assert back.to_dict() == json.loads(config.to_json_best_effort())  # every key, tuples as lists
+    assert back.stage == 1 and back.mesh == [["data", -1], ["fsdp", 1], ["tensor", 1]]
+    line = m.config_summary(config)
+    assert "\n" not in line and line.startswith("stage 1, batch_size 2, total_steps 2, resolution 32, mesh {")
+    assert m.config_summary(shapes.get_config("tiny")) == "curriculum of 3 stages: stage1, stage2, stage3"
+    (tmp_path / "run" / m.RUN_CONFIG).write_text("{broken")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        m.read_run_config(tmp_path / "run")
+
+
+def test_progress_names_its_stage_and_leaves_out_steps_that_compiled():
+    """A new batch shape at step 13 compiles for a minute: ``restart(13)`` leaves it out, so the line at step 20
+    has the rate of steps 14..20 only (7 steps, their images), and its ETA too."""
+    clock, lines = FakeClock(), []
+    progress = m.Progress(40, every=10, print_fn=lines.append, clock=clock, name="stage 2")
+    clock.now += 60.0 + 9 * 2.0
+    assert progress.update(10, {"loss": 0.5}, images_in_step=80) == "stage 2 | step 10/40 | loss 0.5000"
+    clock.now += 2 * 2.0 + 60.0 + 2.0  # steps 11, 12, then 13 with its compile
+    progress.restart(13)
+    clock.now += 7 * 2.0  # steps 14..20
+    assert progress.update(20, {"loss": 0.5}, images_in_step=80) == (
+        "stage 2 | step 20/40 | loss 0.5000 | 4 img/s | 0.5 it/s | ETA 40.0s")
+    clock.now += 9 * 2.0 + 60.0  # steps 21..29, then 30 compiles: a window of no other step shows no rate
+    progress.restart(30)
+    assert progress.update(30, {"loss": 0.5}, images_in_step=80) == "stage 2 | step 30/40 | loss 0.5000"

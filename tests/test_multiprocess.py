@@ -138,6 +138,14 @@ def test_each_process_joined_with_its_share_of_the_devices(runs):
     assert "process 1 of 2, 4 of 8 devices here" in log
 
 
+def test_the_config_is_one_log_line_and_a_file(runs):
+    root, _ = runs
+    log = open(f"{root / 'two' / 'stage3'}.process0.log").read()
+    assert "config: stage 3, batch_size 8, total_steps 3" in log and "!!python" not in log
+    saved = metrics.read_run_config(root / "two" / "stage3")
+    assert saved.stage == 3 and saved.total_steps == 3 and saved.init_from == str(root / "two" / "stage2")
+
+
 def test_cluster_detection_reads_the_environment():
     env = dict(JAX_COORDINATOR_ADDRESS="127.0.0.1:1", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1")
     assert distributed.cluster_detected(env) and distributed.cluster_detected({"SLURM_NTASKS": "4"})

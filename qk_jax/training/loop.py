@@ -382,12 +382,14 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
              data_state: Callable[[int], dict], meta: dict, batch_size: int, max_nonfinite: int, nonfinite_hint: str,
              writer: metrics_lib.MetricsWriter | None, progress: metrics_lib.Progress,
              host_scalars: Callable[[], dict] | None = None,
-             stop_requested: Callable[[int], bool] = lambda step: False) -> state_lib.TrainState:
+             stop_requested: Callable[[int], bool] = lambda step: False,
+             compiled: Callable[[int], bool] = lambda step: False) -> state_lib.TrainState:
     """Steps ``state.step + 1 .. total``: ``step_fn(state, *step_args(step))``; every ``log_every`` steps (and the
     last) the summed metrics go to ``writer`` and ``progress`` (``None`` writer: another process logs), and more
     than ``max_nonfinite`` updates skipped in a row stop the run with ``nonfinite_hint``; ``host_scalars()`` adds
     scalars the host keeps (the data's bad-record counts); once ``stop_requested(step)`` the step is saved and
-    ``Stopped`` raised (``stop_on_sigterm``). After each step ``checkpointer``
+    ``Stopped`` raised (``stop_on_sigterm``); a step that ``compiled(step)`` a new program is left out of
+    ``progress``'s throughput and ETA. After each step ``checkpointer``
     saves on its interval with ``data_state(step)`` (the data's resume point) and ``meta``; the last step is always
     saved. Returns the final state; the checkpointer is closed on every exit, an error's included (its save in
     flight completes)."""
@@ -400,6 +402,8 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
     try:
         for step in range(start + 1, total + 1):
             state, metrics = step_fn(state, *step_args(step))
+            if compiled(step):
+                progress.restart(step)
             summed = {k: v for k, v in metrics.items() if k not in LATEST and k != STREAK}
             acc = summed if acc is None else jax.tree.map(jnp.add, acc, summed)
             if STREAK in metrics:  # on device: a running max, no host round trip
@@ -487,6 +491,7 @@ def train_stage(config, workdir: str) -> str:
     step_fn = make_train_step(setup.model, setup.optimizer, setup.schedule, setup.state_shardings, mesh=mesh,
                               zero_axes=zero_axes(config))
     shapes_seen: set = set()
+    new_shape_at: set = set()  # steps whose batch shape compiled the step again
     # data.global_stream: every process read the whole global batch; it feeds its own rows only.
     rows = (mesh_lib.local_rows(int(config.batch_size), mesh)
             if config.data.get("global_stream") and jax.process_count() > 1 else slice(None))
@@ -496,6 +501,7 @@ def train_stage(config, workdir: str) -> str:
         grid = vlm_image_grid(host_batch)
         if (message := new_shape_message(shapes_seen, step, host_batch, grid)) is not None:
             logging.info(message)
+            new_shape_at.add(step)
         return mesh_lib.shard_batch({k: host_batch[k] for k in MODEL_KEYS if k in host_batch}, mesh), grid
 
     # --- the loop ---------------------------------------------------------------------------------------------
@@ -509,9 +515,10 @@ def train_stage(config, workdir: str) -> str:
             max_nonfinite=int(config.optim.get("max_nonfinite", 10)),
             nonfinite_hint=f"lower optim.lr or check the data (optim.max_nonfinite). The last good checkpoint is in "
                            f"{workdir}",
-            writer=writer, progress=metrics_lib.Progress(total, start_step=start, every=log_every),
+            writer=writer, progress=metrics_lib.Progress(total, start_step=start, every=log_every,
+                                                         name=f"stage {config.stage}"),
             host_scalars=lambda: {f"skipped/{kind}": n for kind, n in data.metrics(iterator).items()},
-            stop_requested=stop_requested)
+            stop_requested=stop_requested, compiled=new_shape_at.__contains__)
 
     # --- the end ----------------------------------------------------------------------------------------------
     if writer is not None:

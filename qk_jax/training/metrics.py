@@ -6,6 +6,7 @@ Layout of a stage's ``workdir`` (beside ``checkpoints/``, see ``qk_jax.training.
                                  and {"step", "walltime", "restart": true} where a process started
     workdir/tb/events.out.tfevents.*   the same scalars for ``tensorboard --logdir workdir/tb``
     workdir/loss.png             ``plot`` of the JSONL, written by the trainer at the end
+    workdir/config.json          the run's whole config (``save_run_config``; ``read_run_config`` reads it back)
 
 Every write is flushed and fsynced, so a crash loses no logged point. A resumed run appends to the same JSONL
 and starts a new event file, both marked with the step it restarts from (its checkpoint's step): ``read_jsonl``
@@ -143,6 +144,48 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+RUN_CONFIG = "config.json"
+SUMMARY_KEYS = ("stage", "batch_size", "total_steps", "resolution", "mesh", "init_from")
+
+
+def save_run_config(config: Any, workdir: str | os.PathLike) -> str:
+    """Write the run's whole config as ``workdir/config.json`` (written whole, then renamed); returns the path.
+    The log gets ``config_summary`` instead of the config itself (hundreds of lines)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, RUN_CONFIG)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_run_config(workdir: str | os.PathLike):
+    """The ``ml_collections.ConfigDict`` that ``save_run_config`` wrote (tuples come back as lists)."""
+    import ml_collections
+
+    path = os.path.join(workdir, RUN_CONFIG)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def config_summary(config: Any) -> str:
+    """One line for the log: the keys a reader looks for first (``SUMMARY_KEYS``, those the config has), or a
+    curriculum's stage names."""
+    if "stages" in config:
+        names = [str(stage.get("name", i)) for i, stage in enumerate(config.stages)]
+        return f"curriculum of {len(names)} stages: {', '.join(names)}"
+    parts = []
+    for key in SUMMARY_KEYS:
+        if key in config and config[key] is not None:
+            value = config[key]
+            value = dict(value) if key == "mesh" else value
+            parts.append(f"{key} {value}")
+    return ", ".join(parts) or "no summary keys"
 
 
 def read_jsonl(path: str | os.PathLike) -> dict[int, dict[str, float]]:
@@ -290,6 +333,7 @@ class Progress:
         every: int = 10,
         print_fn: Callable[[str], Any] = functools.partial(print, flush=True),
         clock: Callable[[], float] = time.perf_counter,
+        name: str = "",
     ):
         if not 0 <= start_step <= total_steps or every < 1:
             raise ValueError(
@@ -301,16 +345,20 @@ class Progress:
         self.every = every
         self.print_fn = print_fn
         self.clock = clock
+        self.name = name  # leads every line ("stage 2"), so that a curriculum's lines say whose they are
         self._window_start: tuple[float, int] | None = None  # (time, step) where the current window began
         self._window_images = 0.0
+        self._last_step = start_step  # the step of the previous update
 
     def update(self, step: int, scalars: Mapping[str, Any] | None = None, images_in_step: float = 0) -> str | None:
         """Count finished steps; print and return the line when ``step`` is a multiple of ``every`` or the last."""
         now = self.clock()
         if self._window_start is None:
             self._window_start = (now, step)
-        else:
-            self._window_images += images_in_step
+        else:  # the images of the steps since the previous update that are in the window (a restart cuts it)
+            since = max(step - self._last_step, 1)
+            self._window_images += images_in_step * min(step - self._window_start[1], since) / since
+        self._last_step = step
         if step % self.every and step != self.total_steps:
             return None
         start_time, start_step = self._window_start
@@ -319,13 +367,18 @@ class Progress:
         self._window_start, self._window_images = (now, step), 0.0
         return line
 
+    def restart(self, step: int) -> None:
+        """After ``step``, which compiled a new program (a new batch shape): the window restarts here, so the
+        compilation counts in no throughput or ETA; a line whose window holds no other step shows none."""
+        self._window_start, self._window_images = (self.clock(), step), 0.0
+
     def format_line(
         self, step: int, scalars: Mapping[str, Any], seconds: float, steps: int, images: float
     ) -> str:
         """The line for ``step`` given the window's wall-clock ``seconds``, ``steps`` and ``images``."""
         values = {name: _to_float(name, v) for name, v in scalars.items()}
         skipped = sum(values.pop(name) for name in [n for n in values if n.startswith("skipped/")])
-        parts = [f"step {step}/{self.total_steps}"]
+        parts = [self.name] * bool(self.name) + [f"step {step}/{self.total_steps}"]
         if "loss" in values:
             parts.append(f"loss {values.pop('loss'):.4f}")
         tasks = [name for name in values if name.startswith("loss/")]
