@@ -64,18 +64,18 @@ from qk_jax import train
 from qk_jax.models import saved_model
 from qk_jax.training import checkpoint as ckpt
 
-phase, argv = sys.argv[1], sys.argv[2:]
+phase, at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]  # at: the step the phase is taken at
 die = lambda: os._exit(137)
 save, frozen_save, write_config = ckpt.Checkpointer.save, ocp.StandardCheckpointer.save, saved_model._write_config
 
 def checkpoint_save(self, state, *args, **kwargs):
     step = int(state.step)
-    if phase == "mid_step" and step == 5:
+    if phase == "mid_step" and step == at:
         self.wait()
-        die()  # step 5 dispatched, checkpoint 4 complete, nothing of step 5 saved
+        die()  # step `at` dispatched, the checkpoint before it complete, nothing of step `at` saved
     started = save(self, state, *args, **kwargs)
-    if phase == "async_save" and started and step == 4:
-        die()  # checkpoint 4 being written in the background
+    if phase == "async_save" and started and step == at:
+        die()  # checkpoint `at` being written in the background
     return started
 
 def standard_save(self, path, *args, **kwargs):
@@ -118,7 +118,8 @@ def straight(tmp_path_factory):
 
 
 def _crash_then_rerun(workdir, phase, data):
-    died = subprocess.run([sys.executable, "-c", CRASH, phase, *TINY, data, f"--workdir={workdir}"], cwd=ROOT,
+    at = {"mid_step": 5, "async_save": 4}.get(phase, 0)
+    died = subprocess.run([sys.executable, "-c", CRASH, phase, str(at), *TINY, data, f"--workdir={workdir}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert died.returncode == 137, died.stderr[-3000:]
     rerun = subprocess.run([sys.executable, "-m", "qk_jax.train", *TINY, data, f"--workdir={workdir}"], cwd=ROOT,
@@ -147,7 +148,7 @@ def test_each_damage_to_the_latest_checkpoint_reruns_to_the_same_final_params(tm
 
     data, want = straight
     crashed = tmp_path / "crashed"
-    died = subprocess.run([sys.executable, "-c", CRASH.replace("step == 5", "step == 7"), "mid_step", *TINY, data,
+    died = subprocess.run([sys.executable, "-c", CRASH, "mid_step", "7", *TINY, data,
                            f"--workdir={crashed}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert died.returncode == 137 and (crashed / "checkpoints" / "6").is_dir(), died.stderr[-3000:]
     for how in DAMAGES:

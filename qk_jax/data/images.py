@@ -23,7 +23,7 @@ def max_pixels_for(resolution: int) -> int:
 
 def configured_max_pixels(data: Any) -> int:
     """The pixel cap of a config's ``data`` block: ``data.max_image_pixels``, else ``max_pixels_for`` its
-    ``resolution``; the one rule for training, sampling and evaluation."""
+    ``resolution``; the one rule for the training pipeline and for sampling (``Sampler.max_image_pixels``)."""
     given = data["max_image_pixels"] if "max_image_pixels" in data else None
     return int(given or max_pixels_for(data["resolution"]))
 
