@@ -36,7 +36,20 @@ import ml_collections
 VARIANTS = ("paper", "shapes", "tiny")
 
 # The sweepable arguments of every stage file (``stage3.py:shapes,batch=8``); 0 keeps the variant's value.
-STAGE_ARGS = dict(res=0, batch=0, steps=0)
+# ``flux=dev`` or ``flux=schnell`` (every stage of a curriculum alike): the large MMDiT in FLUX.1's layout
+# (``FLUX_LAYOUTS``), so that ``config.pretrained.mmdit`` can be a FLUX.1 transformer folder.
+STAGE_ARGS = dict(res=0, batch=0, steps=0, flux="")
+
+# FLUX.1's transformer (its diffusers config.json): 19 double- and 38 single-stream blocks, 24 heads x 128,
+# context 4096 (T5's width) and pooled 768 (CLIP's); dev also embeds its distilled guidance. The tiny variant keeps
+# the same shape of things at test size: pooled width != context width, more single blocks than double.
+FLUX_LAYOUTS = dict(
+    paper=dict(num_layers=19, num_single_layers=38, num_attention_heads=24, attention_head_dim=128,
+               joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56)),
+    tiny=dict(num_layers=1, num_single_layers=2, num_attention_heads=2, attention_head_dim=16,
+              joint_attention_dim=48, pooled_projection_dim=24, axes_dims_rope=(4, 6, 6)),
+)
+FLUX_MODELS = ("dev", "schnell")
 
 # Transformers derives the LLM's head dim (hidden / heads) and, since v5, nests the rope settings in
 # ``rope_parameters``; the released config.json has them flat, as here.
@@ -148,6 +161,11 @@ def override(config, arg):
     return config
 
 
+def variant_arg(arg):
+    """``arg``'s variant and ``flux`` as a config argument, for a stage file built on another's (stage 3b)."""
+    return f"{arg.variant},flux={arg.flux}" if arg.flux else arg.variant
+
+
 def base(variant):
     """A whole config of no particular stage: ``settings``, stage 2's model, ``data``, ``mesh`` and ``sharding``.
 
@@ -187,6 +205,9 @@ def settings(variant):
     # Where a source image sits in sRoPE: 'negate' (the paper's eq. 2/4, (0, -r, -c)) or 'axis0' (FLUX.1
     # Kontext's (1, r, c)); an editing ablation.
     config.source_offset = "negate"
+    # The guidance-embedding input of an MMDiT that has one (``flux=dev``), held at this value in training and
+    # sampling; real classifier-free guidance does the guiding (``QueryKontextConfig.distilled_guidance``).
+    config.distilled_guidance = 1.0
 
     # Appendix D: bf16 mixed precision (float32 params, bf16 compute). The CPU scales stay in float32.
     config.compute_dtype = pick(variant, paper="bfloat16", shapes="float32", tiny="float32")
@@ -326,24 +347,43 @@ def vlm(variant):
     return config
 
 
-def connector(variant):
+def flux_layout(variant, flux):
+    """The ``FLUX_LAYOUTS`` entry of ``flux`` (``'dev'``/``'schnell'``) at this scale, or None for ``''``."""
+    if not flux:
+        return None
+    if flux not in FLUX_MODELS:
+        raise ValueError(f"flux={flux!r}; expected one of {', '.join(FLUX_MODELS)} (or leave it out)")
+    if variant not in FLUX_LAYOUTS:
+        raise ValueError(f"flux={flux} has no {variant!r} layout; FLUX layouts exist for {', '.join(FLUX_LAYOUTS)}")
+    return dict(FLUX_LAYOUTS[variant], guidance_embeds=flux == "dev")
+
+
+def connector(variant, flux=""):
     """Two-layer MLP from the VLM's hidden states to the MMDiT's text stream (appendix D).
 
     Paper: 3584 -> 960 -> 2560 with biases = 3,441,600 + 2,460,160 = 5,901,760 parameters, table 11's 5.9M.
     The output width is the MMDiT's context width (``joint_attention_dim``) for both the light and the large
-    head, so the connector carries over from stage 1 to stage 2.
+    head, so the connector carries over from stage 1 to stage 2. With ``flux`` its output is FLUX.1's context
+    width and its ``pooled_proj`` maps the pooled mean to FLUX.1's pooled width (``qk_jax.models.connector``).
     """
     dims = pick(variant, paper=(3584, 960, 2560), shapes=(128, 128, 128), tiny=(32, 16, 32))
-    return ml_collections.ConfigDict(dict(
-        in_features=dims[0], hidden_features=dims[1], out_features=dims[2], act="gelu"))
+    config = ml_collections.ConfigDict(dict(
+        in_features=dims[0], hidden_features=dims[1], out_features=dims[2], act="gelu",
+        pooled_features=ml_collections.config_dict.placeholder(int)))
+    layout = flux_layout(variant, flux)
+    if layout:
+        config.update(out_features=layout["joint_attention_dim"], pooled_features=layout["pooled_projection_dim"])
+    return config
 
 
-def mmdit(variant, *, light=False):
+def mmdit(variant, *, light=False, flux=""):
     """A FLUX-layout MMDiT (diffusers field names): the large model, or stage 1's light head of the same family.
 
     Counted with diffusers on the meta device (tests/test_configs.py):
     - paper, large: 42 double-stream layers, 40 heads x 64 = 2560 wide: 9,952,604,736 parameters (~10B).
     - paper, light: 10 layers, 24 heads x 64 = 1536 wide: 867,713,600 (section 3.3: ~870M).
+    - ``flux='dev'``/``'schnell'``: the large model is FLUX.1's transformer (``FLUX_LAYOUTS``; 11.9B), the light
+      head keeps its dims and takes FLUX.1's context and pooled widths from the connector.
     """
     config = ml_collections.ConfigDict(dict(
         # The VAE latents are packed 2x2 into tokens, FLUX's "patch 2" (table 11): the transformer's own patch is 1.
@@ -370,8 +410,11 @@ def mmdit(variant, *, light=False):
     # sRoPE's (axis0, row, col) rotary axes sum to the head dim, row and col with equal shares.
     config.axes_dims_rope = pick(variant, paper=(16, 24, 24), shapes=(8, 12, 12), tiny=(4, 6, 6))
     # The connector's output is the text stream (context) and, mean-pooled over the queries, the pooled vector.
-    context = connector(variant).out_features
-    config.update(joint_attention_dim=context, pooled_projection_dim=context)
+    conn = connector(variant, flux)
+    config.update(joint_attention_dim=conn.out_features, pooled_projection_dim=conn.pooled_features or conn.out_features)
+    layout = flux_layout(variant, flux)
+    if layout and not light:
+        config.update(layout)
     config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0, targets=MMDIT_LORA_TARGETS))
     return config
 

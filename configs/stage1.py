@@ -24,8 +24,8 @@ def get_config(arg=None):
     # rank 64 the adapter cost as much as the 128-wide projections it adapts); alpha / rank = 2 as in the paper.
     config.vlm.lora.rank, config.vlm.lora.alpha = common.pick(
         arg.variant, paper=(128, 256), shapes=(16, 32), tiny=(4, 8))
-    config.connector = common.connector(arg.variant)
-    config.mmdit = common.mmdit(arg.variant, light=True)  # the light head, dropped after this stage
+    config.connector = common.connector(arg.variant, arg.flux)
+    config.mmdit = common.mmdit(arg.variant, light=True, flux=arg.flux)  # the light head, dropped after this stage
     config.vae = common.vae(arg.variant)  # FLUX.1's autoencoder, frozen
     config.data = common.data(arg.variant, config)  # buckets at config.resolution; ShapesWorld below paper scale
 

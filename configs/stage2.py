@@ -28,8 +28,8 @@ def get_config(arg=None):
 
     # The model (paper table 11 at paper scale; each builder's dims per scale are in common.py).
     config.vlm = common.vlm(arg.variant)  # stage 1's, its LoRA merged: no adapter here
-    config.connector = common.connector(arg.variant)
-    config.mmdit = common.mmdit(arg.variant)  # the large MMDiT (~10B), new in this stage
+    config.connector = common.connector(arg.variant, arg.flux)
+    config.mmdit = common.mmdit(arg.variant, flux=arg.flux)  # the large MMDiT (~10B), new in this stage
     config.vae = common.vae(arg.variant)  # FLUX.1's autoencoder, frozen
     config.data = common.data(arg.variant, config)  # buckets at config.resolution; ShapesWorld below paper scale
 

@@ -32,8 +32,8 @@ def get_config(arg=None):
 
     # The model (paper table 11 at paper scale; each builder's dims per scale are in common.py).
     config.vlm = common.vlm(arg.variant)  # stage 2's, frozen at paper scale
-    config.connector = common.connector(arg.variant)
-    config.mmdit = common.mmdit(arg.variant)  # stage 2's large MMDiT, plus a LoRA
+    config.connector = common.connector(arg.variant, arg.flux)
+    config.mmdit = common.mmdit(arg.variant, flux=arg.flux)  # stage 2's large MMDiT, plus a LoRA
     # Section 3.3: r_d = 256, alpha_d = 256. ShapesWorld: no LoRA (below); tiny: r 4.
     config.mmdit.lora.rank, config.mmdit.lora.alpha = common.pick(
         arg.variant, paper=(256, 256), shapes=(0, 0), tiny=(4, 4))

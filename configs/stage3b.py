@@ -13,7 +13,7 @@ from configs import stage3
 def get_config(arg=None):
     """Stage 3b at the scale named by ``arg`` (see ``common.parse_arg``)."""
     arg = common.parse_arg(arg, **common.STAGE_ARGS)
-    config = stage3.get_config(arg.variant)  # stage 3's model, mesh, sharding, trainable leaves and tasks
+    config = stage3.get_config(common.variant_arg(arg))  # stage 3's model, mesh, sharding, trainable leaves and tasks
     config.init_from = "/tmp/qk_stage3"  # stage 3's --workdir; override with --config.init_from
     config.resolution = 2 * config.resolution  # paper: 512 -> 1024; data.resolution follows (a reference)
     # Section 3.3: global batch 256, 3,000 more steps, lr 1e-5.

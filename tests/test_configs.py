@@ -301,6 +301,24 @@ def test_paper_parameter_counts():
     assert _count(_qwen_vl(_config("stage2").vlm)) == 8_292_166_656
 
 
+@pytest.mark.parametrize("flux", ["dev", "schnell"])
+def test_flux_layouts_are_flux1s_transformer(flux):
+    """``flux=dev``/``schnell``: FLUX.1's transformer as diffusers builds it from our config (FLUX.1-dev: 11.9B,
+    its guidance embedder 0.01B more than schnell), the connector at its context and pooled widths, and the light
+    head of stage 1 at the same widths, so that the connector carries over."""
+    config, light = _config("stage2", f"flux={flux}"), _config("stage1", f"flux={flux}")
+    large = _flux(config.mmdit)
+    assert _count(large) == {"dev": 11_901_408_320, "schnell": 11_891_178_560}[flux]
+    assert (len(large.transformer_blocks), len(large.single_transformer_blocks)) == (19, 38)
+    assert (config.connector.out_features, config.connector.pooled_features) == (4096, 768)
+    assert (light.mmdit.joint_attention_dim, light.mmdit.pooled_projection_dim) == (4096, 768)
+    assert light.connector == config.connector
+    with pytest.raises(ValueError, match="flux='pro'"):
+        _config("stage2", "flux=pro")
+    with pytest.raises(ValueError, match="no 'shapes' layout"):
+        _config("stage2", "shapes,flux=dev")
+
+
 @pytest.mark.parametrize("variant", ["shapes", "tiny"])
 def test_small_variants_build_the_reference_models(variant):
     """The small dims are valid for the reference models (the parity tests build them); ShapesWorld's whole
@@ -325,7 +343,7 @@ def test_parse_arg():
     assert (typed.lr, typed.flag, typed.name) == (0.5, True, "x")
     with pytest.raises(ValueError, match="'huge'.*paper, shapes, tiny"):
         common.parse_arg("huge", **common.STAGE_ARGS)
-    with pytest.raises(ValueError, match="'bacth'.*batch, res, steps"):
+    with pytest.raises(ValueError, match="'bacth'.*batch, flux, res, steps"):
         stage1.get_config("shapes,bacth=8")
     with pytest.raises(ValueError, match="batch='eight'.*int"):
         common.parse_arg("batch=eight", **common.STAGE_ARGS)

@@ -102,3 +102,24 @@ def test_errors(params):
         model.apply({"params": params}, text[..., :6], queries)
     with pytest.raises(ValueError, match="unknown connector config keys"):
         ConnectorConfig.from_config(dict(in_features=1, hidden_features=1, out_features=1, width=3))
+
+
+def test_pooled_proj_maps_the_kontext_mean_to_a_flux_pooled_width():
+    """FLUX.1's pooled width (768) differs from its context width (4096): pooled = pooled_proj(mean(mlp(Q)))."""
+    cfg = ConnectorConfig(in_features=12, hidden_features=10, out_features=8, pooled_features=6)
+    text, queries, text_mask = _inputs()
+    params = nn.meta.unbox(Connector(cfg).init(jax.random.key(0), text, queries))["params"]
+    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
+    boxed = jax.eval_shape(lambda: Connector(cfg).init(jax.random.key(0), text, queries))["params"]
+    assert boxed["pooled_proj"]["kernel"].names == ("embed", "mlp") and boxed["pooled_proj"]["kernel"].value.shape == (8, 6)
+    out = Connector(cfg).apply({"params": params}, text, queries, text_mask)
+    q = _np_mlp(params, queries)
+    want = q.mean(axis=1) @ np.asarray(params["pooled_proj"]["kernel"]) + np.asarray(params["pooled_proj"]["bias"])
+    chex.assert_trees_all_close(out.pooled, want, atol=1e-5)
+    assert out.context.shape == (B, LT + K, 8) and cfg.pooled_width == 6 and CFG.pooled_width == 8
+    assert "pooled_proj" not in params_of(CFG)
+
+
+def params_of(cfg):
+    text, queries, _ = _inputs()
+    return jax.eval_shape(lambda: Connector(cfg).init(jax.random.key(0), text, queries))["params"]

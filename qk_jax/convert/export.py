@@ -57,7 +57,10 @@ QUERIES = hf_qwen_vl.QUERIES  # "kontext_queries"
 CONNECTOR_TENSORS = (("linear_1/kernel", "connector.linear_1.weight", True),
                      ("linear_1/bias", "connector.linear_1.bias", False),
                      ("linear_2/kernel", "connector.linear_2.weight", True),
-                     ("linear_2/bias", "connector.linear_2.bias", False))
+                     ("linear_2/bias", "connector.linear_2.bias", False),
+                     # Only where the MMDiT's pooled width is not its context width (FLUX.1 layouts).
+                     ("pooled_proj/kernel", "connector.pooled_proj.weight", True),
+                     ("pooled_proj/bias", "connector.pooled_proj.bias", False))
 # Config fields that describe a file rather than the model: never compared between a folder and the stage.
 _VAE_UNCHECKED = ("sample_size", "force_upcast", "latents_mean", "latents_std")
 _VLM_UNCHECKED = ("num_queries", "query_attention", "lora", "dtype", "param_dtype")
@@ -243,6 +246,8 @@ def kontext_tensors(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out = {QUERIES: np.asarray(params["vlm"][QUERIES])}
     connector = flatten(params["connector"])
     for ours, theirs, transposed in CONNECTOR_TENSORS:
+        if ours not in connector and ours.startswith("pooled_proj/"):
+            continue
         array = np.asarray(connector[ours])
         out[theirs] = np.ascontiguousarray(array.T if transposed else array)
     return out
@@ -260,7 +265,10 @@ def kontext_config(config: Any, model_config: QueryKontextConfig) -> dict[str, A
         placement=c.placement,
         source_offset=c.source_offset,
         connector=dict(in_features=c.connector.in_features, hidden_features=c.connector.hidden_features,
-                       out_features=c.connector.out_features, act="gelu_exact"),
+                       out_features=c.connector.out_features, act="gelu_exact",
+                       pooled_features=c.connector.pooled_features),
+        # The MMDiT's guidance-embedding input (FLUX.1-dev layouts): this constant, in training and sampling.
+        distilled_guidance=c.distilled_guidance if c.mmdit.guidance_embeds else None,
         in_context=c.in_context,
         max_references=c.max_references,
         # 'sincos': SD3's 2D embedding of each image token's (row, col) id, added to x_embedder's output (the
@@ -303,7 +311,8 @@ Stage {stage} model. How the pieces fit (paper arXiv:2509.26641, section 3.1, fi
 
 `kontext.safetensors`: `kontext_queries` [K={num_queries}, {hidden}];
 `connector.linear_1.weight` [{conn_hidden}, {hidden}], `connector.linear_1.bias`,
-`connector.linear_2.weight` [{conn_out}, {conn_hidden}], `connector.linear_2.bias` (torch `nn.Linear` layout: weight [out, in]).
+`connector.linear_2.weight` [{conn_out}, {conn_hidden}], `connector.linear_2.bias`{pooled_tensors} (torch `nn.Linear`
+layout: weight [out, in]).
 
 ## Conditioning (VLM -> connector)
 
@@ -322,7 +331,7 @@ Stage {stage} model. How the pieces fit (paper arXiv:2509.26641, section 3.1, fi
    (length S, image and padding positions included) and the text padding mask is False at every prompt position
    that is padding or an image pad, True at text tokens and at all K queries. Masked context tokens must be
    masked out of attention as keys (or simply dropped, which is equivalent for the image tokens).
-   `pooled_projections` = the mean of `connector(Q)` over the K queries.
+   `pooled_projections` = the mean of `connector(Q)` over the K queries{pooled_proj}.{guidance}
 
 ## Image stream and sRoPE (in-context inputs, stage 3)
 
@@ -352,6 +361,20 @@ Rectified flow, `x_t = (1 - t) x_0 + t noise`, the network predicts `v = noise -
 to `max_shift` at `max_seq_len` (`flow` in `kontext_config.json`). Decode with the VAE after unpacking and
 `latent = z / {scale} + {shift}`.
 """
+
+
+def _pooled_readme(mc: QueryKontextConfig) -> dict[str, str]:
+    """The README's lines on ``pooled_proj`` (FLUX.1's pooled width) and the guidance input (FLUX.1-dev)."""
+    width = mc.connector.pooled_features
+    return dict(
+        pooled_tensors=(f", `connector.pooled_proj.weight` [{width}, {mc.connector.out_features}],"
+                        " `connector.pooled_proj.bias`" if width else ""),
+        pooled_proj=(f", mapped by `connector.pooled_proj` to the transformer's pooled width ({width})"
+                     if width else ""),
+        guidance=(f"\n   The transformer embeds a guidance value (`guidance_embeds`): give `guidance ="
+                  f" {mc.distilled_guidance:g}` for every sample (`distilled_guidance` in `kontext_config.json`);"
+                  "\n   the model was trained with it held there, and classifier-free guidance does the guiding."
+                  if mc.mmdit.guidance_embeds else ""))
 
 
 def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, log: Log = print) -> Path:
@@ -385,7 +408,8 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, log: 
         conn_in=c.in_features, conn_hidden=c.hidden_features, conn_out=c.out_features,
         query_attention=mc.vlm.query_attention, conditioning=mc.conditioning, max_references=mc.max_references,
         scale=mc.vae.scaling_factor, shift=mc.vae.shift_factor,
-        pos_embed=POS_EMBED_README if mc.mmdit.pos_embed == "sincos" else ""))
+        pos_embed=POS_EMBED_README if mc.mmdit.pos_embed == "sincos" else "",
+        **_pooled_readme(mc)))
     log(f"wrote {out}: {VLM_DIR}/, {TRANSFORMER_DIR}/, {VAE_DIR}/, {KONTEXT_WEIGHTS}, {KONTEXT_CONFIG}, {README}")
     return out
 

@@ -89,12 +89,17 @@ def unpack_latents(tokens: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Te
 
 
 class Connector(torch.nn.Module):
-    """``linear_2(GELU_exact(linear_1(x)))``, the names of ``kontext.safetensors`` (``connector.*``)."""
+    """``linear_2(GELU_exact(linear_1(x)))``, the names of ``kontext.safetensors`` (``connector.*``); with
+    ``pooled_features``, ``pooled_proj`` maps the pooled mean to the transformer's pooled width."""
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: int):
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, pooled_features: int | None = None):
         super().__init__()
         self.linear_1 = torch.nn.Linear(in_features, hidden_features)
         self.linear_2 = torch.nn.Linear(hidden_features, out_features)
+        self.pooled_proj = torch.nn.Linear(out_features, pooled_features) if pooled_features else None
+
+    def pool(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled if self.pooled_proj is None else self.pooled_proj(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.gelu(self.linear_1(x)))
@@ -119,7 +124,8 @@ class KontextPipeline:
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
         tensors = load_file(folder / "kontext.safetensors")
         c = settings["connector"]
-        connector = Connector(c["in_features"], c["hidden_features"], c["out_features"]).to(dtype)
+        connector = Connector(c["in_features"], c["hidden_features"], c["out_features"],
+                              c.get("pooled_features")).to(dtype)
         connector.load_state_dict({k[len("connector."):]: v for k, v in tensors.items() if k.startswith("connector.")})
         return cls(vlm, transformer, vae, tensors["kontext_queries"].to(dtype), connector, settings)
 
@@ -164,7 +170,7 @@ class KontextPipeline:
             pooled = (text * m).sum(1) / m.sum(1).clamp(min=1)
         else:
             pooled = queries.mean(1)
-        return Conditioning(torch.cat(parts, 1), torch.cat(masks, 1), pooled)
+        return Conditioning(torch.cat(parts, 1), torch.cat(masks, 1), self.connector.pool(pooled))
 
     def _place(self, roles: list[int]) -> list[int]:
         """Table 8's placement ablation (``kontext_config.json``'s ``placement``)."""
@@ -187,10 +193,14 @@ class KontextPipeline:
                                                        sample_roles, h, w,
                                                        self.settings.get("source_offset", "negate"))
             context = cond.context[b][cond.context_mask[b]]  # masked tokens dropped
+            guidance = None
+            if self.transformer.config.guidance_embeds:  # FLUX.1-dev layouts: the constant trained with
+                guidance = torch.full((1,), float(self.settings["distilled_guidance"]), dtype=stream.dtype)
             with self._pos_embed(img_ids):
                 v = self.transformer(hidden_states=stream[None], encoder_hidden_states=context[None],
                                      pooled_projections=cond.pooled[b:b + 1], timestep=t[b:b + 1].to(stream.dtype),
-                                     img_ids=img_ids, txt_ids=torch.zeros(context.shape[0], 3)).sample
+                                     guidance=guidance, img_ids=img_ids,
+                                     txt_ids=torch.zeros(context.shape[0], 3)).sample
             out.append(v[0, start:start + h * w])
         return torch.stack(out)
 

@@ -3,7 +3,10 @@
 The same MLP (shared weights) maps the VLM's last hidden states of the prompt's text tokens ``T`` and of the
 ``K`` kontext query tokens ``Q`` into the MMDiT's context width; the MMDiT's text stream is
 ``concat(connector(T), connector(Q))``. The pooled vector FLUX takes from CLIP is the mean of the connected
-kontext tokens (DESIGN.md).
+kontext tokens (DESIGN.md). An MMDiT whose pooled width is not its context width (FLUX.1: context 4096, CLIP's
+pooled 768) gets it through the connector's own linear ``pooled_proj`` (``pooled_features``; out_features ->
+pooled_features, with bias), trained with the connector from stage 1 on: the paper's MMDiT pools at the context
+width and needs none.
 
 ``linear_1`` (in -> hidden), GELU, ``linear_2`` (hidden -> out). The paper says "GELU" without the variant; we use
 the exact (erf) form, ``torch.nn.GELU()``'s default. Paper dims 3584 -> 960 -> 2560 with biases:
@@ -17,7 +20,7 @@ Table 9's ablation of what conditions the MMDiT (``conditioning``):
 - ``'queries_only'``: context ``connector(Q)``, pooled = mean of ``connector(Q)``.
 
 Logical axes: ``linear_1`` kernel ``('embed', 'mlp')`` (the VLM's width in), ``linear_2`` ``('mlp', 'embed')``
-(the MMDiT's context width out).
+(the MMDiT's context width out), ``pooled_proj`` ``('embed', 'mlp')`` (the MMDiT's conditioning MLP's input).
 """
 
 from __future__ import annotations
@@ -37,16 +40,29 @@ CONDITIONING_MODES = ("text_and_queries", "text_only", "queries_only")
 
 @dataclasses.dataclass(frozen=True)
 class ConnectorConfig:
-    """``config.connector``: widths of the two-layer MLP; ``act`` must be ``'gelu'`` (exact GELU)."""
+    """``config.connector``: widths of the two-layer MLP; ``act`` must be ``'gelu'`` (exact GELU).
+
+    ``pooled_features``: the MMDiT's ``pooled_projection_dim`` when it differs from ``out_features`` (a
+    ``pooled_proj`` linear maps the pooled mean to it); None (the paper): the mean itself, ``out_features`` wide.
+    """
 
     in_features: int = 3584
     hidden_features: int = 960
     out_features: int = 2560
     act: str = "gelu"
+    pooled_features: int | None = None
 
     def __post_init__(self):
         if self.act != "gelu":
             raise ValueError(f"connector act={self.act!r} is not supported; the paper's connector uses 'gelu'")
+        if self.pooled_features is not None and self.pooled_features <= 0:
+            raise ValueError(f"connector pooled_features={self.pooled_features}; give a width > 0, or None to pool"
+                             " at out_features")
+
+    @property
+    def pooled_width(self) -> int:
+        """The width of ``ConnectorOutput.pooled`` (the MMDiT's ``pooled_projection_dim``)."""
+        return self.pooled_features or self.out_features
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> ConnectorConfig:
@@ -64,7 +80,7 @@ class ConnectorOutput(NamedTuple):
     Attributes:
       context: ``[B, L, out_features]``, the MMDiT's ``encoder_hidden_states`` (``L = Lt + K`` by default).
       context_mask: bool ``[B, L]``, False for padding text tokens (the MMDiT's ``text_mask``).
-      pooled: ``[B, out_features]``, the MMDiT's ``pooled_projections``.
+      pooled: ``[B, pooled_width]``, the MMDiT's ``pooled_projections``.
     """
 
     context: jax.Array
@@ -102,6 +118,8 @@ class Connector(nn.Module):
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
         self.linear_1 = LoRADense(self.config.hidden_features, kernel_axes=("embed", "mlp"), **kw)
         self.linear_2 = LoRADense(self.config.out_features, kernel_axes=("mlp", "embed"), **kw)
+        if self.config.pooled_features:
+            self.pooled_proj = LoRADense(self.config.pooled_features, kernel_axes=("embed", "mlp"), **kw)
 
     def mlp(self, x: jax.Array) -> jax.Array:
         """``[..., in_features]`` -> ``[..., out_features]``: ``linear_2(gelu(linear_1(x)))``, exact GELU."""
@@ -135,7 +153,9 @@ class Connector(nn.Module):
             q = self.mlp(queries)  # [B, K, out]
             parts.append(q)
             masks.append(jnp.ones(q.shape[:2], bool))
-        pooled = masked_mean(q, None) if use_queries else masked_mean(t, text_mask)
+        pooled = masked_mean(q, None) if use_queries else masked_mean(t, text_mask)  # [B, out_features]
+        if self.config.pooled_features:
+            pooled = self.pooled_proj(pooled)  # [B, pooled_features]
         return ConnectorOutput(jnp.concatenate(parts, axis=1), jnp.concatenate(masks, axis=1), pooled)
 
 

@@ -92,6 +92,9 @@ class QueryKontextConfig:
     remat: str = "none"  # the MMDiT blocks' policy, ``mmdit.REMAT_POLICIES``
     scan_layers: bool = False  # the MMDiT's blocks as one nn.scan each (layer-stacked params)
     adaln_zero: bool = False  # the MMDiT's init for training from scratch (``MMDiT.adaln_zero``)
+    # The guidance-embedding input of an MMDiT that has one (FLUX.1-dev's, distilled from CFG), the same constant in
+    # training and sampling: real classifier-free guidance does the guiding, so 1.0 asks the embedding for none.
+    distilled_guidance: float = 1.0
 
     def __post_init__(self):
         if self.conditioning not in CONDITIONING_MODES:
@@ -108,6 +111,10 @@ class QueryKontextConfig:
         if self.connector.out_features != self.mmdit.joint_attention_dim:
             raise ValueError(f"connector.out_features={self.connector.out_features} but the MMDiT's context is"
                              f" {self.mmdit.joint_attention_dim} wide (joint_attention_dim)")
+        if self.connector.pooled_width != self.mmdit.pooled_projection_dim:
+            raise ValueError(f"the connector pools at width {self.connector.pooled_width} but the MMDiT's"
+                             f" pooled_projection_dim is {self.mmdit.pooled_projection_dim}; set"
+                             f" config.connector.pooled_features={self.mmdit.pooled_projection_dim}")
         if self.mmdit.in_channels != 4 * self.vae.latent_channels:
             raise ValueError(f"mmdit.in_channels={self.mmdit.in_channels} but 2x2-packed VAE latents have"
                              f" {4 * self.vae.latent_channels} channels")
@@ -135,6 +142,7 @@ class QueryKontextConfig:
             remat=str(config.get("remat", "none")),
             scan_layers=bool(config.get("scan_layers", False)),
             adaln_zero=bool(config.get("adaln_zero", False)),
+            distilled_guidance=float(config.get("distilled_guidance", 1.0)),
         )
 
 
@@ -308,8 +316,14 @@ class QueryKontext:
         target_start = jnp.argmax(layout.order == 0, axis=1).astype(jnp.int32) * tokens
         return self.mmdit.apply(
             {"params": params["mmdit"]}, stream, layout.ids, cond.context, rope.text_position_ids(cond.context.shape[1]),
-            t, cond.pooled, text_mask=cond.context_mask, image_mask=layout.kind != rope.KIND_PAD,
-            target_start=target_start, target_len=tokens, **apply_kwargs), layout
+            t, cond.pooled, guidance=self._guidance(batch), text_mask=cond.context_mask,
+            image_mask=layout.kind != rope.KIND_PAD, target_start=target_start, target_len=tokens, **apply_kwargs), layout
+
+    def _guidance(self, batch: int) -> jax.Array | None:
+        """``[B]`` of ``config.distilled_guidance`` for an MMDiT with a guidance embedding; None without one."""
+        if not self.config.mmdit.guidance_embeds:
+            return None
+        return jnp.full((batch,), self.config.distilled_guidance, jnp.float32)
 
     # ------------------------------------------------------------------------------------------------------
     # Training loss
