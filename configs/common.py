@@ -333,9 +333,11 @@ def vlm(variant):
     # The LLM is causal; queries appended after the prompt keep that mask ('bidirectional' among the queries
     # is the alternative). The paper does not say.
     config.query_attention = "causal"
-    # The text tokenizer when no Qwen tokenizer folder is given (``qk_jax.data.processors.processor_from_config``):
-    # 'word' (ShapesWorld's closed vocabulary, one token per word) or 'byte' (one per UTF-8 byte, any text).
-    config.tokenizer = pick(variant, paper="byte", shapes="word", tiny="byte")
+    # What prompts are tokenised with (``qk_jax.data.processors.processor_for``), in training, sampling and
+    # evaluation alike: a local folder with Qwen2.5-VL's tokenizer; unset (the paper), the one the model came with
+    # (init_from's final/tokenizer, else config.pretrained.vlm's), and an error if neither has one; or a stand-in
+    # for a model trained from scratch: 'word' (ShapesWorld's closed vocabulary) or 'byte' (one per UTF-8 byte).
+    config.tokenizer = pick(variant, paper=ml_collections.config_dict.placeholder(str), shapes="word", tiny="byte")
     if variant != "paper":
         config.vocabulary = SHAPES_VOCABULARY
     # Table 9: "Text (512) & query (128)". ShapesWorld's longest prompt is 25 words with two images, each 18
@@ -411,7 +413,8 @@ def mmdit(variant, *, light=False, flux=""):
     config.axes_dims_rope = pick(variant, paper=(16, 24, 24), shapes=(8, 12, 12), tiny=(4, 6, 6))
     # The connector's output is the text stream (context) and, mean-pooled over the queries, the pooled vector.
     conn = connector(variant, flux)
-    config.update(joint_attention_dim=conn.out_features, pooled_projection_dim=conn.pooled_features or conn.out_features)
+    config.update(joint_attention_dim=conn.out_features,
+                  pooled_projection_dim=conn.pooled_features or conn.out_features)
     layout = flux_layout(variant, flux)
     if layout and not light:
         config.update(layout)

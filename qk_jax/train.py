@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qk_jax import cli
+from qk_jax.data import processors
 from qk_jax.models import saved_model
 from qk_jax.parallel import distributed
 from qk_jax.training import checkpoint, curriculum, loop
@@ -36,6 +37,11 @@ def run_flags(fv: flags.FlagValues) -> None:
     if config is None or not workdir:
         raise app.UsageError("give --config configs/stageN.py[:variant] (or configs/shapes.py) and --workdir DIR")
     workdir = os.path.abspath(workdir)
+    if "stages" not in config:
+        try:  # before anything is built: a paper config without Qwen's tokenizer must not train on stand-in ids
+            processors.tokenizer_folder(config)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
     process, processes = distributed.initialize_from_environment()  # multi-host: SLURM, a TPU pod, JAX_* env
     if processes > 1:
         logging.info("process %d of %d, %d of %d devices here", process, processes, jax.local_device_count(),

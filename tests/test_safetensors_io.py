@@ -57,3 +57,21 @@ def test_unparsable_json_names_its_file(tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": 4,')
     with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
         read_config(tmp_path)
+
+
+def test_what_is_not_a_local_folder_says_how_to_get_one(tmp_path):
+    """A Hub id, a single-file checkpoint or a folder without config.json: the layout expected and the way to it
+    (nothing is downloaded)."""
+    from qk_jax.convert.safetensors_io import CheckpointError, read_config
+
+    with pytest.raises(CheckpointError, match="looks like a Hugging Face Hub id.*huggingface-cli download "
+                                              "Qwen/Qwen2.5-VL-7B-Instruct --local-dir DIR"):
+        read_config("Qwen/Qwen2.5-VL-7B-Instruct")
+    single = tmp_path / "flux1-dev.safetensors"
+    single.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="a single file.*from_single_file"):
+        read_config(single)
+    with pytest.raises(CheckpointError, match="no config.json; expected a local save_pretrained"):
+        read_config(tmp_path)
+    with pytest.raises(CheckpointError, match="no such folder; expected"):
+        read_config(tmp_path / "missing")

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qk_jax.convert import diffusers_mmdit, diffusers_vae, hf_qwen_vl
+from qk_jax.data import processors
 from qk_jax.convert.safetensors_io import (
     CheckpointError,
     SafetensorsReader,
@@ -231,7 +232,12 @@ def import_model(
     total = sum(summary[c]["bytes"] for c in COMPONENTS)
     meta = dict(stage=int(config.get("stage", 0)), step=0, imported={c: summary[c]["source"] for c in COMPONENTS},
                 dtype=np_dtype.name)
-    saved_model.save_model(out, config, params, meta=meta)
+    # The Qwen folder's tokenizer goes with the weights (``<out>/tokenizer``): what the model's prompts must read.
+    files = {f"{processors.TOKENIZER_DIR}/{name}": os.path.join(qwen, name) for name in processors.TOKENIZER_FILES
+             if os.path.isfile(os.path.join(qwen, name))}
+    if not files:
+        log(f"  note: {qwen} holds no tokenizer files; set config.vlm.tokenizer to Qwen2.5-VL's tokenizer folder")
+    saved_model.save_model(out, config, params, meta=meta, files=files)
     log(f"wrote {out}: {total:,d} bytes in {np_dtype.name}")
     return summary
 
@@ -258,6 +264,10 @@ def kontext_config(config: Any, model_config: QueryKontextConfig) -> dict[str, A
     c = model_config
     return dict(
         stage=int(config.get("stage", 0)),
+        # 'qwen': vlm/ holds the Qwen2.5-VL tokenizer the model was trained with; 'byte' / 'word': a stand-in
+        # (the README says how it tokenises; 'word' lists its vocabulary here).
+        tokenizer=processors.tokenizer_kind(config.vlm),
+        vocabulary=list(config.vlm.vocabulary) if processors.tokenizer_kind(config.vlm) == "word" else None,
         num_queries=c.vlm.num_queries,
         query_attention=c.vlm.query_attention,
         max_text_tokens=int(config.vlm.get("max_text_tokens", 0)) or None,
@@ -294,6 +304,25 @@ token's `img_ids` (the first axis is not embedded; `inner_dim` = heads x head di
 hook on `x_embedder` (`torch_reference.py` does).
 """
 
+TOKENIZER_README = dict(
+    qwen="""
+**Tokenizer.** `vlm/` holds the Qwen2.5-VL tokenizer the model was trained with
+(`transformers.AutoTokenizer.from_pretrained("vlm")`); prompts were wrapped in Qwen's chat format (a system turn
+"You are a helpful assistant.", the user turn with the prompt, an open assistant turn), as its chat template does.
+""",
+    byte="""
+**Tokenizer: a stand-in, not Qwen's.** This model was trained from scratch with one token per UTF-8 byte
+(no chat format); `vlm/` has no tokenizer files, so `AutoTokenizer` cannot load one: build the ids yourself,
+`input_ids = [b % {first_special} for b in prompt.encode("utf-8")]`.
+""",
+    word="""
+**Tokenizer: a stand-in, not Qwen's.** This model was trained from scratch with a closed word vocabulary
+(`vocabulary` in `kontext_config.json`): the lower-cased prompt split into words and punctuation marks (regex
+`\\w+|[^\\w\\s]`), word i of the vocabulary is id i + 1 and any other word id 0; no chat format. `vlm/` has no
+tokenizer files, so `AutoTokenizer` cannot load one.
+""",
+)
+
 EXPORT_README = """\
 # Query-Kontext, exported from qk_jax
 
@@ -314,6 +343,7 @@ Stage {stage} model. How the pieces fit (paper arXiv:2509.26641, section 3.1, fi
 `connector.linear_2.weight` [{conn_out}, {conn_hidden}], `connector.linear_2.bias`{pooled_tensors} (torch `nn.Linear`
 layout: weight [out, in]).
 
+{tokenizer}
 ## Conditioning (VLM -> connector)
 
 1. Tokenise the prompt with its images as Qwen2.5-VL does (`<|vision_start|>`, one `<|image_pad|>` per merged patch,
@@ -398,6 +428,14 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, log: 
                            allow_pos_embed=True)  # kontext_config.json and the README say how to add it
     log(f"exporting the VAE to {out / VAE_DIR}")
     diffusers_vae.export(mc.vae, params["vae"], out / VAE_DIR)
+    kind = processors.tokenizer_kind(config.vlm)
+    own = os.path.join(checkpoint, processors.TOKENIZER_DIR)
+    if kind == "qwen":
+        source = own if processors.is_tokenizer_folder(own) else processors.tokenizer_folder(config)
+        for name in processors.TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(source, name)):
+                (out / VLM_DIR / name).write_bytes(Path(source, name).read_bytes())
+        log(f"copied the tokenizer of {source} into {out / VLM_DIR}")
     tensors = kontext_tensors(params)
     write_safetensors(tensors, out, Path(KONTEXT_WEIGHTS).stem)
     settings = kontext_config(config, mc)
@@ -409,6 +447,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, log: 
         query_attention=mc.vlm.query_attention, conditioning=mc.conditioning, max_references=mc.max_references,
         scale=mc.vae.scaling_factor, shift=mc.vae.shift_factor,
         pos_embed=POS_EMBED_README if mc.mmdit.pos_embed == "sincos" else "",
+        tokenizer=TOKENIZER_README[kind].format(first_special=mc.vlm.text.bos_token_id),
         **_pooled_readme(mc)))
     log(f"wrote {out}: {VLM_DIR}/, {TRANSFORMER_DIR}/, {VAE_DIR}/, {KONTEXT_WEIGHTS}, {KONTEXT_CONFIG}, {README}")
     return out

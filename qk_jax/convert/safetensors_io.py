@@ -43,12 +43,28 @@ def read_config(folder: str | os.PathLike, class_name: str | None = None, hint: 
     (``_class_name``), else a ``CheckpointError`` that names what was found and ``hint``s the right folder."""
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{folder}: no config.json; expected a save_pretrained() folder")
+        raise CheckpointError(f"{folder}: {_not_a_folder(Path(folder))} {hint}".rstrip())
     config = read_json(path)
     found = config.get("_class_name")
     if class_name is not None and found != class_name:
         raise CheckpointError(f"{folder}: config.json has _class_name={found!r}, expected {class_name!r}. {hint}")
     return config
+
+
+def _not_a_folder(folder: Path) -> str:
+    """Why ``folder`` is not a ``save_pretrained`` folder, and how to get one (nothing is downloaded here)."""
+    layout = "expected a local save_pretrained() folder (config.json and *.safetensors)"
+    if folder.is_file():
+        return (f"a single file, but {layout}. A single-file checkpoint converts with the library's own loader, e.g."
+                " diffusers.FluxTransformer2DModel.from_single_file(path).save_pretrained(DIR); then pass DIR.")
+    if not folder.exists():
+        looks_like_hub_id = len(folder.parts) == 2 and not str(folder).startswith((".", "/", "~"))
+        if looks_like_hub_id:
+            return (f"no such folder; it looks like a Hugging Face Hub id, and nothing is downloaded here: {layout}."
+                    f" Fetch it first: huggingface-cli download {folder} --local-dir DIR, then pass DIR (for a"
+                    " diffusers pipeline repository, its subfolder: DIR/transformer or DIR/vae).")
+        return f"no such folder; {layout}."
+    return f"no config.json; {layout}."
 
 
 class SafetensorsReader:

@@ -81,7 +81,7 @@ from qk_jax.data import manifest as manifest_lib
 from qk_jax.data import tasks as tasks_lib
 from qk_jax.data.images import configured_max_pixels, fit, open_image, oriented_size
 from qk_jax.data.manifest import Record, RecordError
-from qk_jax.data.processors import VLMProcessor, processor_from_config
+from qk_jax.data.processors import VLMProcessor, image_layout, processor_for
 from qk_jax.ops import rope
 
 log = logging.getLogger("qk_jax.data")
@@ -363,13 +363,13 @@ class DataPipeline:
 
     Args:
       config: a ``PipelineConfig`` (``PipelineConfig.from_config(stage_config, manifest=...)``).
-      processor: the VLM processor (``make_pipeline`` defaults to ``processor_from_config(config.vlm)``).
+      processor: the VLM processor (``make_pipeline`` defaults to ``processors.processor_for(config)``).
       manifest: an opened manifest (default: ``open_manifest(config.manifest)``).
     """
 
     def __init__(self, config: PipelineConfig, processor: VLMProcessor,
                  manifest: manifest_lib.Manifest | None = None):
-        self.config = config
+        self.config, self.processor = config, processor
         if config.text_multiple and buckets_lib.host_position(config.process_index, config.process_count)[1] > 1:
             raise ValueError(f"data.text_multiple={config.text_multiple} trims each host's batch to its own text"
                              " length, but every process of a multi-host run must feed one shape; set it to 0")
@@ -464,13 +464,13 @@ def abstract_batch(config: Mapping[str, Any], batch_size: int, slots: int, proce
     ``config.resolution`` with ``slots`` input images and the longest text (the module docstring's schema), and
     the static grid ``vlm_image_grid`` would read from it: what compiling the step ahead of time needs
     (``qk_jax.training.loop.compile_step``)."""
-    processor = processor or processor_from_config(config["vlm"])
+    grid_of, patch_dim = (processor.image_grid_thw, processor.patch_dim) if processor else image_layout(config)
     side, length = int(config["resolution"]), int(config["vlm"]["max_text_tokens"])
-    t, h, w = processor.image_grid_thw(side, side)
+    t, h, w = grid_of(side, side)
     b, m = int(batch_size), int(slots)
     out = dict(target=((b, side, side, 3), np.float32), roles=((b, m), np.int32), image_present=((b, m), np.bool_),
                input_ids=((b, length), np.int32), attention_mask=((b, length), np.int32),
-               pixel_values=((b, m, t * h * w, processor.patch_dim), np.float32), task=((b,), np.int32),
+               pixel_values=((b, m, t * h * w, patch_dim), np.float32), task=((b,), np.int32),
                valid=((b,), np.bool_))
     if config.get("in_context"):
         out["inputs"] = ((b, m, side, side, 3), np.float32)
@@ -479,12 +479,12 @@ def abstract_batch(config: Mapping[str, Any], batch_size: int, slots: int, proce
 
 def make_pipeline(config: Mapping[str, Any], processor: VLMProcessor | None = None, *,
                   manifest: str | manifest_lib.Manifest | None = None, **overrides) -> DataPipeline:
-    """``DataPipeline`` of a stage config; the processor defaults to ``processor_from_config(config.vlm)``.
+    """``DataPipeline`` of a stage config; the processor defaults to ``processors.processor_for(config)``.
 
     ``manifest`` is a path (else ``config.data.manifest``) or an opened manifest, such as
     ``shapesworld.ShapesManifest``, which draws ShapesWorld records as they are read.
     """
-    processor = processor or processor_from_config(config["vlm"])
+    processor = processor or processor_for(config)
     opened = None
     if manifest is not None and not isinstance(manifest, (str, os.PathLike)):
         opened, manifest = manifest, str(getattr(manifest, "name", type(manifest).__name__))

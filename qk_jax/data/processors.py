@@ -3,16 +3,24 @@
 ``VLMProcessor`` is what the pipeline and the sampler need from a Qwen2.5-VL processor. Implementations: Qwen2.5-VL's
 own (``qk_jax.data.qwen_processor.QwenVLProcessor``, for a ``save_pretrained`` tokenizer folder) and two
 self-contained stand-ins that share its image side (``PatchProcessor``): ``ByteProcessor`` (one token per UTF-8
-byte: the tests' tiny model) and ``WordProcessor`` (one token per ShapesWorld word). ``processor_for`` picks one.
+byte: the tests' tiny model) and ``WordProcessor`` (one token per ShapesWorld word). ``processor_for`` picks one
+for training, stage 0, sampling and evaluation alike, from ``config.vlm.tokenizer``:
+
+- ``'byte'`` / ``'word'``: a stand-in (the tests; ShapesWorld);
+- a local folder: Qwen2.5-VL's tokenizer (``tokenizer.json`` ..., e.g. the Qwen2.5-VL-7B-Instruct download);
+- unset (the paper configs): the folder the model came with, ``<init_from>/final/tokenizer`` (every stage's
+  ``final/`` keeps a copy, ``model_files``), else ``config.pretrained.vlm`` if it holds one; neither is an
+  error naming the key. Training a pretrained Qwen2.5-VL on a stand-in's ids would be silent nonsense.
 The stand-ins are written here because no tokenizer library ships a byte- or closed-vocabulary Qwen-compatible
 tokenizer with Qwen2.5-VL's special-token layout.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -194,14 +202,80 @@ class WordProcessor(PatchProcessor):
 
 
 TOKENIZERS = dict(byte=ByteProcessor, word=WordProcessor)
+TOKENIZER_DIR = "tokenizer"  # a model folder's copy of its Qwen tokenizer: <final>/tokenizer
+# What a transformers tokenizer folder may hold (save_pretrained of a tokenizer or a processor); the first two
+# mark one. Weights and model configs are not copied.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+                   "processor_config.json")
+UNSET_TOKENIZER = ("config.vlm.tokenizer is not set, and neither config.init_from's final/tokenizer nor"
+                   " config.pretrained.vlm holds a tokenizer: a pretrained Qwen2.5-VL reads Qwen tokens. Pass"
+                   " --config.vlm.tokenizer=DIR (a local folder with Qwen2.5-VL's tokenizer.json, e.g. the"
+                   " Qwen2.5-VL-7B-Instruct download), or 'byte' / 'word' for a stand-in of a model trained from"
+                   " scratch")
+
+
+def is_tokenizer_folder(folder: str | os.PathLike | None) -> bool:
+    """Whether ``folder`` is a directory holding a transformers tokenizer."""
+    return bool(folder) and any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES[:2])
+
+
+def tokenizer_kind(vlm: Mapping[str, Any]) -> str:
+    """``'byte'``, ``'word'`` or ``'qwen'``: what ``config.vlm.tokenizer`` tokenises with (no key: ``'byte'``, the
+    default of checkpoints older than the key). Stages of one curriculum must agree on it."""
+    if "tokenizer" not in vlm:
+        return "byte"
+    name = vlm["tokenizer"]
+    return str(name) if name in TOKENIZERS else "qwen"
+
+
+def tokenizer_folder(config: Mapping[str, Any]) -> str | None:
+    """The Qwen tokenizer folder the config reads prompts with, or None for a stand-in (module docstring)."""
+    vlm = config["vlm"]
+    name = vlm.get("tokenizer", "byte")
+    if name in TOKENIZERS:
+        return None
+    if name:
+        name = os.fspath(name)
+        if not is_tokenizer_folder(name):
+            raise ValueError(f"config.vlm.tokenizer={name!r} is not 'byte', 'word' or a local folder with a tokenizer"
+                             " (tokenizer.json or tokenizer_config.json); for Qwen2.5-VL's, download it first"
+                             " (huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct --local-dir DIR)")
+        return name
+    init_from = config.get("init_from")
+    candidates = [os.path.join(init_from, "final", TOKENIZER_DIR)] if init_from else []
+    candidates.append(dict(config.get("pretrained") or {}).get("vlm"))
+    for folder in candidates:
+        if is_tokenizer_folder(folder):
+            return os.fspath(folder)
+    raise ValueError(UNSET_TOKENIZER)
+
+
+def model_files(config: Mapping[str, Any]) -> dict[str, str]:
+    """The tokenizer files a model folder keeps beside its params (``saved_model.save_model(files=...)``), as
+    ``{"tokenizer/<file>": source}``: so that it samples, exports and starts the next stage without the original
+    folder. Empty for a stand-in."""
+    folder = tokenizer_folder(config)
+    if folder is None:
+        return {}
+    return {f"{TOKENIZER_DIR}/{name}": os.path.join(folder, name) for name in TOKENIZER_FILES
+            if os.path.isfile(os.path.join(folder, name))}
+
+
+def image_layout(config: Mapping[str, Any]) -> tuple[Callable[[int, int], tuple[int, int, int]], int]:
+    """``(image_grid_thw, patch_dim)`` of the config's processor, without loading a tokenizer: the shapes that
+    compiling a step ahead of time needs (``pipeline.abstract_batch``), for a paper config with no tokenizer yet."""
+    if tokenizer_kind(config["vlm"]) != "qwen":
+        stand_in = processor_from_config(config["vlm"])
+        return stand_in.image_grid_thw, stand_in.patch_dim
+    vision = QwenVLConfig.from_config(config["vlm"]).vision
+    grid = functools.partial(qwen_processor.image_grid_thw, patch_size=vision.patch_size,
+                             merge_size=vision.spatial_merge_size, max_pixels=vision.max_pixels)
+    return grid, 3 * vision.temporal_patch_size * vision.patch_size**2
 
 
 def processor_from_config(vlm: Mapping[str, Any]) -> PatchProcessor:
-    """The stand-in processor ``config.vlm.tokenizer`` names: ``'byte'`` (the default) or ``'word'``.
-
-    What ``make_pipeline`` trains with and ``processor_for`` samples with when no Qwen tokenizer
-    folder is given, so training and sampling tokenise a checkpoint's prompts the same way.
-    """
+    """The stand-in processor ``config.vlm.tokenizer`` names: ``'byte'`` (the default) or ``'word'``."""
     name = str(vlm.get("tokenizer", "byte"))
     if name not in TOKENIZERS:
         raise ValueError(f"config.vlm.tokenizer={name!r}; expected one of {', '.join(TOKENIZERS)}")
@@ -209,13 +283,19 @@ def processor_from_config(vlm: Mapping[str, Any]) -> PatchProcessor:
 
 
 def processor_for(config: Mapping[str, Any], tokenizer: str | os.PathLike | None = None) -> VLMProcessor:
-    """The VLM processor a checkpoint's prompts go through: the one place that choice is made.
+    """The VLM processor a model's prompts go through, in training, stage 0, sampling and evaluation: the one place
+    that choice is made.
 
-    Without ``tokenizer``: the stand-in that ``config.vlm.tokenizer`` names (``processor_from_config``, what
-    ``pipeline.make_pipeline`` trains with: ``WordProcessor`` for ShapesWorld, ``ByteProcessor`` for the tests'
-    tiny model and for checkpoints whose config has no ``tokenizer`` key). With a local tokenizer folder:
-    Qwen2.5-VL's processor (``qk_jax.data.qwen_processor``), whose special token ids must match ``config.vlm``.
+    ``tokenizer`` (a local folder) overrides ``config.vlm.tokenizer`` (module docstring): a model folder's own copy
+    (``<final>/tokenizer``) or the user's ``--tokenizer``. A Qwen tokenizer's special token ids and padding id must
+    be ``config.vlm``'s (its vision tokens; padding = ``text.bos_token_id``, Qwen's ``<|endoftext|>``).
     """
-    if tokenizer:
-        return qwen_processor.QwenVLProcessor.from_config(QwenVLConfig.from_config(config["vlm"]), tokenizer)
-    return processor_from_config(config["vlm"])
+    folder = tokenizer or tokenizer_folder(config)
+    if not folder:
+        return processor_from_config(config["vlm"])
+    processor = qwen_processor.QwenVLProcessor.from_config(QwenVLConfig.from_config(config["vlm"]), folder)
+    pad = int(config["vlm"]["text"]["bos_token_id"])
+    if processor.pad_token_id != pad:
+        raise ValueError(f"tokenizer {folder} pads with id {processor.pad_token_id} but config.vlm.text.bos_token_id"
+                         f" (the padding id) is {pad}; use the tokenizer the model was trained with")
+    return processor

@@ -29,6 +29,7 @@ from qk_jax.data.manifest import prompt_segments
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 DEFAULT_SYSTEM = "You are a helpful assistant."  # Qwen2.5-VL's chat template default
+MIN_PIXELS = 56 * 56  # Qwen2.5-VL's preprocessor_config.json
 ImageLike = Image.Image | np.ndarray | str | os.PathLike
 
 
@@ -52,6 +53,16 @@ def load_image(image: ImageLike) -> Image.Image:
     raise ValueError(f"unsupported image type {type(image).__name__}; pass a PIL image, an HxWx3 uint8 array or a path")
 
 
+def image_grid_thw(height: int, width: int, *, patch_size: int, merge_size: int, min_pixels: int = MIN_PIXELS,
+                   max_pixels: int) -> tuple[int, int, int]:
+    """The ``(t, h, w)`` patch grid of a ``height x width`` image after Qwen's ``smart_resize`` (no tokenizer
+    needed: the shapes of ahead-of-time compilation use it too)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    h, w = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
+    return 1, h // patch_size, w // patch_size
+
+
 class QwenVLProcessor:
     """Prompt + images -> ``input_ids``, ``pixel_values``, ``image_grid_thw`` (and ``batch`` for padded batches).
 
@@ -64,7 +75,7 @@ class QwenVLProcessor:
     """
 
     def __init__(self, tokenizer: Any, *, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2,
-                 min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280, chat: bool = True,
+                 min_pixels: int = MIN_PIXELS, max_pixels: int = 28 * 28 * 1280, chat: bool = True,
                  system: str | None = DEFAULT_SYSTEM):
         from transformers import Qwen2VLImageProcessorPil
 
@@ -114,10 +125,8 @@ class QwenVLProcessor:
 
     def image_grid_thw(self, height: int, width: int) -> tuple[int, int, int]:
         """The ``(t, h, w)`` patch grid of an image of ``height x width`` pixels after ``smart_resize``."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
-        return 1, h // self.patch_size, w // self.patch_size
+        return image_grid_thw(height, width, patch_size=self.patch_size, merge_size=self.merge_size,
+                              min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
     def __call__(self, prompt: str, images: Sequence[ImageLike] = ()) -> dict[str, np.ndarray]:
         """One sample, unpadded.

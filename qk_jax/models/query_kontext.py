@@ -314,10 +314,11 @@ class QueryKontext:
         blocks = jnp.concatenate([noisy[:, None].astype(in_context.dtype), in_context], axis=1)
         stream = rope.gather_blocks(blocks.reshape(batch, -1, channels), layout.order)
         target_start = jnp.argmax(layout.order == 0, axis=1).astype(jnp.int32) * tokens
-        return self.mmdit.apply(
+        out = self.mmdit.apply(
             {"params": params["mmdit"]}, stream, layout.ids, cond.context, rope.text_position_ids(cond.context.shape[1]),
             t, cond.pooled, guidance=self._guidance(batch), text_mask=cond.context_mask,
-            image_mask=layout.kind != rope.KIND_PAD, target_start=target_start, target_len=tokens, **apply_kwargs), layout
+            image_mask=layout.kind != rope.KIND_PAD, target_start=target_start, target_len=tokens, **apply_kwargs)
+        return out, layout
 
     def _guidance(self, batch: int) -> jax.Array | None:
         """``[B]`` of ``config.distilled_guidance`` for an MMDiT with a guidance embedding; None without one."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -38,12 +38,14 @@ def abstract_like(tree: Any) -> Any:
 MODEL_CONFIG_FILE = "config.json"
 
 
-def save_model(directory: str | os.PathLike, config: Any, params: Any, meta: dict | None = None) -> epath.Path:
+def save_model(directory: str | os.PathLike, config: Any, params: Any, meta: dict | None = None,
+               files: Mapping[str, str | os.PathLike] | None = None) -> epath.Path:
     """Write ``params`` (all components: ``vlm``, ``connector``, ``mmdit``, ``vae``) and the stage config.
 
     Layout: ``directory/params`` (Orbax, sharded arrays welcome) and ``directory/config.json`` (the
-    ml_collections config as JSON, plus ``meta``: stage, step, what the run was). Synchronous: the directory
-    is complete when this returns.
+    ml_collections config as JSON, plus ``meta``: stage, step, what the run was); ``files`` ``{name: source}``
+    are copied in as ``directory/name`` (the Qwen tokenizer, ``processors.model_files``). Synchronous: the
+    directory is complete when this returns.
     """
     directory = epath.Path(os.path.abspath(directory))  # Orbax refuses relative paths
     if directory.exists() and any(directory.iterdir()):
@@ -61,6 +63,9 @@ def save_model(directory: str | os.PathLike, config: Any, params: Any, meta: dic
     checkpointer.wait_until_finished()
     if lead:
         _write_config(partial / MODEL_CONFIG_FILE, config, meta)
+        for name, source in (files or {}).items():
+            (partial / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, partial / name)
         if directory.exists():
             directory.rmdir()  # empty (checked above)
         os.replace(partial, directory)

@@ -279,9 +279,13 @@ class Sampler:
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, **kwargs: Any) -> Sampler:
-        """From a ``checkpoint.save_model`` directory; ``FileNotFoundError`` when it is not one,
-        ``CheckpointMismatchError`` when its params do not fit its config."""
+        """From a ``checkpoint.save_model`` directory, read with its own ``tokenizer/`` unless ``tokenizer`` is
+        given; ``FileNotFoundError`` when it is not one, ``CheckpointMismatchError`` when its params do not fit its
+        config."""
         config, params, meta = saved_model.load_model(directory)
+        own = os.path.join(directory, processors.TOKENIZER_DIR)  # the tokenizer it was trained with, if a Qwen one
+        if not kwargs.get("tokenizer") and processors.is_tokenizer_folder(own):
+            kwargs["tokenizer"] = own
         try:
             return cls(config, params, meta=meta, **kwargs)
         except saved_model.CheckpointMismatchError as e:

@@ -33,7 +33,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from qk_jax.data import buckets, shapesworld
+from qk_jax.data import buckets, processors, shapesworld
 from qk_jax.data import pipeline as pipeline_lib
 from qk_jax.data.tasks import TASKS
 from qk_jax.models import saved_model
@@ -527,7 +527,8 @@ def train_stage(config, workdir: str) -> str:
     trained = state.ema if state.ema is not None else state.trainable
     # The arrays as they are sharded: each process writes its own shards, no host gathers the model.
     saved_model.save_model(final_dir, config, state_lib.combine(trained, state.frozen),
-                           meta=dict(meta, step=int(state.step), ema=state.ema is not None))
+                           meta=dict(meta, step=int(state.step), ema=state.ema is not None),
+                           files=processors.model_files(config))  # the Qwen tokenizer travels with the model
     if writer is not None:
         metrics_lib.plot(os.path.join(workdir, metrics_lib.JSONL), os.path.join(workdir, "loss.png"),
                          keys=("loss", "loss/.*"))

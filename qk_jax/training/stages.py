@@ -22,6 +22,7 @@ from typing import Any
 import jax
 
 from qk_jax.convert import diffusers_mmdit, diffusers_vae, hf_qwen_vl
+from qk_jax.data import processors
 from qk_jax.models import lora as lora_lib
 from qk_jax.models import saved_model
 from qk_jax.models.mmdit import with_layout
@@ -35,10 +36,13 @@ _KEPT = {2: ("vlm", "connector", "vae"), 3: ("vlm", "connector", "vae", "mmdit")
 
 
 def model_signature(config: Mapping[str, Any], component: str) -> dict:
-    """A component's config as plain JSON-like data (tuples as lists), LoRA excluded: transitions change it."""
+    """A component's config as plain JSON-like data (tuples as lists), LoRA excluded: transitions change it. The
+    VLM's tokenizer counts by kind (``processors.tokenizer_kind``): a Qwen folder's path may differ per stage."""
     block = config[component]
     block = dict(block.to_dict() if hasattr(block, "to_dict") else block)
     block.pop("lora", None)
+    if component == "vlm":
+        block["tokenizer"] = processors.tokenizer_kind(block)
     return _plain(block)
 
 
