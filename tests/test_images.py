@@ -103,3 +103,22 @@ def test_an_image_far_larger_than_training_needs_is_refused_from_its_header():
         images.open_image(data, "r", "target", images.max_pixels_for(512))
     assert info.value.kind == "too_large"
     assert images.open_image(data, "r", "target").size == (9000, 9000)  # no cap: Pillow's own limit only
+
+
+def test_check_image_decodes_whole_images_and_names_the_bad_ones():
+    """``check_image`` (what ``prepare`` and ``manifest_tool --validate`` decode with): upright RGB pixels of a good
+    image; a truncated, empty or oversized one is the pipeline's bad kind."""
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    image, decoded = images.check_image(data, "r", "target")
+    assert image.format == "PNG"
+    np.testing.assert_array_equal(decoded, pixels)
+    for bad, kind in ((data[: len(data) // 2], "corrupt_image"), (b"", "empty_image")):
+        with pytest.raises(RecordError) as e:
+            images.check_image(bad, "r", "target")
+        assert e.value.kind == kind
+    with pytest.raises(RecordError, match="over the 100-pixel limit") as e:
+        images.check_image(data, "r", "target", max_pixels=100)
+    assert e.value.kind == "too_large"

@@ -1,9 +1,12 @@
 """Record schema, validation messages, path safety, JSONL manifests and the ArrayRecord converter."""
 
+import io
 import json
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from absl import app
 
@@ -148,13 +151,14 @@ def test_decode_record_rejects_malformed_bytes():
 def test_command_line(tmp_path, capsys):
     path, _ = _dataset(tmp_path)
     manifest_tool.main(["--validate", path])
-    out = capsys.readouterr().out
-    assert "5 good records" in out and "skipped 1 x unparsable" in out
+    out = capsys.readouterr().out  # validate decodes every image: these "images" are a few repeated bytes
+    assert "0 good records" in out and "skipped 1 x unparsable" in out
+    assert "skipped 4 x corrupt_image" in out and "skipped 1 x missing_file" in out
     manifest_tool.main(["--to-arrayrecord", path, "--out", str(tmp_path / "ar"), "--records-per-shard", "3"])
     out = capsys.readouterr().out
     assert "4 records in 2 shards" in out and "missing_file" in out
     manifest_tool.main(["--validate", str(tmp_path / "ar")])
-    assert "4 good records" in capsys.readouterr().out
+    assert "0 good records: {}\nskipped 4 x corrupt_image" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="to-arrayrecord"):
         manifest.open_manifest(str(tmp_path))
 
@@ -192,3 +196,53 @@ def test_lines_too_deep_or_too_long_are_unparsable_rows(tmp_path, monkeypatch):
     assert "nested deeper than 32 levels" in m.examples["unparsable"]  # the first bad row: the 100,000-deep one
     with pytest.raises(manifest.RecordError, match="400,0.. characters, over the 300,000 limit"):
         manifest.parse_json(long, "r", "<line>")
+
+
+def _png(seed: int, size=(16, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_validate_reads_and_decodes_every_image(tmp_path):
+    """A record is good only when its target and every input exist and decode; the others are counted by kind,
+    the first of each kind named by record and field. The same holds for ArrayRecord shards (their bytes)."""
+    (tmp_path / "refs").mkdir()
+    files = {"a.png": _png(0), "b.png": _png(1), "refs/s.png": _png(2), "cut.png": _png(3)[:200], "txt.png": b"text",
+             "empty.png": b"", "big.png": _png(4, size=(64, 64))}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    src, ref = dict(path="a.png", role="source"), dict(path="refs/s.png", role="reference")
+    rows = [
+        dict(id="ok-t2i", task="t2i", prompt="p", target="a.png"),
+        _record(id="ok-se", target="b.png", inputs=[src, ref]),
+        dict(id="ok-again", task="edit", prompt="p", target="a.png", inputs=[dict(path="b.png", role="source")]),
+        dict(id="gone", task="t2i", prompt="p", target="missing.png"),
+        _record(id="gone-input", target="b.png", inputs=[src, dict(path="refs/missing.png", role="reference")]),
+        dict(id="cut", task="t2i", prompt="p", target="cut.png"),
+        dict(id="txt", task="edit", prompt="p", target="a.png", inputs=[dict(path="txt.png", role="source")]),
+        dict(id="empty", task="t2i", prompt="p", target="empty.png"),
+        dict(id="big", task="t2i", prompt="p", target="big.png"),
+        dict(id="bad-task", task="paint", prompt="p", target="a.png"),
+    ]
+    path = _write(tmp_path / "m.jsonl", rows)
+    lines = manifest_tool.main(["--validate", path, "--max-image-pixels", "1000", "--workers", "2"])
+    assert lines[0] == "3 good records: {'t2i': 1, 'subject_edit': 1, 'edit': 1}", lines
+    problems = {line.split(" x ")[1].split(",")[0]: line for line in lines[1:]}
+    assert {kind: int(line.split(" ")[1]) for kind, line in problems.items()} == dict(
+        missing_file=2, corrupt_image=2, empty_image=1, too_large=1, unknown_task=1)
+    assert "record 'gone', field 'target'" in problems["missing_file"]
+    assert "record 'cut', field 'target'" in problems["corrupt_image"]
+    assert "1,000-pixel limit" in problems["too_large"]
+    # The same records as ArrayRecord shards: the converter skips what it cannot read; validate decodes the rest.
+    manifest_tool.main(["--to-arrayrecord", path, "--out", str(tmp_path / "ar")])
+    lines = manifest_tool.main(["--validate", str(tmp_path / "ar"), "--max-image-pixels", "1000", "--workers", "0"])
+    assert lines[0].startswith("3 good records") and len(lines) == 4, lines
+    assert [line.split(",")[0] for line in lines[1:]] == ["skipped 2 x corrupt_image", "skipped 1 x empty_image",
+                                                         "skipped 1 x too_large"]
+
+
+def test_decoding_flags_go_with_validate(tmp_path):
+    path, _ = _dataset(tmp_path)
+    with pytest.raises(app.UsageError, match="--max-image-pixels and --workers go with --validate"):
+        manifest_tool.main(["--to-arrayrecord", path, "--out", str(tmp_path / "ar"), "--workers", "2"])

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from qk_jax.data.manifest import RecordError
+from qk_jax.data.manifest import MAX_IMAGE_BYTES, RecordError
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -92,3 +92,16 @@ def fit(image: Image.Image, size: tuple[int, int], record_id: str, field: str) -
         raise
     except Exception as e:  # noqa: BLE001 -- truncated/corrupt pixel data on untrusted bytes
         raise RecordError("corrupt_image", record_id, field, f"cannot decode the image: {e}") from None
+
+
+def check_image(data: bytes, record_id: str, field: str, max_pixels: int | None = None
+                ) -> tuple[Image.Image, np.ndarray]:
+    """Opens and decodes image bytes as the training pipeline does (``open_image``, ``oriented_size``,
+    ``fit`` at the image's own size): ``(the opened image, its upright RGB pixels)``; bad bytes raise
+    ``RecordError`` (``empty_image``, ``corrupt_image``, ``too_large``)."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise RecordError("too_large", record_id, field, f"{len(data):,} bytes, over the {MAX_IMAGE_BYTES:,}"
+                          "-byte limit (qk_jax.data.manifest.MAX_IMAGE_BYTES)")
+    image = open_image(data, record_id, field, max_pixels)
+    size = oriented_size(image, record_id, field)
+    return image, fit(image, size, record_id, field)

@@ -2,20 +2,24 @@ r"""Check a manifest (counts per problem kind), or convert a JSONL manifest into
 
 USAGE: python -m qk_jax.data.manifest_tool --validate FILE | --to-arrayrecord FILE --out DIR [--records-per-shard N]
 
+  python -m qk_jax.data.manifest_tool --validate data/train.jsonl --max-image-pixels 16777216
   python -m qk_jax.data.manifest_tool --to-arrayrecord data/train.jsonl --out /data/train_ar --records-per-shard 10000
 
-The record, the checks and the shard layout: ``qk_jax.data.manifest``.
+``--validate`` checks every record as the trainer reads it and every image of every good record: it must exist,
+stay inside the dataset root and decode (``qk_jax.data.prepare.check_manifest``), else the record is counted under
+its kind (``missing_file``, ``corrupt_image``, ...). The record, the checks and the shard layout:
+``qk_jax.data.manifest``.
 """
 
 from __future__ import annotations
 
-import collections
+import os
 from collections.abc import Mapping, Sequence
 
 from absl import app, flags
 
 from qk_jax import cli
-from qk_jax.data import manifest
+from qk_jax.data import manifest, prepare
 
 CHOOSE = "give --validate MANIFEST, or --to-arrayrecord MANIFEST --out DIR"
 
@@ -32,6 +36,10 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                          **fv)
     flags.DEFINE_integer("max-references", None, "The most reference inputs a record may have"
                          " (config.max_references); default: any number.", lower_bound=0, **fv)
+    flags.DEFINE_integer("max-image-pixels", None, "With --validate: images over this many pixels are too_large"
+                         " (the trainer's config.data.max_image_pixels); default: Pillow's limit.", lower_bound=1, **fv)
+    flags.DEFINE_integer("workers", min(8, os.cpu_count() or 1), "With --validate: threads decoding images"
+                         " (0: none).", lower_bound=0, **fv)
 
 
 def _problems(summary: Mapping[str, int], examples: Mapping[str, str]) -> list[str]:
@@ -49,6 +57,9 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
         if convert is not None:
             if out_dir is None:
                 raise app.UsageError("--to-arrayrecord needs --out DIR (the folder for the shards)")
+            if fv["max-image-pixels"].present or fv["workers"].present:
+                raise app.UsageError("--max-image-pixels and --workers go with --validate (--to-arrayrecord copies"
+                                     " image bytes without decoding them)")
             index = manifest.to_arrayrecord(convert, out_dir, records_per_shard=fv["records-per-shard"].value,
                                             max_references=max_references)
             lines = [f"{index['num_records']} records in {len(index['shards'])} shards -> {out_dir}"]
@@ -57,8 +68,9 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
             if out_dir is not None or fv["records-per-shard"].present:
                 raise app.UsageError("--out and --records-per-shard go with --to-arrayrecord, not --validate")
             m = manifest.open_manifest(source, max_references=max_references)
-            lines = [f"{len(m)} good records: {dict(collections.Counter(m.tasks()))}"]
-            lines += _problems(m.problems, m.examples)
+            checked = prepare.check_manifest(m, max_pixels=fv["max-image-pixels"].value, workers=fv.workers)
+            lines = [f"{sum(checked.tasks.values())} good records: {dict(checked.tasks)}"]
+            lines += _problems(checked.problems, checked.examples)
     except FileNotFoundError as e:
         raise app.UsageError(f"{e}; check the path") from None
     print("\n".join(lines))
