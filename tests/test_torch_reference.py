@@ -54,13 +54,19 @@ def random_params(seed=0):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def export_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("kontext")
     params = random_params()
     assert any(p.endswith("lora_b") for p in flatten(params["mmdit"]))
     saved_model.save_model(root / "ckpt", CONFIG, params, meta=dict(stage=3))
     cli.main(["export", "--checkpoint", str(root / "ckpt"), "--out", str(root / "export")])
-    return params, torch_reference.KontextPipeline.from_exported(root / "export")
+    return params, root / "export"
+
+
+@pytest.fixture(scope="module")
+def exported(export_folder):
+    params, folder = export_folder
+    return params, torch_reference.KontextPipeline.from_exported(folder)
 
 
 def prompts(seed=0):
@@ -182,3 +188,33 @@ def test_decode_unpacks_as_qk_jax_packs():
     tokens = torch.from_numpy(np.array(vae_lib.pack_latents(jnp.asarray(latents))))
     z = torch_reference.unpack_latents(tokens, (H, W))
     np.testing.assert_array_equal(z.numpy(), latents.transpose(0, 3, 1, 2))
+
+
+def test_a_stock_flux_pipeline_renders_an_exports_t2i_as_the_reference(exported):
+    """The README's snippet: diffusers' own ``FluxPipeline`` on the exported transformer and VAE, fed our
+    conditioning as ``prompt_embeds`` (padding dropped) and ``pooled_prompt_embeds``, with FLUX's scheduler set to
+    the export's flow shift, renders the same t2i image as ``KontextPipeline`` from the same noise."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    _, pipe = exported
+    ids = np.random.default_rng(3).integers(0, 90, (1, 9)).astype(np.int32)  # one sample, text only,
+    mask = (np.arange(9) < 7).astype(np.int32)[None]  # padded at the end
+    cond = pipe.condition(torch.from_numpy(ids).long(), torch.from_numpy(mask).long())
+    f = pipe.settings["flow"]
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=f["base_shift"],
+                                                max_shift=f["max_shift"], base_image_seq_len=f["base_seq_len"],
+                                                max_image_seq_len=f["max_seq_len"])
+    flux = FluxPipeline(scheduler=scheduler, vae=pipe.vae, transformer=pipe.transformer, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    h, w, steps = 2, 3, 4
+    noise = torch.randn(1, h * w, pipe.transformer.config.in_channels, generator=torch.Generator().manual_seed(0))
+    pixels = 2 * h * flux.vae_scale_factor, 2 * w * flux.vae_scale_factor
+    theirs = flux(prompt_embeds=cond.context[:, cond.context_mask[0]], pooled_prompt_embeds=cond.pooled,
+                  latents=noise, height=pixels[0], width=pixels[1], num_inference_steps=steps, output_type="pt").images
+    ours = pipe.decode(pipe.sample(cond, (h, w), steps, noise=noise), (h, w))
+
+    def to_uint8(x):  # FluxPipeline's own post-processing: [-1, 1] -> [0, 1] -> bytes
+        return (x / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+
+    assert len(np.unique(to_uint8(ours))) > 20  # an image, not a saturated blank
+    np.testing.assert_array_equal(to_uint8(theirs * 2 - 1), to_uint8(ours))

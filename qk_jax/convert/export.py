@@ -383,6 +383,29 @@ with the position ids (`img_ids`, 3 axes; `axes_dims_rope` of the transformer co
 diffusers' `FluxTransformer2DModel` takes ids shared by the batch: run samples with different layouts one at a
 time. The velocity is the transformer's output at the target block's positions.
 {pos_embed}
+## With a stock diffusers pipeline
+
+Text-to-image runs in diffusers' own `FluxPipeline` once the conditioning is computed (steps 1-5 above, e.g.
+`cond = KontextPipeline.from_exported(this_folder).condition(input_ids, attention_mask)`), one prompt at a time:
+
+```python
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+flow = settings["flow"]  # kontext_config.json
+scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=flow["base_shift"],
+    max_shift=flow["max_shift"], base_image_seq_len=flow["base_seq_len"], max_image_seq_len=flow["max_seq_len"])
+pipe = FluxPipeline(scheduler=scheduler, vae=AutoencoderKL.from_pretrained("vae"),
+                    transformer=FluxTransformer2DModel.from_pretrained("transformer"),
+                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+image = pipe(prompt_embeds=cond.context[:, cond.context_mask[0]], pooled_prompt_embeds=cond.pooled,
+             height=512, width=512, num_inference_steps=28).images[0]
+```
+
+From the same latents this is byte for byte the image of `KontextPipeline.sample` + `decode` (tested in qk_jax,
+`tests/test_torch_reference.py`); it has no classifier-free guidance unless you pass `true_cfg_scale` and the
+unconditional embeddings (an empty prompt through steps 1-5). `FluxKontextPipeline` places its source image at
+`(1, r, c)`: it can run this model's edits only if `source_offset` is `"axis0"` and `pos_embed` is `"none"`
+(`kontext_config.json`); the paper's `(0, -r, -c)` source and in-context references need `torch_reference.py`.
+
 ## Sampling
 
 Rectified flow, `x_t = (1 - t) x_0 + t noise`, the network predicts `v = noise - x_0`; `timestep` is t in [0, 1]

@@ -237,11 +237,13 @@ class KontextPipeline:
     @torch.no_grad()
     def sample(self, cond: Conditioning, latent_hw: tuple[int, int], num_steps: int = 28,
                in_context: torch.Tensor | None = None, roles: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Euler from noise (t = 1) to packed latent tokens (t = 0), ``[B, h*w, C]``; no guidance."""
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Euler from noise (t = 1; ``noise`` ``[B, h*w, C]``, else drawn) to packed latent tokens (t = 0),
+        ``[B, h*w, C]``; no guidance."""
         h, w = latent_hw
         channels = self.transformer.config.in_channels
-        x = torch.randn(cond.pooled.shape[0], h * w, channels, generator=generator, dtype=cond.pooled.dtype)
+        x = noise if noise is not None else torch.randn(cond.pooled.shape[0], h * w, channels, generator=generator,
+                                                        dtype=cond.pooled.dtype)
         sigmas = self.sigmas(num_steps, h * w)
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             v = self.velocity(cond, x, s.expand(x.shape[0]), latent_hw, in_context, roles)
