@@ -260,3 +260,76 @@ def test_a_per_layer_leaf_goes_where_its_layer_of_the_scanned_stack_goes():
     assert loop._sharding_for(places, mesh, ("mmdit", "transformer_blocks", "attn", "kernel"),
                               jax.ShapeDtypeStruct((2, 4, 6), jax.numpy.float32)) is stacked
     assert loop._sharding_for(places, mesh, ("mmdit", "other_3", "kernel"), leaf).spec == P()  # no such stack
+
+
+def test_a_run_on_a_tenth_bad_manifest_trains_every_good_record_once_per_epoch(tmp_path, monkeypatch):
+    """Inside a training run (``train_stage``): with 2 of 20 records bad (a truncated PNG target, a missing file),
+    each of the first two epochs of the stream is every good record exactly once, in the batches the step trained
+    on, and the run ends with both counted."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from qk_jax.training import metrics as metrics_lib
+
+    (tmp_path / "img").mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(20):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        data = buffer.getvalue()
+        if i == 7:
+            data = data[: len(data) // 2]  # the truncated PNG target that once stopped every run
+        if i != 13:  # record 13's file is missing
+            (tmp_path / "img" / f"{i}.png").write_bytes(data)
+        lines.append(json.dumps(dict(id=f"r{i}", task="t2i", prompt=f"a red circle {i}", target=f"img/{i}.png")))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    good = sorted(set(range(20)) - {7, 13})
+
+    seen = []  # the valid record indices of every batch the loop took, in order
+    make_pipeline = loop.pipeline_lib.make_pipeline
+
+    class Recording:  # the pipeline's iterator, noting what it hands the loop
+        def __init__(self, iterator):
+            self.iterator = iterator
+
+        def __next__(self):
+            batch = next(self.iterator)
+            seen.extend(int(i) for i, ok in zip(batch["record_index"], batch["valid"]) if ok)
+            return batch
+
+        def get_state(self):
+            return self.iterator.get_state()
+
+        def set_state(self, state):
+            self.iterator.set_state(state)
+
+    class RecordingPipeline:
+        def __init__(self, data):
+            self.data = data
+
+        def __iter__(self):
+            return Recording(iter(self.data))
+
+        def metrics(self, iterator):
+            return self.data.metrics(iterator.iterator)
+
+        @property
+        def manifest(self):
+            return self.data.manifest
+
+    monkeypatch.setattr(loop.pipeline_lib, "make_pipeline", lambda *a, **k: RecordingPipeline(make_pipeline(*a, **k)))
+    config = stage1.get_config("tiny")
+    config.data.manifest = str(tmp_path / "train.jsonl")
+    config.batch_size = 6  # 3 steps an epoch
+    config.total_steps, config.checkpoint_every = 2 * len(good) // config.batch_size, 100
+    loop.train_stage(config, str(tmp_path / "run"))
+    assert len(seen) == 2 * len(good)
+    for epoch in (seen[: len(good)], seen[len(good):]):
+        assert sorted(epoch) == good
+    assert seen[: len(good)] != seen[len(good):]  # reshuffled each epoch
+    last = metrics_lib.read_jsonl(str(tmp_path / "run" / metrics_lib.JSONL))
+    last = last[max(last)]
+    assert last["skipped/corrupt_image"] >= 1 and last["skipped/missing_file"] >= 1
