@@ -263,30 +263,56 @@ def test_a_per_layer_leaf_goes_where_its_layer_of_the_scanned_stack_goes():
 
 
 def test_a_run_on_a_tenth_bad_manifest_trains_every_good_record_once_per_epoch(tmp_path, monkeypatch):
-    """Inside a training run (``train_stage``): with 2 of 20 records bad (a truncated PNG target, a missing file),
-    each of the first two epochs of the stream is every good record exactly once, in the batches the step trained
-    on, and the run ends with both counted."""
+    """Inside a training run (``train_stage``), on a manifest a tenth bad, one record of each bad kind (a line nested
+    too deep, a missing field, an unknown task, too many references, a path out of the root, a missing file, a FIFO,
+    an empty file, a truncated PNG target, a PNG declaring 30000^2 pixels, a prompt over the token budget): the run
+    exits normally, each of its first two epochs is every good record exactly once in the batches the step trained
+    on, and metrics.jsonl counts every kind."""
     import io
     import json
 
     from PIL import Image
+    from test_pipeline import _bomb_png
 
     from qk_jax.training import metrics as metrics_lib
 
     (tmp_path / "img").mkdir()
     rng = np.random.default_rng(0)
-    lines = []
-    for i in range(20):
+
+    def png():
         buffer = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
-        data = buffer.getvalue()
-        if i == 7:
-            data = data[: len(data) // 2]  # the truncated PNG target that once stopped every run
-        if i != 13:  # record 13's file is missing
-            (tmp_path / "img" / f"{i}.png").write_bytes(data)
-        lines.append(json.dumps(dict(id=f"r{i}", task="t2i", prompt=f"a red circle {i}", target=f"img/{i}.png")))
+        return buffer.getvalue()
+
+    def record(i, **fields):
+        return json.dumps(dict(dict(id=f"r{i}", task="t2i", prompt=f"a red circle {i}", target=f"img/{i}.png"),
+                               **fields))
+
+    lines = []
+    for i in range(99):
+        (tmp_path / "img" / f"{i}.png").write_bytes(png())
+        lines.append(record(i))
+    good = list(range(len(lines)))  # record_index counts the records the manifest keeps, in order
+    (tmp_path / "img" / "empty.png").write_bytes(b"")
+    (tmp_path / "img" / "truncated.png").write_bytes(png()[:300])
+    (tmp_path / "img" / "bomb.png").write_bytes(_bomb_png())
+    os.mkfifo(tmp_path / "img" / "fifo.png")
+    at_load = dict(unparsable="[" * 100_000 + "]" * 100_000, invalid=json.dumps(dict(task="t2i", target="img/0.png")),
+                   unknown_task=record(100, task="paint"),
+                   too_many_references=record(101, task="multi", prompt="a b c", inputs=[
+                       dict(path="img/0.png", role="reference")] * 3),
+                   unsafe_path=record(102, target="../outside.png"))
+    in_stream = dict(missing_file=record(103, target="img/gone.png"), fifo=record(104, target="img/fifo.png"),
+                     empty_image=record(105, target="img/empty.png"),
+                     corrupt_image=record(106, target="img/truncated.png"),
+                     too_large=record(107, target="img/bomb.png"),
+                     too_long=record(108, prompt="circle " * 100, target="img/0.png"))
+    bad = list(at_load.values()) + list(in_stream.values())
+    assert len(bad) / (len(bad) + len(good)) >= 0.1
+    for k, line in enumerate(bad):  # spread through the manifest; at-load rejects shift the indices after them
+        lines.insert(9 * (k + 1), line)
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
-    good = sorted(set(range(20)) - {7, 13})
+    good = [n for n, line in enumerate(lines) if line not in bad]  # record_index: the record's line in the manifest
 
     seen = []  # the valid record indices of every batch the loop took, in order
     make_pipeline = loop.pipeline_lib.make_pipeline
@@ -323,7 +349,8 @@ def test_a_run_on_a_tenth_bad_manifest_trains_every_good_record_once_per_epoch(t
     monkeypatch.setattr(loop.pipeline_lib, "make_pipeline", lambda *a, **k: RecordingPipeline(make_pipeline(*a, **k)))
     config = stage1.get_config("tiny")
     config.data.manifest = str(tmp_path / "train.jsonl")
-    config.batch_size = 6  # 3 steps an epoch
+    config.batch_size = 9  # 11 steps an epoch
+    config.cfg_dropout.text = 0.0  # a too-long prompt whose text guidance drops is a good unconditional sample
     config.total_steps, config.checkpoint_every = 2 * len(good) // config.batch_size, 100
     loop.train_stage(config, str(tmp_path / "run"))
     assert len(seen) == 2 * len(good)
@@ -332,4 +359,8 @@ def test_a_run_on_a_tenth_bad_manifest_trains_every_good_record_once_per_epoch(t
     assert seen[: len(good)] != seen[len(good):]  # reshuffled each epoch
     last = metrics_lib.read_jsonl(str(tmp_path / "run" / metrics_lib.JSONL))
     last = last[max(last)]
-    assert last["skipped/corrupt_image"] >= 1 and last["skipped/missing_file"] >= 1
+    for kind in at_load:  # counted once, when the manifest is read
+        assert last[f"skipped/{kind}"] == 1, (kind, last)
+    for kind in set(in_stream) - {"fifo"}:  # counted each time the stream meets them: twice in two epochs, or more
+        assert last[f"skipped/{kind}"] >= 2, (kind, last)  # (prefetching reads ahead)
+    assert last["skipped/missing_file"] >= 4  # the FIFO is not a regular file: never opened, never a hang
