@@ -6,7 +6,7 @@ USAGE: python -m qk_jax.data.manifest_tool --validate FILE | --to-arrayrecord FI
   python -m qk_jax.data.manifest_tool --to-arrayrecord data/train.jsonl --out /data/train_ar --records-per-shard 10000
 
 ``--validate`` checks every record as the trainer reads it and every image of every good record: it must exist,
-stay inside the dataset root and decode (``qk_jax.data.prepare.check_manifest``), else the record is counted under
+stay inside the dataset root and decode (``qk_jax.data.ingest.check_manifest``), else the record is counted under
 its kind (``missing_file``, ``corrupt_image``, ...). The record, the checks and the shard layout:
 ``qk_jax.data.manifest``.
 """
@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from absl import app, flags
 
 from qk_jax import cli
-from qk_jax.data import manifest, prepare
+from qk_jax.data import ingest, manifest
 
 CHOOSE = "give --validate MANIFEST, or --to-arrayrecord MANIFEST --out DIR"
 
@@ -68,7 +68,7 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
             if out_dir is not None or fv["records-per-shard"].present:
                 raise app.UsageError("--out and --records-per-shard go with --to-arrayrecord, not --validate")
             m = manifest.open_manifest(source, max_references=max_references)
-            checked = prepare.check_manifest(m, max_pixels=fv["max-image-pixels"].value, workers=fv.workers)
+            checked = ingest.check_manifest(m, max_pixels=fv["max-image-pixels"].value, workers=fv.workers)
             lines = [f"{sum(checked.tasks.values())} good records: {dict(checked.tasks)}"]
             lines += _problems(checked.problems, checked.examples)
     except FileNotFoundError as e:

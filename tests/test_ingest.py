@@ -1,6 +1,7 @@
-"""``python -m qk_jax.data.prepare``: an image folder, parquet, a ``save_to_disk`` folder and webdataset shards, each
-built here with bad rows of several kinds, become a manifest whose good records are all there (images stored once,
-byte-identical where no re-encoding was needed) and whose bad rows are counted per kind; the manifests train."""
+"""``qk_jax.data.ingest`` through its command, ``python -m qk_jax.data.prepare``: an image folder, parquet, a
+``save_to_disk`` folder and webdataset shards, each built here with bad rows of several kinds, become a manifest
+whose good records are all there (images stored once, byte-identical where no re-encoding was needed) and whose bad
+rows are counted per kind; the manifests train."""
 
 import io
 import json
@@ -17,7 +18,7 @@ import pytest
 from absl import app
 from PIL import Image
 
-from qk_jax.data import images, manifest, manifest_tool, prepare
+from qk_jax.data import images, ingest, manifest, manifest_tool, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -342,11 +343,11 @@ def test_a_crash_leaves_no_manifest_and_the_old_one_untouched(tmp_path):
 
     def rows():
         for i in range(3):
-            yield prepare.Row(f"r{i}", "a prompt", (("target", "file_name", "a.png"),), str(tmp_path))
+            yield ingest.Row(f"r{i}", "a prompt", (("target", "file_name", "a.png"),), str(tmp_path))
         raise KeyboardInterrupt  # the run stops half way
 
     with pytest.raises(KeyboardInterrupt):
-        prepare.write_manifest(rows(), str(out), workers=0)
+        ingest.write_manifest(rows(), str(out), workers=0)
     assert (out / prepare.MANIFEST).read_text() == "the previous manifest\n"
     assert sorted(os.listdir(out)) == [prepare.IMAGES, prepare.MANIFEST]  # the image of r0, no .tmp, no summary
 
@@ -358,7 +359,7 @@ def test_limit_and_progress(tmp_path):
     assert summary.rows == 3 and summary.records == 3 and sorted(_records(tmp_path / "out")) == sorted(good)[:3]
     clock = iter([0.0, 1.0, 2.0, 3.0, 4.0, 15.0])
     lines = []
-    progress = prepare.Progress("prepare", every=2, seconds=10.0, clock=lambda: next(clock), log=lines.append)
+    progress = ingest.Progress("prepare", every=2, seconds=10.0, clock=lambda: next(clock), log=lines.append)
     assert [progress.update(n) for n in (1, 2, 3, 4, 5)] == [None, lines[0], None, lines[1], lines[2]]
     assert lines == ["prepare: 2 rows, 1.0 rows/s", "prepare: 4 rows, 1.0 rows/s", "prepare: 5 rows, 0.3 rows/s"]
 
