@@ -236,6 +236,14 @@ def settings(variant):
     config.sample = ml_collections.ConfigDict(dict(
         steps=pick(variant, paper=28, shapes=16, tiny=28), cfg_text=4.0,
         cfg_image=pick(variant, paper=1.5, shapes=3.0, tiny=1.5), negative_prompt=""))
+    # Samples while training (``qk_jax.training.previews``): every ``every`` steps and at a stage's end, one
+    # held-out input per task of the stage, ``steps`` Euler steps (0: the sample block's), to <workdir>/samples/
+    # and TensorBoard; every=0 is off. ``manifest``: where the inputs come from (default: the training data's).
+    config.preview = ml_collections.ConfigDict(dict(
+        every=pick(variant, paper=5000, shapes=1000, tiny=0), steps=pick(variant, paper=0, shapes=12, tiny=2),
+        seed=0, manifest=ml_collections.config_dict.placeholder(str)))
+    # A jax.profiler trace of some steps into <workdir>/profile: (first step, how many); () is off.
+    config.profile_steps = ()
 
     # The run: seed (params, data order, noise), how often to print/log and to checkpoint, how many to keep.
     config.seed = 0

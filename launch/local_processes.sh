@@ -15,7 +15,7 @@ mkdir -p "$(dirname "$workdir")"
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 pids=()
 for ((i = 0; i < N; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$D" JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$D" JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" \
     JAX_NUM_PROCESSES="$N" JAX_PROCESS_ID="$i" python -m qk_jax.train "$@" >"$workdir.process$i.log" 2>&1 &
   pids+=($!)
 done

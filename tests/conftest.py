@@ -12,6 +12,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="qk_jax_test_xla_cache_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# XLA:CPU's backend (LLVM) optimisation off: the tests' programs are tiny and compiled once each, so compiling fast
+# beats running fast (a FLUX-layout test: 93 s -> 65 s). HLO-level passes, and so every value the tests compare,
+# are unchanged; a run with XLA_FLAGS already set keeps its own.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
+
+
+def fake_devices_env(devices: int = 8, **extra: str) -> dict[str, str]:
+    """The environment of a test subprocess on ``devices`` fake CPU devices, with the suite's XLA flags."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
 
 import jax  # noqa: E402
 

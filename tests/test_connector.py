@@ -111,7 +111,8 @@ def test_pooled_proj_maps_the_kontext_mean_to_a_flux_pooled_width():
     params = nn.meta.unbox(Connector(cfg).init(jax.random.key(0), text, queries))["params"]
     params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
     boxed = jax.eval_shape(lambda: Connector(cfg).init(jax.random.key(0), text, queries))["params"]
-    assert boxed["pooled_proj"]["kernel"].names == ("embed", "mlp") and boxed["pooled_proj"]["kernel"].value.shape == (8, 6)
+    kernel = boxed["pooled_proj"]["kernel"]
+    assert kernel.names == ("embed", "mlp") and kernel.value.shape == (8, 6)
     out = Connector(cfg).apply({"params": params}, text, queries, text_mask)
     q = _np_mlp(params, queries)
     want = q.mean(axis=1) @ np.asarray(params["pooled_proj"]["kernel"]) + np.asarray(params["pooled_proj"]["bias"])

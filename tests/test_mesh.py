@@ -1,6 +1,5 @@
 """Mesh construction from config pairs and logical-axis shardings (8 fake CPU devices in a subprocess)."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -9,6 +8,7 @@ import pytest
 
 from qk_jax.parallel import mesh as mesh_lib
 from qk_jax.parallel.mesh import mesh_shape
+from conftest import fake_devices_env
 
 
 def test_mesh_shape_resolves_minus_one():
@@ -66,6 +66,6 @@ def test_zero_spec_shards_over_the_axes_that_divide(shape, sizes, expected):
 
 
 def test_logical_rules_shard_params_on_eight_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = fake_devices_env(8)
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -23,6 +23,7 @@ from qk_jax.models.mmdit import (MMDiT, MMDiTConfig, abstract_params, param_coun
                                  unstack_layers, with_layout)
 from qk_jax.ops import rope
 from qk_jax.pytree import leaf_paths
+from conftest import fake_devices_env
 
 CFG = MMDiTConfig.from_config(stage3.get_config("tiny").mmdit)  # 2 double + 1 single block, 2 heads x 16
 H = W = 2  # latent grid in tokens
@@ -293,7 +294,7 @@ FSDP_SCRIPT = textwrap.dedent(
 
 
 def test_fsdp_sharded_forward_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = fake_devices_env(8)
     out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -18,6 +18,7 @@ from qk_jax.models import saved_model
 from qk_jax.parallel import distributed
 from qk_jax.pytree import flatten
 from qk_jax.training import metrics
+from conftest import fake_devices_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config.batch_size=8", "--config.data.global_stream=True"]
@@ -31,7 +32,7 @@ def _command(processes: int, devices: int, workdir: str, stage: str, root) -> tu
     if stage != "stage1":
         args.append(f"--config.init_from={root / f'stage{int(stage[-1]) - 1}'}")
     if processes == 1:
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        env = fake_devices_env(devices)
         return [sys.executable, "-m", "qk_jax.train", *args], env
     return ["bash", "launch/local_processes.sh", str(processes), str(devices), *args], dict(os.environ)
 

@@ -20,6 +20,7 @@ from configs import stage1, stage2
 from qk_jax.models import qwen_vl as q
 from qk_jax.models.lora import lora_params, merge_lora, strip_lora
 from qk_jax.pytree import leaf_paths, regex_mask
+from conftest import fake_devices_env
 
 PAPER_VLM_PARAMS = 8_292_166_656  # transformers Qwen2_5_VLForConditionalGeneration, meta device (DESIGN.md)
 
@@ -272,8 +273,8 @@ SHARDED = textwrap.dedent(
 
 def test_tensor_parallel_forward_on_eight_devices_equals_one():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    tests = os.path.join(root, "tests")  # the script imports this file, which imports conftest
+    env = fake_devices_env(8, PYTHONPATH=os.pathsep.join([root, tests, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300,
                          cwd=root)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

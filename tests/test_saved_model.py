@@ -6,6 +6,7 @@ import pytest
 
 from configs import common
 from qk_jax.models import saved_model
+from conftest import fake_devices_env
 
 
 def test_model_checkpoint_round_trip(tmp_path):
@@ -67,7 +68,7 @@ def test_a_model_saved_from_eight_devices_loads_on_one(tmp_path):
             "w = jax.device_put(np.arange(32.0).reshape(8, 4), NamedSharding(mesh, P('data')))\n"
             "saved_model.save_model(sys.argv[1], common.base('tiny'), {'vae': {'w': w}}, meta={'stage': 1})\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = fake_devices_env(8)
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], env=env, cwd=root, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

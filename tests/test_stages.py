@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import fake_devices_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -80,7 +81,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = fake_devices_env(8)
     root = tmp_path_factory.mktemp("imports")
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(root / "vlm"), str(root / "stage1"), str(root / "flux")],
                          env=env,

@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from qk_jax.parallel import zero
+from conftest import fake_devices_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -85,7 +86,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def facts(tmp_path_factory):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = fake_devices_env(8)
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-4000:]

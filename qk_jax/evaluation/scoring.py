@@ -401,14 +401,16 @@ def _tile(image: np.ndarray, scale: int, border: tuple[int, int, int] | None = N
 
 def grid_image(rows: Sequence[Mapping[str, Any]], min_tile: int = 128) -> Image.Image:
     """One row per sample under its prompt: ``inputs | output | target``, the output framed green (passes
-    ``overall``/``success``) or red."""
+    ``overall``/``success``) or red; a row without ``scores`` (a training preview) is captioned and framed grey."""
     size = rows[0]["item"]["target"].shape[0]
     scale = max(1, -(-min_tile // size))
     cell = size * scale + 6
     columns = max(len(r["item"]["inputs"]) for r in rows) + 2
     caption = 14
-    passed = [row["scores"].get("overall", row["scores"].get("success")) for row in rows]
-    texts = [f"{'PASS' if ok else 'FAIL'}: {row['item']['prompt']}" for ok, row in zip(passed, rows)]
+    passed = [row["scores"].get("overall", row["scores"].get("success")) if "scores" in row else None
+              for row in rows]
+    texts = [row["item"]["prompt"] if ok is None else f"{'PASS' if ok else 'FAIL'}: {row['item']['prompt']}"
+             for ok, row in zip(passed, rows)]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     width = max(columns * cell, *(int(measure.textlength(t)) + 4 for t in texts))
     canvas = Image.new("RGB", (width, len(rows) * (cell + caption)), (255, 255, 255))
@@ -419,7 +421,7 @@ def grid_image(rows: Sequence[Mapping[str, Any]], min_tile: int = 128) -> Image.
         images = [inp["image"] for inp in row["item"]["inputs"]]
         for j, image in enumerate(images):
             canvas.paste(_tile(image, scale), (j * cell, y + caption))
-        canvas.paste(_tile(row["output"], scale, (30, 170, 30) if ok else (220, 30, 30)),
+        canvas.paste(_tile(row["output"], scale, None if ok is None else (30, 170, 30) if ok else (220, 30, 30)),
                      ((columns - 2) * cell, y + caption))
         canvas.paste(_tile(row["item"]["target"], scale), ((columns - 1) * cell, y + caption))
     return canvas

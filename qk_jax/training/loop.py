@@ -383,7 +383,10 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
              writer: metrics_lib.MetricsWriter | None, progress: metrics_lib.Progress,
              host_scalars: Callable[[], dict] | None = None,
              stop_requested: Callable[[int], bool] = lambda step: False,
-             compiled: Callable[[int], bool] = lambda step: False) -> state_lib.TrainState:
+             compiled: Callable[[int], bool] = lambda step: False,
+             after_step: Callable[[int, state_lib.TrainState], bool] | None = None,
+             profile_steps: tuple[int, int] | None = None, profile_dir: str | None = None
+             ) -> state_lib.TrainState:
     """Steps ``state.step + 1 .. total``: ``step_fn(state, *step_args(step))``; every ``log_every`` steps (and the
     last) the summed metrics go to ``writer`` and ``progress`` (``None`` writer: another process logs), and more
     than ``max_nonfinite`` updates skipped in a row stop the run with ``nonfinite_hint``; ``host_scalars()`` adds
@@ -391,7 +394,9 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
     ``Stopped`` raised (``stop_on_sigterm``); a step that ``compiled(step)`` a new program is left out of
     ``progress``'s throughput and ETA. After each step ``checkpointer``
     saves on its interval with ``data_state(step)`` (the data's resume point) and ``meta``; the last step is always
-    saved. Returns the final state; the checkpointer is closed on every exit, an error's included (its save in
+    saved; then ``after_step(step, state)`` runs (the previews), its time left out of the ETA when it says it did
+    work. ``profile_steps=(first, last)``: ``jax.profiler`` traces those steps into ``profile_dir``. Returns the
+    final state; the checkpointer is closed on every exit, an error's included (its save in
     flight completes)."""
     def save_now(step: int) -> None:  # off the interval too, unless this step was just saved
         if checkpointer.latest_step() != step:
@@ -399,9 +404,19 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
 
     start = int(state.step)
     acc, streak, last_logged = None, None, start
+    tracing = False
     try:
         for step in range(start + 1, total + 1):
+            if profile_steps is not None and step == profile_steps[0]:
+                jax.profiler.start_trace(profile_dir)
+                tracing = True
             state, metrics = step_fn(state, *step_args(step))
+            if tracing and step >= profile_steps[1]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+                logging.info("profiled steps %d-%d: %s (open it in TensorBoard's profile tab or Perfetto)",
+                             profile_steps[0], step, profile_dir)
             if compiled(step):
                 progress.restart(step)
             summed = {k: v for k, v in metrics.items() if k not in LATEST and k != STREAK}
@@ -427,12 +442,16 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
                                              f"{max_nonfinite}; {scalars['nonfinite']} in all); {nonfinite_hint}")
                 acc, streak, last_logged = None, None, step
             checkpointer.save(state, data_state(step), meta)
+            if after_step is not None and after_step(step, state):
+                progress.restart(step)
             if stop_requested(step):
                 save_now(step)
                 raise Stopped(f"stopped by SIGTERM after step {step}, which is saved in {checkpointer.workdir}; "
                               "rerun the same command to resume")
         save_now(int(state.step))
     except BaseException:
+        if tracing:
+            jax.profiler.stop_trace()
         # Let the checkpoint in flight finish (else it stays ``N.orbax-checkpoint-tmp`` and resume goes back one
         # more interval) and stop Orbax's threads, so the error that stopped the run is the one reported.
         try:
@@ -442,6 +461,44 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
         raise
     checkpointer.close()
     return state
+
+
+def previews_after_step(config, workdir: str, writer: metrics_lib.MetricsWriter | None, total: int
+                        ) -> Callable[[int, state_lib.TrainState], bool] | None:
+    """``run_loop``'s ``after_step`` for ``config.preview`` (``qk_jax.training.previews``): sample the preview
+    inputs every ``preview.every`` steps and at the last; None when off. One process only: sampling reads its
+    inputs on the host, and a multi-process run's params live on every host."""
+    every = int(dict(config.get("preview") or {}).get("every") or 0)
+    if not every:
+        return None
+    if jax.process_count() > 1:
+        logging.info("previews (config.preview.every=%d) are off in a multi-process run; sample final/ after it",
+                     every)
+        return None
+    from qk_jax.training import previews
+
+    previewer = previews.Previewer(config, workdir, writer)
+
+    def after_step(step: int, state: state_lib.TrainState) -> bool:
+        if step % every and step != total:
+            return False
+        trained = state.ema if state.ema is not None else state.trainable
+        path = previewer(step, state_lib.combine(trained, state.frozen))
+        if path:
+            logging.info("stage %s step %d: samples in %s", config.stage, step, path)
+        return True
+
+    return after_step
+
+
+def profile_window(config, start: int) -> tuple[int, int] | None:
+    """``config.profile_steps`` ``(first, count)`` as run_loop's ``(first, last)``, moved past a resume's start;
+    None when off."""
+    block = tuple(config.get("profile_steps") or ())
+    if not block or not block[1]:
+        return None
+    first = max(int(block[0]), start + 1)
+    return first, first + int(block[1]) - 1
 
 
 def train_stage(config, workdir: str) -> str:
@@ -518,7 +575,9 @@ def train_stage(config, workdir: str) -> str:
             writer=writer, progress=metrics_lib.Progress(total, start_step=start, every=log_every,
                                                          name=f"stage {config.stage}"),
             host_scalars=lambda: {f"skipped/{kind}": n for kind, n in data.metrics(iterator).items()},
-            stop_requested=stop_requested, compiled=new_shape_at.__contains__)
+            stop_requested=stop_requested, compiled=new_shape_at.__contains__,
+            after_step=previews_after_step(config, workdir, writer, total),
+            profile_steps=profile_window(config, start), profile_dir=os.path.join(workdir, "profile"))
 
     # --- the end ----------------------------------------------------------------------------------------------
     if writer is not None:

@@ -132,6 +132,18 @@ class MetricsWriter:
             self._events.write_event(Event(wall_time=walltime, step=step, summary=summary))
             self._events.flush()  # fsyncs
 
+    def write_image(self, step: int, tag: str, png: bytes, height: int, width: int) -> None:
+        """A PNG-encoded RGB image at ``step`` in TensorBoard's images tab (the JSONL keeps scalars only)."""
+        if self._events is None:
+            return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        image = Summary.Image(height=int(height), width=int(width), colorspace=3, encoded_image_string=png)
+        summary = Summary(value=[Summary.Value(tag=tag, image=image)])
+        self._events.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+        self._events.flush()
+
     def close(self) -> None:
         if not self._jsonl.closed:
             self._jsonl.close()

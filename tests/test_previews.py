@@ -1,0 +1,81 @@
+"""Samples while training (``qk_jax.training.previews``) and the profiler window: a tiny stage writes its preview PNG
+and TensorBoard images at the steps ``config.preview.every`` names, from ShapesWorld's held-out split or from a
+manifest, and ``config.profile_steps`` leaves a jax.profiler trace."""
+
+import glob
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import stage1
+from qk_jax.training import loop, previews
+
+
+def _tb_images(workdir):
+    """``{step: (height, width, png bytes)}`` of the ``samples`` image summaries in the run's TensorBoard events."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from qk_jax.training import metrics
+
+    acc = event_accumulator.EventAccumulator(str(workdir / metrics.TB_DIR),
+                                             size_guidance={event_accumulator.IMAGES: 0})
+    acc.Reload()
+    return {e.step: (e.height, e.width, e.encoded_image_string) for e in acc.Images("samples")}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("previews") / "run"
+    config = stage1.get_config("tiny")
+    config.total_steps, config.checkpoint_every = 3, 100
+    config.preview.every = 2
+    config.profile_steps = (2, 1)
+    loop.train_stage(config, str(workdir))
+    return config, workdir
+
+
+def test_a_stage_writes_its_previews_at_every_and_at_the_end(run):
+    config, workdir = run
+    written = sorted(os.listdir(workdir / previews.SAMPLES_DIR))
+    assert written == ["step_0000002.png", "step_0000003.png"]  # every 2 steps, and the last
+    grid = np.asarray(Image.open(workdir / previews.SAMPLES_DIR / written[-1]))
+    assert grid.shape[0] >= 128 and grid.std() > 0  # stage 1's one sampled task (t2i): a picture, not blank
+    images = _tb_images(workdir)
+    assert sorted(images) == [2, 3]
+    height, width, png = images[3]
+    assert (height, width) == grid.shape[:2]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), grid)
+
+
+def test_the_profiler_traces_the_steps_asked(run):
+    _, workdir = run
+    assert glob.glob(str(workdir / "profile" / "**" / "*.xplane.pb"), recursive=True)
+
+
+def test_preview_inputs_are_shapesworlds_held_out_split_or_a_manifests_first_per_task(tmp_path):
+    config = stage1.get_config("tiny")
+    config.tasks = dict(t2i=0.5, recon=0.2, edit=0.3)  # recon: no sampling path, no preview
+    items = previews.preview_items(config)
+    assert [item["task"] for item in items] == ["t2i", "edit"]
+    assert all(item["target"].shape == (32, 32, 3) for item in items) and len(items[1]["inputs"]) == 1
+    again = previews.preview_items(config)  # fixed: every preview of a run shows the same inputs
+    assert [a["prompt"] for a in items] == [b["prompt"] for b in again]
+    np.testing.assert_array_equal(items[0]["target"], again[0]["target"])
+
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    lines = [dict(task="edit", prompt="make <image 1> blue", target="a.png", inputs=[dict(path="a.png", role="source")]),
+             dict(task="t2i", prompt="the bad one", target="bad.png"), dict(task="t2i", prompt="a", target="a.png"),
+             dict(task="t2i", prompt="b", target="a.png")]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    config.preview.manifest = str(tmp_path / "m.jsonl")
+    items = previews.preview_items(config)
+    assert [(item["task"], item["prompt"]) for item in items] == [("t2i", "a"), ("edit", "make <image 1> blue")]
+    np.testing.assert_array_equal(items[1]["inputs"][0]["image"], pixels)
+    outputs = [np.zeros((32, 32, 3), np.uint8)] * 2  # any size of input or target fits the grid's cells
+    assert previews.preview_grid(items, outputs).size[1] > 2 * 32
