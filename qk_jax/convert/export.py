@@ -233,8 +233,7 @@ def import_model(
     meta = dict(stage=int(config.get("stage", 0)), step=0, imported={c: summary[c]["source"] for c in COMPONENTS},
                 dtype=np_dtype.name)
     # The Qwen folder's tokenizer goes with the weights (``<out>/tokenizer``): what the model's prompts must read.
-    files = {f"{processors.TOKENIZER_DIR}/{name}": os.path.join(qwen, name) for name in processors.TOKENIZER_FILES
-             if os.path.isfile(os.path.join(qwen, name))}
+    files = processors.tokenizer_files(qwen, f"{processors.TOKENIZER_DIR}/")
     if not files:
         log(f"  note: {qwen} holds no tokenizer files; set config.vlm.tokenizer to Qwen2.5-VL's tokenizer folder")
     saved_model.save_model(out, config, params, meta=meta, files=files)
@@ -262,12 +261,13 @@ def kontext_tensors(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def kontext_config(config: Any, model_config: QueryKontextConfig) -> dict[str, Any]:
     """``kontext_config.json``: what the transformers/diffusers folders do not say."""
     c = model_config
+    kind = processors.tokenizer_kind(config.vlm)
     return dict(
         stage=int(config.get("stage", 0)),
         # 'qwen': vlm/ holds the Qwen2.5-VL tokenizer the model was trained with; 'byte' / 'word': a stand-in
         # (the README says how it tokenises; 'word' lists its vocabulary here).
-        tokenizer=processors.tokenizer_kind(config.vlm),
-        vocabulary=list(config.vlm.vocabulary) if processors.tokenizer_kind(config.vlm) == "word" else None,
+        tokenizer=kind,
+        vocabulary=list(config.vlm.vocabulary) if kind == "word" else None,
         num_queries=c.vlm.num_queries,
         query_attention=c.vlm.query_attention,
         max_text_tokens=int(config.vlm.get("max_text_tokens", 0)) or None,
@@ -455,9 +455,8 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, *, log: 
     own = os.path.join(checkpoint, processors.TOKENIZER_DIR)
     if kind == "qwen":
         source = own if processors.is_tokenizer_folder(own) else processors.tokenizer_folder(config)
-        for name in processors.TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(source, name)):
-                (out / VLM_DIR / name).write_bytes(Path(source, name).read_bytes())
+        for name, path in processors.tokenizer_files(source).items():
+            (out / VLM_DIR / name).write_bytes(Path(path).read_bytes())
         log(f"copied the tokenizer of {source} into {out / VLM_DIR}")
     tensors = kontext_tensors(params)
     write_safetensors(tensors, out, Path(KONTEXT_WEIGHTS).stem)

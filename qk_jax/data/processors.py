@@ -251,15 +251,18 @@ def tokenizer_folder(config: Mapping[str, Any]) -> str | None:
     raise ValueError(UNSET_TOKENIZER)
 
 
+def tokenizer_files(folder: str | os.PathLike, prefix: str = "") -> dict[str, str]:
+    """``{prefix + name: path}`` of the tokenizer files (``TOKENIZER_FILES``) that ``folder`` holds."""
+    return {prefix + name: os.path.join(folder, name) for name in TOKENIZER_FILES
+            if os.path.isfile(os.path.join(folder, name))}
+
+
 def model_files(config: Mapping[str, Any]) -> dict[str, str]:
     """The tokenizer files a model folder keeps beside its params (``saved_model.save_model(files=...)``), as
     ``{"tokenizer/<file>": source}``: so that it samples, exports and starts the next stage without the original
     folder. Empty for a stand-in."""
     folder = tokenizer_folder(config)
-    if folder is None:
-        return {}
-    return {f"{TOKENIZER_DIR}/{name}": os.path.join(folder, name) for name in TOKENIZER_FILES
-            if os.path.isfile(os.path.join(folder, name))}
+    return {} if folder is None else tokenizer_files(folder, f"{TOKENIZER_DIR}/")
 
 
 def image_layout(config: Mapping[str, Any]) -> tuple[Callable[[int, int], tuple[int, int, int]], int]:

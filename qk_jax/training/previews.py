@@ -30,13 +30,18 @@ from qk_jax.evaluation import scoring
 SAMPLES_DIR = "samples"
 
 
+def preview_tasks(config: Mapping[str, Any]) -> list[str]:
+    """The stage's tasks (``config.tasks``) that the sampler renders, in ``tasks.TASKS`` order."""
+    return [t for t in tasks_lib.SAMPLING_TASKS if t in dict(config["tasks"])]
+
+
 def preview_items(config: Mapping[str, Any], seed: int = 0) -> list[dict[str, Any]]:
     """One item per task of the stage that the sampler renders (``config.tasks`` within ``tasks.SAMPLING_TASKS``:
     stage 1's recon and transform train the VLM and have no sampling path), in ``tasks.TASKS`` order:
     ``{task, prompt, inputs: [{image}], target}``."""
     block = dict(config.get("preview") or {})
     source = block.get("manifest") or config["data"].get("manifest")
-    tasks = [t for t in tasks_lib.SAMPLING_TASKS if t in dict(config["tasks"])]
+    tasks = preview_tasks(config)
     if not source:  # ShapesWorld: its held-out split
         world = shapesworld.World.from_config(config["data"]["world"], size=int(config["data"]["resolution"]))
         return [shapesworld.generate_sample(world, [seed, 0], task, "test") for task in tasks]
@@ -91,7 +96,7 @@ class Previewer:
         self.size = (side, side)
         if not self.items:
             logging.warning("preview: no record of the stage's sampled tasks %s; previews are off",
-                            [t for t in tasks_lib.SAMPLING_TASKS if t in dict(config["tasks"])])
+                            preview_tasks(config))
 
     def requests(self) -> list[sampling.Request]:
         return [sampling.Request(task=item["task"], prompt=item["prompt"],
