@@ -224,7 +224,7 @@ def settings(variant):
     # Classifier-free guidance needs the model to see missing conditions. The paper gives no rates: 0.1 each,
     # drawn independently, so 0.01 of the samples lose both (the unconditional branch).
     config.cfg_dropout = ml_collections.ConfigDict(dict(text=0.1, image=0.1))
-    # FLUX's flow matching (DESIGN.md): logit-normal t (mean, std), shifted by mu linear in the number of image
+    # FLUX's flow matching (docs/design.md): logit-normal t (mean, std), shifted by mu linear in the number of image
     # tokens (256 tokens -> 0.5, 4096 -> 1.15; a 512x512 image has 1024 tokens).
     config.flow = ml_collections.ConfigDict(dict(
         mean=0.0, std=1.0, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15))
@@ -244,6 +244,7 @@ def settings(variant):
         seed=0, manifest=ml_collections.config_dict.placeholder(str)))
     # A jax.profiler trace of some steps into <workdir>/profile: (first step, how many); () is off.
     config.profile_steps = ()
+    config.wandb = wandb_block()
 
     # The run: seed (params, data order, noise), how often to print/log and to checkpoint, how many to keep.
     config.seed = 0
@@ -457,8 +458,17 @@ def vae(variant):
     return config
 
 
+def wandb_block() -> ml_collections.ConfigDict:
+    """Weights & Biases (``pip install wandb``; off by default): the scalars and preview images the stage writes to
+    TensorBoard, one W&B run per stage (``qk_jax.training.metrics.WandbLogger``). ``mode``: W&B's (``online``,
+    ``offline``, ``disabled``; unset: its environment's ``WANDB_MODE``, else online)."""
+    placeholder = ml_collections.config_dict.placeholder
+    return ml_collections.ConfigDict(dict(enabled=False, project="qk_jax", entity=placeholder(str),
+                                          group=placeholder(str), mode=placeholder(str)))
+
+
 def shapesworld_block():
-    """ShapesWorld (DESIGN.md): 1-3 flat shapes on a white canvas of ``config.data.resolution`` pixels.
+    """ShapesWorld (docs/design.md): 1-3 flat shapes on a white canvas of ``config.data.resolution`` pixels.
 
     Colors are far apart in RGB so that the evaluator can segment them; sizes are the object's side as a
     fraction of a grid cell (a third of the canvas).

@@ -25,9 +25,11 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.world = common.shapesworld_block()  # one world for every stage and the evaluation
     config.stages = [module.get_config(arg.variant) for module in (stage1, stage2, stage3)]
+    config.wandb = common.wandb_block()  # one block for every stage: --config.wandb.enabled=True logs them all
     for stage in config.stages:
         stage.name = f"stage{stage.stage}"
         stage.data.world = config.world
+        stage.wandb = config.wandb
     for previous, stage in zip(config.stages, config.stages[1:]):
         stage.init_from = previous.name
 
@@ -68,7 +70,7 @@ def get_config(arg=None):
     config.stage0.vlm.optim.schedule = "cosine"
 
     # Scored by qk_jax.evaluate on held-out scenes: GenEval-style categories for t2i, success and preservation
-    # for edit, identity and placement for custom/multi, both for subject_edit (DESIGN.md). Every sample is
+    # for edit, identity and placement for custom/multi, both for subject_edit (docs/design.md). Every sample is
     # drawn once per sampler seed; the report gives the mean and the spread over seeds. The untrained baseline
     # (qk_jax.evaluation.scoring.untrained) is scored on the first seed with untrained_samples per task.
     config.evaluate = ml_collections.ConfigDict(dict(

@@ -27,7 +27,7 @@ def get_config(arg=None):
     # same pixel depend on the position; a 4-layer MMDiT did not learn to copy across it, and the source offset
     # ablation (``python -m qk_jax.ablate --which source_offset``) preserved pixels far better at (1, r, c)
     # (docs/shapesworld_log.md: Evidence moved out of the configs).
-    # The tiny variant keeps eq. 2/4, whose token stream the tests check against DESIGN.md.
+    # The tiny variant keeps eq. 2/4, whose token stream the tests check against docs/design.md.
     config.source_offset = common.pick(arg.variant, paper="negate", shapes="axis0", tiny="negate")
 
     # The model (paper table 11 at paper scale; each builder's dims per scale are in common.py).
@@ -47,7 +47,7 @@ def get_config(arg=None):
 
     config.trainable = (r"^mmdit/.*/lora_[ab]$", r"kontext_queries$", r"^connector/")
     # Table 3: instruction editing, customized generation, multi-subject (TI2I) and T2I; subject_edit (a source
-    # and a reference subject together) is MIGE's task, in DESIGN.md. Relative weights are ours.
+    # and a reference subject together) is MIGE's task, in docs/design.md. Relative weights are ours.
     config.tasks = dict(edit=0.3, custom=0.2, multi=0.2, subject_edit=0.15, t2i=0.15)
     if arg.variant == "shapes":
         # ShapesWorld deviates from table 3 here: no LoRA; the whole MMDiT and the VLM train. With a LoRA and

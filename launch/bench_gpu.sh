@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU figures of the README's performance table: python -m qk_jax.bench on one GPU, JAX beside diffusers +
+# The GPU figures of docs/performance.md's table: python -m qk_jax.bench on one GPU, JAX beside diffusers +
 # torch.compile (with a kernel profile of the JAX step), a doubled batch, the layer-scan / remat / XLA-flag
 # variants, guided sampling and the 7B VLM forward.
 #   bash launch/bench_gpu.sh [OUT_DIR] [PARTS]   PARTS: any of "jax batch eager torch variants sample vlm"

@@ -4,7 +4,7 @@ The library: ``ops`` (jitted stateless kernels: RoPE/sRoPE, flow matching, atten
 LoRA, the Qwen2.5-VL, MMDiT, VAE and connector, the assembled model, the exported-model format), ``data``,
 ``parallel``, ``training``, ``sampling``, ``evaluation``, ``convert``, ``perf``. The commands (``python -m
 qk_jax.train``, ``sample``, ``evaluate``, ``diagnose``, ``pretrain``, ``ablate``, ``bench``, ``plan``,
-``convert``) are thin files over it (README "Layout"). From Python, ``from qk_jax import QueryKontextPipeline``
+``convert``) are thin files over it (docs/layout.md). From Python, ``from qk_jax import QueryKontextPipeline``
 samples a checkpoint diffusers-style (``qk_jax.sampling.kontext_pipeline``).
 """
 

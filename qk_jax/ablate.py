@@ -14,7 +14,6 @@ from ml_collections import config_flags
 
 from qk_jax import cli
 from qk_jax.training import ablations
-from qk_jax.training import metrics as metrics_lib
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -31,7 +30,6 @@ def define_flags(fv: flags.FlagValues) -> None:
 def run_flags(fv: flags.FlagValues) -> str:
     if fv.config is None or not fv.workdir or "stages" not in fv.config:
         raise app.UsageError("give --config configs/shapes.py (a curriculum) and --workdir (where it ran)")
-    metrics_lib.quiet_library_logs()
     try:
         table = ablations.run_ablations(fv.config, fv.workdir, fv.which, steps=fv.steps, num=fv.num, seed=fv.seed)
     except FileNotFoundError as e:

@@ -14,7 +14,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qk_jax import cli
-from qk_jax.training import metrics as metrics_lib
 from qk_jax.training import stage0
 
 
@@ -27,7 +26,6 @@ def define_flags(fv: flags.FlagValues) -> None:
 def run_flags(fv: flags.FlagValues) -> stage0.Result:
     if fv.config is None or not fv.workdir:
         raise app.UsageError("give --config configs/shapes.py[:tiny] and --workdir DIR")
-    metrics_lib.quiet_library_logs()
     try:
         return stage0.run(fv.config, os.path.join(os.path.abspath(fv.workdir), stage0.DIRNAME))
     except stage0.NoStage0Error as e:

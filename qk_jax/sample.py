@@ -25,15 +25,14 @@ from qk_jax.data import tasks
 GRID_MAX = 64  # images in the grid PNG (every image is written on its own too)
 
 
-
-
 def define_flags(flag_values: flags.FlagValues) -> None:
     """The CLI's flags, on ``flag_values`` (not at import: other entry points may use the same names)."""
     fv = dict(flag_values=flag_values)
     flags.DEFINE_string("checkpoint", None, "A model directory (a stage's final/).", **fv)
-    flags.DEFINE_enum("task", "t2i", list(tasks.SAMPLING_TASKS), "What the input images are: t2i none; edit 1 "
-                      "source; custom 1 reference; multi 2..N references; subject_edit the source, then references.",
-                      **fv)
+    flags.DEFINE_enum("task", None, list(tasks.SAMPLING_TASKS), "What the input images are: t2i none; edit 1 "
+                      "source; custom 1 reference; multi 2..N references; subject_edit the source, then references "
+                      "(default: the one task the number of --image flags allows on this checkpoint; an error "
+                      "names the candidates when several fit).", **fv)
     flags.DEFINE_string("prompt", None, "The instruction; '<image k>' places input image k in it.", **fv)
     flags.DEFINE_multi_string("image", [], "An input image (repeat the flag, in the task's order).", **fv)
     flags.DEFINE_integer("steps", None, "Euler steps (default: config.sample.steps).", **fv)
@@ -64,7 +63,8 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
         size = sampling.parse_size(fv["size"].value) if fv["size"].value else None
         sampler = sampling.Sampler.from_checkpoint(fv["checkpoint"].value, tokenizer=fv["tokenizer"].value)
         images = tuple(sampling.read_image(path, sampler.max_image_pixels) for path in fv["image"].value)
-        request = sampling.Request(task=fv["task"].value, prompt=fv["prompt"].value, images=images,
+        task = sampler.task_for(len(images), fv["task"].value)
+        request = sampling.Request(task=task, prompt=fv["prompt"].value, images=images,
                                    num_images=fv["num-images"].value, seed=fv["seed"].value,
                                    negative_prompt=fv["negative-prompt"].value, cfg_text=fv["cfg-text"].value,
                                    cfg_image=fv["cfg-image"].value)
@@ -78,6 +78,8 @@ def run_flags(fv: flags.FlagValues) -> list[str]:
     about = [f"{key} {sampler.meta[key]}" for key in ("stage", "step") if key in sampler.meta]
     about += ["EMA weights"] if sampler.meta.get("ema") else []
     print(f"checkpoint {fv['checkpoint'].value}" + (f": {', '.join(about)}" if about else ""))
+    if fv["task"].value is None:
+        print(f"task {request.task} (from {len(images)} input image(s); --task to choose)")
     width, height = prepared.size
     if size is not None and size != prepared.size:
         print(f"size {size[0]}x{size[1]} snaps to the nearest aspect-ratio bucket: {width}x{height}")

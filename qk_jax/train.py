@@ -46,7 +46,6 @@ def run_flags(fv: flags.FlagValues) -> None:
     if processes > 1:
         logging.info("process %d of %d, %d of %d devices here", process, processes, jax.local_device_count(),
                      jax.device_count())
-    metrics_lib.quiet_library_logs()
     logging.info("compilation cache: %s", loop.use_compilation_cache(workdir))
     if process == 0:
         path = metrics_lib.save_run_config(config, workdir)

@@ -1,6 +1,6 @@
 """The experiment configs: every file and variant loads, the paper numbers are the paper's, the trainable
 regexes pick the right leaves, and the reference implementations (transformers, diffusers; meta device, nothing
-allocated) built from the configs have the parameter counts of DESIGN.md."""
+allocated) built from the configs have the parameter counts of docs/design.md."""
 
 import importlib.util
 import inspect
@@ -163,7 +163,7 @@ def test_base_is_stage2_without_its_rows(variant):
 
 
 def test_config_comments_hold_no_dates_or_scores():
-    """Runs, dates and scores belong in docs/shapesworld_log.md (DESIGN.md, "Conventions"); a config comment says
+    """Runs, dates and scores belong in docs/shapesworld_log.md (docs/design.md, "Conventions"); a config comment says
     why and points there."""
     for path in sorted((REPO / "configs").glob("*.py")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -287,7 +287,7 @@ def test_lora_targets_match_the_reference_module_names():
     assert not any("norm" in n or "embed" in n or n == "proj_out" for n in picked)
 
 
-# Parameter counts of the reference implementations (DESIGN.md).
+# Parameter counts of the reference implementations (docs/design.md).
 
 
 def test_paper_parameter_counts():

@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from qk_jax import QueryKontextPipeline, sampling
-from qk_jax.sampling import kontext_pipeline
 
 STEPS, N = 2, 2
 SQUARE = {"height": 32, "width": 32}  # the tiny config's square bucket
@@ -135,14 +134,14 @@ def test_task_inference(pipe):
     with pytest.raises(ValueError, match="no task takes 4 input images .*config.max_references=2"):
         pipe.task_for(4)
     # Narrowed by what the checkpoint trained on: without custom one image is an edit's source.
-    infer = kontext_pipeline.infer_task
+    infer = sampling.infer_task
     assert infer(1, 2, ("t2i", "edit", "multi")) == "edit"
     assert infer(2, 2, ("t2i", "edit", "multi")) == "multi"
     assert infer(2, 1) == "subject_edit"  # one reference at most: two images cannot be two subjects
     with pytest.raises(ValueError, match="not trained on any of them .*t2i, transform.*pass task="):
         infer(1, 2, ("t2i", "recon", "transform"))  # a stage-1 checkpoint
-    assert kontext_pipeline.trained_tasks({"tasks": {"t2i": 0.5, "recon": 0.5, "edit": 0.0}}) == ("t2i",)
-    assert kontext_pipeline.trained_tasks({}) == ("t2i", "edit", "custom", "multi", "subject_edit")
+    assert sampling.trained_tasks({"tasks": {"t2i": 0.5, "recon": 0.5, "edit": 0.0}}) == ("t2i",)
+    assert sampling.trained_tasks({}) == ("t2i", "edit", "custom", "multi", "subject_edit")
 
 
 def test_inferred_task_samples_as_the_explicit_one(pipe):

@@ -1,4 +1,4 @@
-"""The layout's rules (README "Layout"): one library, thin commands.
+"""The layout's rules (docs/layout.md): one library, thin commands.
 
 Read from the source with ``ast``, function-level imports included: no import cycle among qk_jax modules; no
 library module imports a command (a module with a ``__main__`` block) or the command glue ``qk_jax.cli``; no

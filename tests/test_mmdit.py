@@ -31,7 +31,7 @@ L = 4  # text tokens
 
 
 def test_paper_param_counts():
-    """Stage 2's large MMDiT: 9,952,604,736 (diffusers' count, DESIGN.md); stage 1's light head: 867,713,600."""
+    """Stage 2's large MMDiT: 9,952,604,736 (diffusers' count, docs/design.md); stage 1's light head: 867,713,600."""
     assert param_count(MMDiTConfig.from_config(stage2.get_config().mmdit)) == 9_952_604_736
     light = MMDiTConfig.from_config(stage1.get_config().mmdit)
     assert (light.num_layers, light.num_attention_heads, light.attention_head_dim) == (10, 24, 64)

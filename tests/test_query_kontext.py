@@ -88,7 +88,7 @@ def test_loss_is_finite_and_only_trainable_leaves_get_gradients(module, manifest
 
 
 def _paper_stream(roles_row, noisy_row, slots_row, h, w):
-    """One sample's image stream and ids built straight from DESIGN.md: sources, noise, references by n."""
+    """One sample's image stream and ids built straight from docs/design.md: sources, noise, references by n."""
     blocks, ids, n = [], [], 0
     for m, r in enumerate(roles_row):
         if r == rope.SOURCE:

@@ -22,7 +22,7 @@ from qk_jax.models.lora import lora_params, merge_lora, strip_lora
 from qk_jax.pytree import leaf_paths, regex_mask
 from conftest import fake_devices_env
 
-PAPER_VLM_PARAMS = 8_292_166_656  # transformers Qwen2_5_VLForConditionalGeneration, meta device (DESIGN.md)
+PAPER_VLM_PARAMS = 8_292_166_656  # transformers Qwen2_5_VLForConditionalGeneration, meta device (docs/design.md)
 
 
 def tiny(**overrides):

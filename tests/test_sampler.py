@@ -268,6 +268,18 @@ def test_cli_samples_in_batches_with_the_same_seeds(model_and_checkpoint, tmp_pa
     np.testing.assert_array_equal(np.asarray(Image.open(batched[2])), np.asarray(Image.open(alone[0])))
 
 
+def test_cli_infers_the_task_when_the_images_allow_one(model_and_checkpoint, image_files, tmp_path, capsys):
+    # No --task: no image is t2i (said in the output); one image is an edit's source or a subject's reference on
+    # a stage-3 checkpoint, so the error names both and asks for --task.
+    checkpoint, (a, _, _) = model_and_checkpoint[2], image_files[0]
+    base = ["--checkpoint", str(checkpoint), "--prompt", "a red circle", "--num-images", "1", "--steps", str(STEPS),
+            "--size", "32x32", "--out", str(tmp_path / "t.png")]
+    assert len(sample.main(base)) == 2
+    assert "task t2i (from 0 input image(s); --task to choose)" in capsys.readouterr().out
+    with pytest.raises(app.UsageError, match=r"ambiguous: they fit the tasks edit, custom; pass task="):
+        sample.main(base + ["--image", a])
+
+
 def test_python_dash_m_snaps_the_size_to_a_bucket(model_and_checkpoint, tmp_path):
     out = tmp_path / "grid.png"
     result = subprocess.run(

@@ -1,4 +1,4 @@
-r"""ShapesWorld: a synthetic world with ground truth a program can score (DESIGN.md, "ShapesWorld").
+r"""ShapesWorld: a synthetic world with ground truth a program can score (docs/design.md, "ShapesWorld").
 
 ``write_dataset(out, num, seed=0)`` writes a dataset; the command is ``python -m qk_jax.data.make_shapesworld
 --out /tmp/shapes --num 10000 --seed 0 [--size 64] [--tasks t2i --tasks edit ...]``.

@@ -3,7 +3,7 @@
 The same MLP (shared weights) maps the VLM's last hidden states of the prompt's text tokens ``T`` and of the
 ``K`` kontext query tokens ``Q`` into the MMDiT's context width; the MMDiT's text stream is
 ``concat(connector(T), connector(Q))``. The pooled vector FLUX takes from CLIP is the mean of the connected
-kontext tokens (DESIGN.md). An MMDiT whose pooled width is not its context width (FLUX.1: context 4096, CLIP's
+kontext tokens (docs/design.md). An MMDiT whose pooled width is not its context width (FLUX.1: context 4096, CLIP's
 pooled 768) gets it through the connector's own linear ``pooled_proj`` (``pooled_features``; out_features ->
 pooled_features, with bias), trained with the connector from stage 1 on: the paper's MMDiT pools at the context
 width and needs none.

@@ -1,6 +1,6 @@
 """Rectified flow matching: interpolation, velocity target, timestep sampling and shift, Euler schedule, loss.
 
-Conventions (DESIGN.md, FLUX / diffusers ``FlowMatchEulerDiscreteScheduler``): ``t`` (= sigma) in [0, 1] is
+Conventions (docs/design.md, FLUX / diffusers ``FlowMatchEulerDiscreteScheduler``): ``t`` (= sigma) in [0, 1] is
 the noise level, ``x_t = (1 - t) x_0 + t * noise``, the model predicts the velocity ``noise - x_0``, and the
 sampler integrates from ``t = 1`` (noise) to ``t = 0`` (data) with Euler steps ``x <- x + (t_next - t) v``.
 

@@ -12,11 +12,13 @@ from qk_jax.sampling.sampler import (
     generate,
     guidance_weights,
     image_grid,
+    infer_task,
     parse_size,
     read_image,
     reconstruct,
     task_roles,
+    trained_tasks,
 )
 
 __all__ = ["BRANCHES", "Prepared", "Request", "Sampler", "check_params", "generate", "guidance_weights", "image_grid",
-           "parse_size", "read_image", "reconstruct", "task_roles"]
+           "infer_task", "parse_size", "read_image", "reconstruct", "task_roles", "trained_tasks"]

@@ -21,12 +21,12 @@ what ``Sampler.sample`` returns for those requests. What the layer adds, and why
 - **diffusers' argument names**: ``num_inference_steps``, ``guidance_scale`` (the text scale, ``cfg_text``),
   ``image_guidance_scale`` (InstructPix2Pix's name for the image scale, ``cfg_image``), ``negative_prompt``,
   ``height``/``width``. ``None`` takes the checkpoint config's ``config.sample`` value, as the CLI does.
-- **The task inferred** (``infer_task``) from the number of input images, narrowed by what the checkpoint can do
-  (``config.max_references``) and was trained for (``config.tasks``): no image is ``t2i``; with the stage-3
-  tasks one image may be an edit's source or a subject's reference, and two may be two subjects or a source and a
-  subject, so those need ``task=``, and the ``ValueError`` names the candidates. A guess would silently give
-  the image the wrong sRoPE role (source: pixels preserved; reference: identity carried), which looks like a bad
-  model rather than a wrong argument.
+- **The task inferred** (``sampler.infer_task``, as ``python -m qk_jax.sample`` without ``--task`` does) from the
+  number of input images, narrowed by what the checkpoint can do (``config.max_references``) and was trained for
+  (``config.tasks``): no image is ``t2i``; with the stage-3 tasks one image may be an edit's source or a subject's
+  reference, and two may be two subjects or a source and a subject, so those need ``task=``, and the ``ValueError``
+  names the candidates. A guess would silently give the image the wrong sRoPE role (source: pixels preserved;
+  reference: identity carried), which looks like a bad model rather than a wrong argument.
 - **Images as users hold them**: ``PIL.Image`` of any mode (EXIF orientation applied, then converted to RGB,
   as ``read_image`` does for a file), uint8 arrays (``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]``) or file paths
   (``read_image``: the project's one decoding path).
@@ -42,72 +42,16 @@ fewer to bound memory.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
 from PIL import Image, ImageOps
 
-from qk_jax.data import tasks as tasks_lib
-from qk_jax.sampling.sampler import Request, Sampler, read_image, task_roles
+from qk_jax.sampling.sampler import Request, Sampler, read_image
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike  # what ``images`` takes (``to_rgb``)
-
-
-def fitting_tasks(num_images: int, max_references: int) -> tuple[str, ...]:
-    """The sampling tasks (``tasks.SAMPLING_TASKS``, in order) that take ``num_images`` input images on a model
-    with ``max_references``: those for which the sampler's own check (``task_roles``) passes."""
-    fits = []
-    for task in tasks_lib.SAMPLING_TASKS:
-        try:
-            task_roles(task, num_images, max_references)
-        except ValueError:
-            continue
-        fits.append(task)
-    return tuple(fits)
-
-
-def trained_tasks(config: Mapping[str, Any]) -> tuple[str, ...]:
-    """The sampling tasks a checkpoint was trained on: ``config.tasks`` entries of positive weight (every sampling
-    task when the config has no ``tasks``, as a converted model may not)."""
-    weights = config.get("tasks")
-    if not weights:
-        return tasks_lib.SAMPLING_TASKS
-    weights = dict(weights)
-    return tuple(t for t in tasks_lib.SAMPLING_TASKS if float(weights.get(t, 0.0)) > 0.0)
-
-
-def infer_task(num_images: int, max_references: int, trained: Iterable[str] = tasks_lib.SAMPLING_TASKS) -> str:
-    """The one task that ``num_images`` input images can mean on this model, else ``ValueError`` saying why.
-
-    Candidates are the tasks that take that many images (``fitting_tasks``), narrowed to those the checkpoint
-    was trained on (``trained``). Several left: ambiguous, the message names them and asks for ``task=``; none
-    trained: the message names the fitting ones (the sampler still runs them when asked).
-    """
-    fits = fitting_tasks(num_images, max_references)
-    if not fits:
-        raise ValueError(f"no task takes {num_images} input images on this model (config.max_references="
-                         f"{max_references} reference images, plus one source for subject_edit); pass fewer images")
-    trained = set(trained)
-    candidates = tuple(t for t in fits if t in trained)
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise ValueError(f"{num_images} input image(s) fit the tasks {', '.join(fits)}, but the checkpoint was not "
-                         f"trained on any of them (config.tasks: {', '.join(sorted(trained)) or 'none'}); pass "
-                         f"task= (one of {', '.join(fits)}) to sample anyway")
-    raise ValueError(f"{num_images} input image(s) are ambiguous: they fit the tasks {', '.join(candidates)}; pass "
-                     f"task= (e.g. task={candidates[0]!r}) to say what the images are "
-                     f"({_describe(candidates)})")
-
-
-def _describe(candidates: Sequence[str]) -> str:
-    """What each candidate task makes of the images, for the ambiguity message."""
-    what = {"t2i": "no image", "edit": "image 1 the source to edit", "custom": "image 1 a subject's reference",
-            "multi": "every image a subject's reference",
-            "subject_edit": "image 1 the source, the rest subjects' references"}
-    return "; ".join(f"{t}: {what.get(t, t)}" for t in candidates)
 
 
 def to_rgb(image: ImageInput, index: int, max_pixels: int | None = None) -> np.ndarray:
@@ -149,7 +93,7 @@ class QueryKontextPipeline:
     Tasks (``qk_jax.data.tasks``) and their ``images``, in order: ``t2i`` none; ``edit`` the source;
     ``custom`` one subject's reference; ``multi`` 2..N references; ``subject_edit`` the source, then 1..N
     references (N = ``config.max_references``). ``task=None`` infers it when the images allow one task only
-    (``infer_task``). ``'<image k>'`` in a prompt places input image ``k`` there (else the images come first).
+    (``sampler.infer_task``). ``'<image k>'`` in a prompt places input image ``k`` there (else the images come first).
 
     Args:
       sampler: the ``Sampler`` it calls (``from_pretrained`` builds one from a model folder).
@@ -173,20 +117,11 @@ class QueryKontextPipeline:
     @property
     def tasks(self) -> tuple[str, ...]:
         """The sampling tasks the checkpoint was trained on (``config.tasks``), the ones ``task=None`` picks from."""
-        return trained_tasks(self.sampler.config)
+        return self.sampler.tasks
 
     def task_for(self, num_images: int, task: str | None = None) -> str:
-        """``task`` checked against ``num_images`` input images (``ValueError`` naming the misfit and the fix), or
-        the inferred one when ``task`` is ``None`` (``infer_task``)."""
-        max_references = self.sampler.model_config.max_references
-        if task is None:
-            return infer_task(num_images, max_references, self.tasks)
-        tasks_lib.check_task(task, tasks_lib.SAMPLING_TASKS)
-        try:
-            task_roles(task, num_images, max_references)
-        except ValueError as e:
-            raise ValueError(f"task={task!r} does not fit {num_images} input image(s): {e}") from None
-        return task
+        """``task`` checked against ``num_images`` input images, or the inferred one (``Sampler.task_for``)."""
+        return self.sampler.task_for(num_images, task)
 
     def __call__(self, prompt: str | Sequence[str], images: ImageInput | Sequence[ImageInput] | None = None, *,
                  task: str | None = None, num_images: int = 1, seed: int = 0,

@@ -8,7 +8,7 @@ r"""Sampling: Euler on FLUX's shifted schedule with three-branch classifier-free
 writes ``/tmp/edit_0.png`` ... ``/tmp/edit_3.png`` and the grid ``/tmp/edit.png``. ``--steps``, ``--cfg-text``,
 ``--cfg-image`` and ``--negative-prompt`` default to the checkpoint config's ``config.sample`` block.
 
-What a request does (paper section 3, DESIGN.md "Flow matching"):
+What a request does (paper section 3, docs/design.md "Flow matching"):
 
 1. **Size.** The requested ``WIDTHxHEIGHT`` snaps to the aspect-ratio bucket of the nearest ratio at the
    training area (``qk_jax.data.buckets``; the CLI prints the snap). Without a size: the source image's bucket
@@ -58,7 +58,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -118,6 +118,61 @@ def task_roles(task: str, num_images: int, max_references: int) -> tuple[int, ..
         raise ValueError(f"task {task} got {refs} reference images but the model takes at most "
                          f"config.max_references={max_references}; pass fewer images")
     return tuple(rope.SOURCE if role == "source" else rope.REFERENCE for role in roles)
+
+
+def fitting_tasks(num_images: int, max_references: int) -> tuple[str, ...]:
+    """The sampling tasks (``tasks.SAMPLING_TASKS``, in order) that take ``num_images`` input images on a model
+    with ``max_references``: those for which the sampler's own check (``task_roles``) passes."""
+    fits = []
+    for task in tasks.SAMPLING_TASKS:
+        try:
+            task_roles(task, num_images, max_references)
+        except ValueError:
+            continue
+        fits.append(task)
+    return tuple(fits)
+
+
+def trained_tasks(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The sampling tasks a checkpoint was trained on: ``config.tasks`` entries of positive weight (every sampling
+    task when the config has no ``tasks``, as a converted model may not)."""
+    weights = config.get("tasks")
+    if not weights:
+        return tasks.SAMPLING_TASKS
+    weights = dict(weights)
+    return tuple(t for t in tasks.SAMPLING_TASKS if float(weights.get(t, 0.0)) > 0.0)
+
+
+def infer_task(num_images: int, max_references: int, trained: Iterable[str] = tasks.SAMPLING_TASKS) -> str:
+    """The one task that ``num_images`` input images can mean on this model, else ``ValueError`` saying why.
+
+    Candidates are the tasks that take that many images (``fitting_tasks``), narrowed to those the checkpoint
+    was trained on (``trained``). Several left: ambiguous, the message names them and asks for ``task=``; none
+    trained: the message names the fitting ones (the sampler still runs them when asked).
+    """
+    fits = fitting_tasks(num_images, max_references)
+    if not fits:
+        raise ValueError(f"no task takes {num_images} input images on this model (config.max_references="
+                         f"{max_references} reference images, plus one source for subject_edit); give fewer images")
+    trained = set(trained)
+    candidates = tuple(t for t in fits if t in trained)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ValueError(f"{num_images} input image(s) fit the tasks {', '.join(fits)}, but the checkpoint was not "
+                         f"trained on any of them (config.tasks: {', '.join(sorted(trained)) or 'none'}); pass "
+                         f"task= (--task; one of {', '.join(fits)}) to sample anyway")
+    raise ValueError(f"{num_images} input image(s) are ambiguous: they fit the tasks {', '.join(candidates)}; pass "
+                     f"task= (e.g. task={candidates[0]!r}; on the command line --task {candidates[0]}) to say what "
+                     f"the images are ({_describe(candidates)})")
+
+
+def _describe(candidates: Sequence[str]) -> str:
+    """What each candidate task makes of the images, for the ambiguity message."""
+    what = {"t2i": "no image", "edit": "image 1 the source to edit", "custom": "image 1 a subject's reference",
+            "multi": "every image a subject's reference",
+            "subject_edit": "image 1 the source, the rest subjects' references"}
+    return "; ".join(f"{t}: {what.get(t, t)}" for t in candidates)
 
 
 def guidance_weights(cfg_text: float, cfg_image: float, has_images: bool) -> tuple[float, float, float]:
@@ -292,6 +347,24 @@ class Sampler:
             raise saved_model.CheckpointMismatchError(f"checkpoint {directory}: {e}") from None
 
     # Host side --------------------------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The sampling tasks the checkpoint was trained on (``trained_tasks``): those ``task_for`` infers from."""
+        return trained_tasks(self.config)
+
+    def task_for(self, num_images: int, task: str | None = None) -> str:
+        """``task`` checked against ``num_images`` input images (``ValueError`` naming the misfit and the fix), or
+        the one task they can mean on this checkpoint when ``task`` is ``None`` (``infer_task``)."""
+        max_references = self.model_config.max_references
+        if task is None:
+            return infer_task(num_images, max_references, self.tasks)
+        tasks.check_task(task, tasks.SAMPLING_TASKS)
+        try:
+            task_roles(task, num_images, max_references)
+        except ValueError as e:
+            raise ValueError(f"task={task!r} does not fit {num_images} input image(s): {e}") from None
+        return task
 
     def bucket(self, size: tuple[int, int] | None = None, source: np.ndarray | None = None) -> tuple[int, int]:
         """The bucket ``(width, height)`` for a requested size, else for a source image's shape, else square."""

@@ -16,7 +16,9 @@ from absl import logging
 from qk_jax import sampling
 from qk_jax.data import shapesworld
 from qk_jax.evaluation import scoring
-from qk_jax.training import loop
+from qk_jax.models import saved_model
+from qk_jax.parallel import planner
+from qk_jax.training import loop, stages
 from qk_jax.training import metrics as metrics_lib
 from qk_jax.training import stage0 as stage0_lib
 
@@ -26,6 +28,7 @@ def run_curriculum(config, workdir: str) -> None:
     (``qk_jax.training.stage0``, in ``workdir/stage0``) when the config has a ``stage0`` block: the first stage then
     imports its VLM and VAE, and every stage takes its measured latent factors."""
     stage0 = None
+    later = _later_flops(config, workdir)
     if config.get("stage0") is not None:
         started = time.time()
         stage0 = stage0_lib.run(config, os.path.join(workdir, stage0_lib.DIRNAME))  # skipped when done
@@ -37,12 +40,21 @@ def run_curriculum(config, workdir: str) -> None:
         if stage_config.get("init_from") and not os.path.isabs(stage_config.init_from):
             stage_config.init_from = os.path.join(workdir, stage_config.init_from)
         started = time.time()
-        final_dir = loop.train_stage(stage_config, os.path.join(workdir, stage_config.name))
+        final_dir = loop.train_stage(stage_config, os.path.join(workdir, stage_config.name), later_flops=later[index])
         logging.info("%s took %s", stage_config.name, metrics_lib.format_duration(time.time() - started))
     if config.get("evaluate") is not None:
         started = time.time()
         evaluate_curriculum(config, final_dir, os.path.join(workdir, "eval"))
         logging.info("evaluation took %s", metrics_lib.format_duration(time.time() - started))
+
+
+def _later_flops(config, workdir: str) -> list[float]:
+    """Per stage, the planner's training FLOPs of the stages after it that are still to run (``final/`` absent):
+    what the progress lines turn into the curriculum's ETA (the evaluation not counted)."""
+    flops = [0.0 if os.path.exists(os.path.join(workdir, s.name, stages.FINAL, saved_model.MODEL_CONFIG_FILE))
+             else planner.Planner(s).flops_per_sample * int(s.batch_size) * int(s.total_steps)
+             for s in config.stages]
+    return [sum(flops[index + 1:]) for index in range(len(flops))]
 
 
 def evaluate_curriculum(config, final_dir: str, out: str) -> str:

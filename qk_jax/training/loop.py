@@ -501,8 +501,10 @@ def profile_window(config, start: int) -> tuple[int, int] | None:
     return first, first + int(block[1]) - 1
 
 
-def train_stage(config, workdir: str) -> str:
-    """Train one stage in ``workdir``; returns the final model directory."""
+def train_stage(config, workdir: str, later_flops: float = 0.0) -> str:
+    """Train one stage in ``workdir``; returns the final model directory. ``later_flops``: the planner's FLOPs of
+    the stages after this one (a curriculum's), for the progress line's curriculum ETA: they are assumed to run
+    at this stage's FLOPs per second, a rough guide (stages differ in shapes and compilations)."""
     final_dir = os.path.join(workdir, stages.FINAL)
     if os.path.exists(os.path.join(final_dir, saved_model.MODEL_CONFIG_FILE)):
         check_same_config(final_dir, config)
@@ -522,7 +524,7 @@ def train_stage(config, workdir: str) -> str:
     if int(config.batch_size) % data_parallel:
         raise ValueError(f"batch_size={config.batch_size} (the global batch) does not split over the {data_parallel} "
                          f"data-parallel devices of the mesh {dict(mesh.shape)}; give a multiple of {data_parallel}")
-    check_memory(config, mesh)
+    plan = check_memory(config, mesh)
     setup = build(config, mesh)
     state = setup.state
 
@@ -564,7 +566,8 @@ def train_stage(config, workdir: str) -> str:
     # --- the loop ---------------------------------------------------------------------------------------------
     total, start = int(config.total_steps), int(state.step)
     log_every = int(config.get("log_every", 10))
-    writer = metrics_lib.MetricsWriter(workdir, start_step=start) if jax.process_index() == 0 else None
+    writer = (metrics_lib.MetricsWriter(workdir, start_step=start, wandb=config.get("wandb"),
+                                        run_config=config.to_dict()) if jax.process_index() == 0 else None)
     with stop_on_sigterm() as stop_requested:
         state = run_loop(
             state, step_fn, step_args, total=total, log_every=log_every, checkpointer=checkpointer,
@@ -572,8 +575,10 @@ def train_stage(config, workdir: str) -> str:
             max_nonfinite=int(config.optim.get("max_nonfinite", 10)),
             nonfinite_hint=f"lower optim.lr or check the data (optim.max_nonfinite). The last good checkpoint is in "
                            f"{workdir}",
-            writer=writer, progress=metrics_lib.Progress(total, start_step=start, every=log_every,
-                                                         name=f"stage {config.stage}"),
+            writer=writer, progress=metrics_lib.Progress(
+                total, start_step=start, every=log_every, name=f"stage {config.stage}",
+                later=(lambda seconds_per_step: seconds_per_step * later_flops / plan.flops_per_step)
+                if later_flops and plan.flops_per_step else None),
             host_scalars=lambda: {f"skipped/{kind}": n for kind, n in data.metrics(iterator).items()},
             stop_requested=stop_requested, compiled=new_shape_at.__contains__,
             after_step=previews_after_step(config, workdir, writer, total),

@@ -7,6 +7,7 @@ Layout of a stage's ``workdir`` (beside ``checkpoints/``, see ``qk_jax.training.
     workdir/tb/events.out.tfevents.*   the same scalars for ``tensorboard --logdir workdir/tb``
     workdir/loss.png             ``plot`` of the JSONL, written by the trainer at the end
     workdir/config.json          the run's whole config (``save_run_config``; ``read_run_config`` reads it back)
+    workdir/wandb_run_id         with ``config.wandb.enabled``: the W&B run the stage logs to (``WandbLogger``)
 
 Every write is flushed and fsynced, so a crash loses no logged point. A resumed run appends to the same JSONL
 and starts a new event file, both marked with the step it restarts from (its checkpoint's step): ``read_jsonl``
@@ -15,14 +16,15 @@ checkpoint, and ``read_jsonl`` keeps the last value per (step, name), so neither
 
 Heavy or optional libraries are imported where they are used: ``tensorboardX`` (event files without
 TensorFlow) only by a ``MetricsWriter`` with ``tensorboard=True``, ``matplotlib`` (Agg canvas, no pyplot) only by
-``plot``. Only process 0 of a multi-host run should create a ``MetricsWriter`` or ``Progress``.
+``plot``, ``wandb`` only by a ``WandbLogger``. Only process 0 of a multi-host run should create a ``MetricsWriter``
+or ``Progress``.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
-import logging as pylogging
 import math
 import os
 import re
@@ -32,7 +34,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from absl import logging as absl_logging
 
 from qk_jax.data.tasks import TASKS
 
@@ -61,7 +62,8 @@ class MetricsWriter:
     ``None`` records nothing (a plain append).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True, start_step: int | None = None):
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True, start_step: int | None = None,
+                 wandb: Mapping[str, Any] | None = None, run_config: Mapping[str, Any] | None = None):
         if tensorboard:
             # tensorboardX's synchronous record writer (its SummaryWriter queues events to a thread and a
             # multiprocessing queue, so a write would not be on disk when it returns).
@@ -91,6 +93,8 @@ class MetricsWriter:
             self.tb_dir = os.path.join(workdir, TB_DIR)
             os.makedirs(self.tb_dir, exist_ok=True)
             self._events = EventsWriter(os.path.join(self.tb_dir, "events"), f".{time.time_ns()}.{os.getpid()}")
+        # W&B last: a failure to start it leaves no open file behind.
+        self.wandb = WandbLogger(workdir, wandb, run_config) if wandb and wandb.get("enabled") else None
         if start_step is not None:
             self._restart(int(start_step))
 
@@ -131,9 +135,13 @@ class MetricsWriter:
             summary = Summary(value=[Summary.Value(tag=name, simple_value=v) for name, v in values.items()])
             self._events.write_event(Event(wall_time=walltime, step=step, summary=summary))
             self._events.flush()  # fsyncs
+        if self.wandb is not None and values:
+            self.wandb.log(step, values)
 
     def write_image(self, step: int, tag: str, png: bytes, height: int, width: int) -> None:
-        """A PNG-encoded RGB image at ``step`` in TensorBoard's images tab (the JSONL keeps scalars only)."""
+        """A PNG-encoded RGB image at ``step`` in TensorBoard's images tab and W&B (the JSONL keeps scalars only)."""
+        if self.wandb is not None:
+            self.wandb.log_image(step, tag, png)
         if self._events is None:
             return
         from tensorboardX.proto.event_pb2 import Event
@@ -150,6 +158,9 @@ class MetricsWriter:
         if self._events is not None:
             self._events.close()
             self._events = None
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -158,6 +169,50 @@ class MetricsWriter:
         self.close()
 
 
+class WandbLogger:
+    """One Weights & Biases run for one stage's ``workdir``: the scalars and images its ``MetricsWriter`` writes.
+
+    ``block`` is ``config.wandb`` (``configs/common.py``: project, entity, group, mode). The run's id is kept in
+    ``workdir/wandb_run_id``, so a resumed stage continues its run (``resume="allow"``); W&B drops points at
+    steps below the run's last one, so the steps a crashed process logged after its checkpoint keep their first
+    values there (the JSONL and TensorBoard replace them). The run is named after the stage's folder and its
+    parent (``shapes/stage2``) and gets the whole config. Only ``MetricsWriter`` (process 0) creates one."""
+
+    def __init__(self, workdir: str | os.PathLike, block: Mapping[str, Any], run_config: Mapping[str, Any] | None):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("config.wandb.enabled needs Weights & Biases: `pip install wandb` (or "
+                              "--config.wandb.enabled=False)") from e
+        self._wandb = wandb
+        workdir = os.path.abspath(workdir)
+        id_path = os.path.join(workdir, WANDB_RUN_ID)
+        if os.path.exists(id_path):
+            with open(id_path, encoding="utf-8") as f:
+                run_id = f.read().strip()
+        else:
+            run_id = wandb.util.generate_id()
+            with open(id_path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(run_id + "\n")
+            os.replace(id_path + ".tmp", id_path)
+        name = "/".join(os.path.normpath(workdir).split(os.sep)[-2:])
+        self.run = wandb.init(project=block.get("project"), entity=block.get("entity"), group=block.get("group"),
+                              mode=block.get("mode"), name=name, id=run_id, resume="allow", dir=workdir,
+                              config=dict(run_config) if run_config is not None else None)
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        self.run.log(dict(values), step=int(step))
+
+    def log_image(self, step: int, tag: str, png: bytes) -> None:
+        from PIL import Image
+
+        self.run.log({tag: self._wandb.Image(Image.open(io.BytesIO(png)).convert("RGB"))}, step=int(step))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+WANDB_RUN_ID = "wandb_run_id"
 RUN_CONFIG = "config.json"
 SUMMARY_KEYS = ("stage", "batch_size", "total_steps", "resolution", "mesh", "init_from")
 
@@ -335,6 +390,10 @@ class Progress:
     already has a throughput; called only on printing steps, the first line has none (its window is empty).
     ETA is the remaining steps at the window's seconds per step. With JAX's asynchronous dispatch the clock
     measures device time when the caller has fetched the step's metrics before the update of a line.
+
+    ``later(seconds_per_step)``, when given, is how long the work after this run takes at this run's pace (a
+    curriculum's later stages, ``loop.train_stage``); the line then ends with ``curriculum ETA ~1h05m``: this
+    run's ETA plus that.
     """
 
     def __init__(
@@ -346,6 +405,7 @@ class Progress:
         print_fn: Callable[[str], Any] = functools.partial(print, flush=True),
         clock: Callable[[], float] = time.perf_counter,
         name: str = "",
+        later: Callable[[float], float] | None = None,
     ):
         if not 0 <= start_step <= total_steps or every < 1:
             raise ValueError(
@@ -358,6 +418,7 @@ class Progress:
         self.print_fn = print_fn
         self.clock = clock
         self.name = name  # leads every line ("stage 2"), so that a curriculum's lines say whose they are
+        self.later = later
         self._window_start: tuple[float, int] | None = None  # (time, step) where the current window began
         self._window_images = 0.0
         self._last_step = start_step  # the step of the previous update
@@ -405,17 +466,9 @@ class Progress:
             parts.append(f"skipped {skipped:,.0f} bad records")
         if steps > 0 and seconds > 0:
             parts += [f"{_rate(images / seconds)} img/s", f"{_rate(steps / seconds)} it/s"]
-            parts.append(f"ETA {format_duration((self.total_steps - step) * seconds / steps)}")
+            left = (self.total_steps - step) * seconds / steps
+            parts.append(f"ETA {format_duration(left)}")
+            if self.later is not None:
+                parts.append(f"curriculum ETA ~{format_duration(left + self.later(seconds / steps))}")
         return " | ".join(parts)
 
-
-class _QuietLibraries(pylogging.Filter):
-    """Keep Orbax's per-save INFO chatter out of the progress log (warnings and errors still show)."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
-def quiet_library_logs() -> None:
-    """Install ``_QuietLibraries`` on absl's log handler: what every training command does first."""
-    absl_logging.get_absl_handler().addFilter(_QuietLibraries())

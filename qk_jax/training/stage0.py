@@ -364,8 +364,7 @@ def train_component(name: str, workdir: str, params, loss_fn: Callable, batch_fn
 
     start = int(state.step)
     writer = metrics_lib.MetricsWriter(workdir, start_step=start)
-    progress = metrics_lib.Progress(steps, start_step=start, every=log_every,
-                                    print_fn=lambda line: logging.info("stage 0 %s: %s", name, line))
+    progress = metrics_lib.Progress(steps, start_step=start, every=log_every, name=f"stage 0 {name}")
     started = time.perf_counter()
     state = loop_lib.run_loop(
         state, step_fn, lambda step: (batch_fn(step - 1),), total=steps, log_every=log_every,
