@@ -75,3 +75,21 @@ def test_what_is_not_a_local_folder_says_how_to_get_one(tmp_path):
         read_config(tmp_path)
     with pytest.raises(CheckpointError, match="no such folder; expected"):
         read_config(tmp_path / "missing")
+
+
+def test_reading_and_writing_log_progress(tmp_path, monkeypatch):
+    # A line per tensor once the 10 s interval is 0: how many tensors of the folder, and the bytes so far;
+    # writing logs one line per shard.
+    from qk_jax.convert import safetensors_io
+    from qk_jax.data.ingest import Progress
+
+    lines, written = [], []
+    monkeypatch.setattr(safetensors_io, "Progress", lambda *a, **k: Progress(*a, **{**k, "seconds": 0.0},
+                                                                            log=lines.append))
+    monkeypatch.setattr(safetensors_io.logging, "info", lambda fmt, *args: written.append(fmt % args))
+    tensors = {f"t{i}": np.ones((256, 256), np.float32) for i in range(3)}  # 256 KiB each
+    write_safetensors(tensors, tmp_path, "model", max_shard_bytes=300 * 1024)
+    assert len(written) == 3 and "model-00002-of-00003.safetensors (2 of 3, 0.3 MB)" in written[1]
+    reader = SafetensorsReader(tmp_path, "model")
+    reader.get("t0"), reader.get("t2")
+    assert lines[-1].startswith(f"reading {tmp_path}: 2 tensors, of 3 (0.5 MB)")

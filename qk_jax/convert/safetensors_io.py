@@ -14,8 +14,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from qk_jax.data.ingest import Progress
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -71,7 +74,8 @@ class SafetensorsReader:
     """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint in ``folder``.
 
     ``weights_name`` is the file stem: ``"model"`` (transformers) or ``"diffusion_pytorch_model"`` (diffusers).
-    Tensors are read one at a time as NumPy arrays (bf16 via ml_dtypes), never a whole shard at once.
+    Tensors are read one at a time as NumPy arrays (bf16 via ml_dtypes), never a whole shard at once. A 7B
+    folder takes minutes to read, so ``get`` logs a progress line every 10 s (tensors and bytes so far).
     """
 
     def __init__(self, folder: str | os.PathLike, weights_name: str):
@@ -105,6 +109,8 @@ class SafetensorsReader:
                 )
             raise CheckpointError(f"{folder}: no {single.name} or {index.name}")
         self._handles: dict[Path, object] = {}
+        self._progress = Progress(f"reading {self.folder}", every=2**62, unit="tensors")
+        self._read, self._bytes = 0, 0
 
     def keys(self) -> list[str]:
         return sorted(self._file_of)
@@ -140,7 +146,10 @@ class SafetensorsReader:
                 f"{self.folder}: tensor {name!r} has shape {self.shape(name)} but the model expects"
                 f" {tuple(expected_shape)}; is the config.json the one these weights were saved with?"
             )
-        return self._handle(name).get_tensor(name)
+        tensor = self._handle(name).get_tensor(name)
+        self._read, self._bytes = self._read + 1, self._bytes + tensor.nbytes
+        self._progress.update(self._read, f"of {len(self._file_of):,} ({self._bytes / 1e6:,.1f} MB)")
+        return tensor
 
 
 def write_safetensors(
@@ -171,6 +180,7 @@ def write_safetensors(
     for i, shard in enumerate(shards, 1):
         path = folder / f"{weights_name}-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, path, metadata={"format": "pt"})
+        logging.info("wrote %s (%d of %d, %.1f MB)", path, i, len(shards), sum(a.nbytes for a in shard.values()) / 1e6)
         paths.append(path)
         for name, array in shard.items():
             weight_map[name] = path.name
