@@ -25,6 +25,18 @@ def test_a_usage_error_is_one_line_and_exit_code_2():
     assert "Traceback" not in out.stderr and "USAGE" not in out.stderr
 
 
+def test_an_init_from_without_a_model_is_a_usage_error(tmp_path, monkeypatch):
+    # A wrong --config.init_from is the user's to fix: one line naming the folder, not a traceback from the loader.
+    from absl import app
+
+    from qk_jax import train
+
+    argv = ["--config", os.path.join(ROOT, "configs/stage2.py:tiny"), "--workdir", str(tmp_path / "run"),
+            f"--config.init_from={tmp_path / 'nothing'}"]
+    monkeypatch.setattr(sys, "argv", ["qk_jax.train", *argv])  # ml_collections reads overrides from sys.argv
+    with pytest.raises(app.UsageError, match=f"{tmp_path / 'nothing' / 'final'} is not a qk_jax model checkpoint"):
+        train.main(argv)
+
 
 @pytest.mark.slow
 def test_kill_and_resume_continues_the_same_run(tmp_path):

@@ -30,6 +30,10 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint that belongs to another stage or model; the message says which and what to do."""
 
 
+class NotAModelError(FileNotFoundError):
+    """A directory given as a model (``--checkpoint``, ``config.init_from``'s final/) that holds none."""
+
+
 def abstract_like(tree: Any) -> Any:
     """Restore targets with the same shapes, dtypes and shardings as ``tree`` (arrays or ShapeDtypeStructs)."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
@@ -98,7 +102,7 @@ def load_model(directory: str | os.PathLike, like: Any | None = None,
     directory = epath.Path(os.path.abspath(directory))  # Orbax refuses relative paths
     config_file = directory / MODEL_CONFIG_FILE
     if not config_file.exists() or not (directory / "params").exists():
-        raise FileNotFoundError(
+        raise NotAModelError(
             f"{directory} is not a qk_jax model checkpoint (expected {MODEL_CONFIG_FILE} and params/ in it); pass"
             " the directory save_model wrote (a stage's final checkpoint)"
         )
