@@ -283,8 +283,10 @@ def data(variant, config):
     # with the same one.
     block.workers = 0
     # Multi-process: each process reads its own records (False), or every process reads the whole global stream and
-    # feeds its rows (True: the same batches whatever the process count, at that many times the reading).
-    block.global_stream = False
+    # feeds its rows (True: the same batches whatever the process count, at that many times the reading). Unset:
+    # True for a manifest (its aspect ratios and bad records would bucket each process's records its own way, and
+    # the processes must feed one batch shape), False for drawn ShapesWorld (one size, no bad records).
+    block.global_stream = ml_collections.config_dict.placeholder(bool)
     # A JSONL manifest (``qk_jax.data.manifest``). Unset on the ShapesWorld configs: the trainer draws
     # ``data.num_samples`` ShapesWorld records as it reads them (``shapesworld.ShapesManifest``), or writes them
     # once into ``data.dir`` when that is set. Fresh scenes matter: the MMDiT memorised the layouts of a written

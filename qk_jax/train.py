@@ -55,8 +55,9 @@ def run_flags(fv: flags.FlagValues) -> None:
             curriculum.run_curriculum(config, workdir)
         else:
             loop.train_stage(config, workdir)
-    except (saved_model.CheckpointMismatchError, saved_model.NotAModelError, checkpoint.CheckpointDamagedError) as e:
-        # a workdir or init_from that does not fit the config: the message says what to do
+    except (saved_model.CheckpointMismatchError, saved_model.NotAModelError, checkpoint.CheckpointDamagedError,
+            loop.BatchShapeMismatch) as e:
+        # a workdir, init_from or data that does not fit the config: the message says what to do
         raise app.UsageError(str(e)) from None
     except loop.Stopped as e:  # a preemption: the step is saved; exit 0 so that a pod scheduler restarts the job
         logging.warning("%s", e)

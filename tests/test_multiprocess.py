@@ -5,6 +5,7 @@ two-process run is stopped twice, as a pod is: SIGTERM to one process in stage 1
 0) and ``kill -9`` of both in stage 2 after a checkpoint; each rerun resumes, and the curve still equals the
 uninterrupted one-process run's."""
 
+import json
 import os
 import signal
 import subprocess
@@ -153,3 +154,36 @@ def test_cluster_detection_reads_the_environment():
     assert distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b"}) and distributed.cluster_detected(
         {"QK_JAX_DISTRIBUTED": "1"})
     assert not distributed.cluster_detected({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "a"})
+
+
+def _manifest(tmp_path, sizes) -> str:
+    """A t2i manifest with one record per ``(width, height)`` image of ``sizes``, in that order."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i, (width, height) in enumerate(sizes):
+        Image.new("RGB", (width, height), (200, 30, 30)).save(tmp_path / "img" / f"{i}.png")
+        lines.append(json.dumps(dict(id=f"r{i}", task="t2i", prompt=f"a red circle {i}", target=f"img/{i}.png")))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "train.jsonl")
+
+
+def test_processes_reading_differently_shaped_batches_stop_with_the_fix_named(tmp_path):
+    # Per-process reading of a manifest that buckets differently on each process (process 0 reads the even records,
+    # all square; process 1 the odd ones, all 2:1): both stop at step 1, before compiling, with one clear error
+    # (exit 2). Without the check both trained to the end (exit 0), each on a global batch of its own shape. Unset,
+    # global_stream reads the global stream for a manifest (test_pipeline.py).
+    manifest = _manifest(tmp_path, [(32, 32) if i % 2 == 0 else (64, 32) for i in range(8)])
+    workdir = str(tmp_path / "run")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    out = subprocess.run(["bash", "launch/local_processes.sh", "2", "2", "--config", "configs/stage1.py:tiny",
+                          "--workdir", workdir, "--config.batch_size=4", "--config.total_steps=2",
+                          f"--config.data.manifest={manifest}", "--config.data.global_stream=False"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    logs = [open(f"{workdir}.process{i}.log").read() for i in range(2)]
+    assert out.returncode == 2, logs[0][-3000:]
+    for log in logs:
+        assert "each process reads its own records" in log
+        assert "step 1: the processes read batches of different shapes" in log, log[-3000:]
+        assert "--config.data.global_stream=True" in log and "Traceback" not in log

@@ -502,3 +502,14 @@ def test_abstract_batch_is_what_the_pipeline_yields():
                 text = key in ("input_ids", "attention_mask")
                 assert real[key][1] == dtype and (real[key][0][:1] == shape[:1] and real[key][0][1] <= shape[1]
                                                   if text else real[key][0] == shape), (key, real[key], shape)
+
+
+def test_every_process_reads_the_global_stream_for_a_manifest_unless_told():
+    # Unset: a manifest's records bucket differently per process (aspect ratios, bad records), so every process
+    # reads the whole stream; drawn ShapesWorld (one size, no bad records) reads per process. One process: never.
+    rule = pipeline.reads_global_stream
+    listed, shapes = dict(manifest="train.jsonl", global_stream=None), dict(manifest=None, global_stream=None)
+    assert rule(listed, 2) and not rule(shapes, 2) and not rule(listed, 1)
+    assert not rule(dict(listed, global_stream=False), 2) and rule(dict(shapes, global_stream=True), 4)
+    assert rule(dict(stage3.get_config("tiny").data, manifest="x.jsonl"), 2)
+    assert not rule(stage1.get_config("shapes").data, 2) and stage1.get_config().data.global_stream is None

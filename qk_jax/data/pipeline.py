@@ -317,7 +317,8 @@ class PipelineConfig:
         ``data.seed`` (else ``seed``, else 0), ``data.workers`` (0), ``data.worker_buffer`` (2),
         ``data.read_threads`` (4), ``data.bucket_buffer`` (lossless), ``data.bucket_max_wait`` (None),
         ``data.text_multiple`` (0: every batch padded to ``max_text_tokens``), ``data.max_image_pixels`` (the
-        largest image decoded: ``images.max_pixels_for(resolution)``), ``data.global_stream`` (False).
+        largest image decoded: ``images.max_pixels_for(resolution)``), ``data.global_stream``
+        (``reads_global_stream``).
         """
         data = config["data"]
         get = lambda block, key, default: block[key] if key in block else default
@@ -335,10 +336,10 @@ class PipelineConfig:
             drop_images=float(config["cfg_dropout"]["image"]),
             max_pixels=configured_max_pixels(data),
         )
-        # config.batch_size is the global batch (table 3); each process reads and feeds its own part of it. With
-        # data.global_stream every process reads the whole global stream instead (and the trainer keeps its rows):
-        # the same batches for any process count, at process_count times the reading.
-        if get(data, "global_stream", False):
+        # config.batch_size is the global batch (table 3); each process reads and feeds its own part of it, or
+        # (reads_global_stream) every process reads the whole global stream and the trainer keeps its rows.
+        _, processes = buckets_lib.host_position(overrides.get("process_index"), overrides.get("process_count"))
+        if reads_global_stream(data, processes):
             overrides = dict(dict(process_index=0, process_count=1), **overrides)
         _, processes = buckets_lib.host_position(overrides.get("process_index"), overrides.get("process_count"))
         global_batch = int(config["batch_size"])
@@ -429,6 +430,25 @@ class DataPipeline:
             for kind, n in skipped_counts(iterator.get_state()).items():
                 counts[kind] = counts.get(kind, 0) + n
         return counts
+
+
+def reads_global_stream(data: Mapping[str, Any], processes: int) -> bool:
+    """Whether each of ``processes`` processes reads the whole global stream and keeps its own rows of every batch
+    (``data.global_stream``), rather than reading only its own records.
+
+    Every process must feed the same batch shape at every step. Reading its own records, a process buckets them
+    its own way: the processes agree only while their records bucket alike, as drawn ShapesWorld's do (one size,
+    no bad records). A manifest's aspect ratios and bad records do not, so unset (``None``) means True when
+    ``data.manifest`` is set and False otherwise (ShapesWorld, drawn or written to ``data.dir``). The global stream
+    gives the same batches for any process count, at ``processes`` times the reading; per-process reading is
+    checked at every step (``training.loop``: a clear error, not a hang, when the shapes differ).
+    """
+    if processes <= 1:
+        return False
+    value = data["global_stream"] if "global_stream" in data else None
+    if value is None:
+        return bool(data["manifest"] if "manifest" in data else None)
+    return bool(value)
 
 
 def _absl_flags_parsed() -> None:

@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import threading
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -72,6 +73,31 @@ def new_shape_message(seen: set, step: int, host_batch: Mapping[str, Any], grid:
     return (f"step {step}: batch shape #{len(seen)} ({batch} x {height}x{width} px, {slots} input image slot(s), "
             f"{np.shape(host_batch['input_ids'])[1]} text tokens): compiling the step (or loading it from the "
             f"compilation cache)")
+
+
+class BatchShapeMismatch(ValueError):
+    """The processes of a multi-process run read batches of different shapes at one step (per-process reading)."""
+
+
+def check_same_shape(step: int, host_batch: Mapping[str, Any], grid: tuple) -> None:
+    """Per-process reading (``pipeline.reads_global_stream`` False): every process's batch must have one shape.
+    Otherwise each process assembles a global batch of its own shape and compiles its own step; their gradient
+    collectives still pair up (the parameters have one shape), so without this check two processes of
+    ``tests/test_multiprocess.py``'s mismatch trained to the end, silently wrong. A host-level all-gather of a
+    fingerprint of the shapes, once per step (before the step is dispatched); a mismatch raises the same
+    ``BatchShapeMismatch`` on every process, naming the fix."""
+    shapes = (grid, buckets.shape_key({k: v for k, v in host_batch.items() if k in MODEL_KEYS}))
+    fingerprint = zlib.crc32(repr(shapes).encode()) % 2**31
+    everyone = np.asarray(multihost_utils.process_allgather(np.asarray([fingerprint], np.int32))).reshape(-1)
+    if len(set(everyone.tolist())) > 1:
+        differing = [int(p) for p in np.flatnonzero(everyone != everyone[0])]
+        raise BatchShapeMismatch(
+            f"step {step}: the processes read batches of different shapes (processes {differing} differ from process "
+            f"0; this one, {jax.process_index()}: {shapes}). Each process reads its own records "
+            "(--config.data.global_stream=False), and theirs bucket differently: aspect ratios, input counts or "
+            "bad records differ between them. Use --config.data.global_stream=True: every process reads the whole "
+            "global stream and keeps its rows (the same batches for any process count, at that many times the "
+            "reading)")
 
 
 def use_compilation_cache(workdir: str) -> str:
@@ -551,13 +577,20 @@ def train_stage(config, workdir: str, later_flops: float = 0.0) -> str:
                               zero_axes=zero_axes(config))
     shapes_seen: set = set()
     new_shape_at: set = set()  # steps whose batch shape compiled the step again
-    # data.global_stream: every process read the whole global batch; it feeds its own rows only.
-    rows = (mesh_lib.local_rows(int(config.batch_size), mesh)
-            if config.data.get("global_stream") and jax.process_count() > 1 else slice(None))
+    # Every process read the whole global batch and feeds its own rows, or read only its own records (then the
+    # processes' shapes are checked at every step).
+    global_stream = pipeline_lib.reads_global_stream(config.data, jax.process_count())
+    rows = mesh_lib.local_rows(int(config.batch_size), mesh) if global_stream else slice(None)
+    check_shapes = jax.process_count() > 1 and not global_stream
+    if jax.process_count() > 1:
+        logging.info("data: %s", "every process reads the whole global stream and keeps its rows" if global_stream
+                     else "each process reads its own records (the batch shapes are compared at every step)")
 
     def step_args(step: int) -> tuple:
         host_batch = {k: v[rows] for k, v in next(iterator).items()}
         grid = vlm_image_grid(host_batch)
+        if check_shapes:
+            check_same_shape(step, host_batch, grid)
         if (message := new_shape_message(shapes_seen, step, host_batch, grid)) is not None:
             logging.info(message)
             new_shape_at.add(step)
