@@ -252,3 +252,14 @@ def test_edit_breakdown_per_operation():
                        remove=dict(num=2, metrics=dict(success=0.5, preservation=0.01)))
     md = "\n".join(scoring._breakdown_markdown(dict(by_op=out)))
     assert "| remove | 2 | 50.0% | 0.0100 |" in md
+
+
+def test_evaluate_progress_leaves_the_compilation_out_and_logs_every_ten_seconds():
+    # Calls of 8 samples ending at t = 30 (the first, with its compilation), 31, 35, 40.5 and 52.5 s: the first
+    # line has no rate, the next comes 10 s after it, rates count from the end of the first call, the last logs.
+    times, lines = iter([30.0, 31.0, 35.0, 40.5, 52.5]), []
+    progress = scoring._Progress("evaluate t2i", 40, clock=lambda: next(times), log=lines.append)
+    shown = [progress.update(done) for done in (8, 16, 24, 32, 40)]
+    assert shown[1] is None and shown[2] is None
+    assert lines == ["evaluate t2i: 8/40 samples", "evaluate t2i: 32/40 samples | 2.29 samples/s | ETA 3.5s",
+                     "evaluate t2i: 40/40 samples | 1.42 samples/s | ETA 0.0s"]

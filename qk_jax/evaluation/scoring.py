@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -345,22 +345,31 @@ def evaluate(sampler: sampling.Sampler, num: int, seed: int, world: shapesworld.
 
 
 class _Progress:
-    """``evaluate <task>: 16/100 samples | 2.1 samples/s | ETA 40.0s``, once per sampler call: the rate is measured
-    from the end of the first call, so the sampler's compilation (in the first call) counts in no rate or ETA."""
+    """``evaluate <task>: 16/100 samples | 2.1 samples/s | ETA 40.0s`` after the first sampler call, the last, and
+    any call ``seconds`` after the previous line. The rate is measured from the end of the first call, so the
+    sampler's compilation (in the first call) counts in no rate or ETA."""
 
-    def __init__(self, what: str, num: int):
-        self.what, self.num, self.first = what, num, None
+    def __init__(self, what: str, num: int, seconds: float = 10.0, clock: Callable[[], float] = time.perf_counter,
+                 log: Callable[[str], Any] = logging.info):
+        self.what, self.num, self.seconds, self.clock, self.log = what, num, seconds, clock, log
+        self.first: tuple[float, int] | None = None
+        self.last = 0.0
 
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
+    def update(self, done: int) -> str | None:
+        now = self.clock()
         if self.first is None:
             self.first = (now, done)
+        elif done < self.num and now - self.last < self.seconds:
+            return None
+        self.last = now
         parts = [f"{self.what}: {done}/{self.num} samples"]
         seconds, count = now - self.first[0], done - self.first[1]
         if count and seconds > 0:
             parts += [f"{count / seconds:.3g} samples/s",
                       f"ETA {metrics_lib.format_duration((self.num - done) * seconds / count)}"]
-        logging.info(" | ".join(parts))
+        line = " | ".join(parts)
+        self.log(line)
+        return line
 
 
 def format_metric(name: str, value: float | None) -> str:
