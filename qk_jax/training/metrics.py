@@ -192,9 +192,7 @@ class WandbLogger:
                 run_id = f.read().strip()
         else:
             run_id = wandb.util.generate_id()
-            with open(id_path + ".tmp", "w", encoding="utf-8") as f:
-                f.write(run_id + "\n")
-            os.replace(id_path + ".tmp", id_path)
+            write_whole(id_path, run_id + "\n")
         name = "/".join(os.path.normpath(workdir).split(os.sep)[-2:])
         self.run = wandb.init(project=block.get("project"), entity=block.get("entity"), group=block.get("group"),
                               mode=block.get("mode"), name=name, id=run_id, resume="allow", dir=workdir,
@@ -212,6 +210,13 @@ class WandbLogger:
         self.run.finish()
 
 
+def write_whole(path: str, data: str | bytes) -> None:
+    """``data`` to ``path`` written whole, then renamed over it: a reader or a crash never sees half a file."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(path + ".tmp", path)
+
+
 WANDB_RUN_ID = "wandb_run_id"
 RUN_CONFIG = "config.json"
 SUMMARY_KEYS = ("stage", "batch_size", "total_steps", "resolution", "mesh", "init_from")
@@ -222,9 +227,7 @@ def save_run_config(config: Any, workdir: str | os.PathLike) -> str:
     The log gets ``config_summary`` instead of the config itself (hundreds of lines)."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, RUN_CONFIG)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(path + ".tmp", path)
+    write_whole(path, config.to_json_best_effort(indent=2, sort_keys=True))
     return path
 
 

@@ -26,6 +26,7 @@ from qk_jax.data import manifest as manifest_lib
 from qk_jax.data import shapesworld
 from qk_jax.data import tasks as tasks_lib
 from qk_jax.evaluation import scoring
+from qk_jax.training import metrics as metrics_lib
 
 SAMPLES_DIR = "samples"
 
@@ -118,9 +119,7 @@ class Previewer:
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, f"step_{int(step):07d}.png")
         png = encode_png(grid)
-        with open(path + ".tmp", "wb") as f:
-            f.write(png)
-        os.replace(path + ".tmp", path)  # a reader never sees half a PNG
+        metrics_lib.write_whole(path, png)  # a reader never sees half a PNG
         if self.writer is not None:
             self.writer.write_image(step, "samples", png, grid.height, grid.width)
         return path
