@@ -77,3 +77,24 @@ def test_importing_a_tool_defines_no_global_flag():
             "print(sorted(set(flags.FLAGS) - before))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
+
+
+def test_without_verbose_other_libraries_keep_only_their_warnings():
+    # Orbax logs through absl as qk_jax does: the record's file decides. Ours (qk_jax/, configs/) pass at INFO.
+    import logging
+
+    def record(path, level):
+        return logging.LogRecord("absl", level, path, 1, "a line", None, None)
+
+    orbax = os.path.join(os.path.dirname(os.__file__), "site-packages", "orbax", "checkpoint", "x.py")
+    own, config = os.path.abspath(cli.__file__), os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(cli.__file__))), "configs", "common.py")
+    keep = cli.OwnInfoOnly().filter
+    assert keep(record(own, logging.INFO)) and keep(record(config, logging.INFO))
+    assert not keep(record(orbax, logging.INFO)) and keep(record(orbax, logging.WARNING))
+
+
+def test_verbose_is_a_flag_of_every_program():
+    out = subprocess.run([sys.executable, "-m", "qk_jax.plan", "--helpfull"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert "--[no]verbose" in out.stdout + out.stderr

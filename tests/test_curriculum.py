@@ -158,3 +158,17 @@ def test_a_finished_stage_is_skipped_only_for_its_own_config(curriculum):
     with pytest.raises(saved_model.CheckpointMismatchError, match=r"stage 1 finished in .* with another config: "
                                                                    r"optim.lr: 0.001 when it ran, 0.5 now"):
         loop.train_stage(stage1, workdir)
+
+
+def test_the_curriculum_eta_counts_the_later_stages_still_to_run(tmp_path):
+    # Per stage, the planner's FLOPs (per sample x batch x steps) of the unfinished stages after it.
+    from qk_jax.parallel import planner
+
+    config = shapes_config.get_config("tiny")
+    work = [planner.Planner(s).flops_per_sample * s.batch_size * s.total_steps for s in config.stages]
+    assert min(work) > 0
+    assert curriculum_lib._later_flops(config, str(tmp_path)) == pytest.approx([work[1] + work[2], work[2], 0.0])
+    done = tmp_path / config.stages[2].name / "final"
+    done.mkdir(parents=True)
+    (done / saved_model.MODEL_CONFIG_FILE).write_text("{}")
+    assert curriculum_lib._later_flops(config, str(tmp_path)) == pytest.approx([work[1], 0.0, 0.0])

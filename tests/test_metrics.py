@@ -285,3 +285,15 @@ def test_progress_names_its_stage_and_leaves_out_steps_that_compiled():
     clock.now += 9 * 2.0 + 60.0  # steps 21..29, then 30 compiles: a window of no other step shows no rate
     progress.restart(30)
     assert progress.update(30, {"loss": 0.5}, images_in_step=80) == "stage 2 | step 30/40 | loss 0.5000"
+
+
+def test_progress_adds_the_curriculum_eta_from_the_later_work_at_this_pace():
+    # 2 s per step, 5 steps left (10 s) and later work of 300 steps' worth at this pace (600 s): ~10m10s in all.
+    clock, lines, asked = FakeClock(), [], []
+    progress = m.Progress(25, every=10, print_fn=lines.append, clock=clock, name="stage 2",
+                          later=lambda seconds_per_step: asked.append(seconds_per_step) or 300 * seconds_per_step)
+    for step in range(1, 21):
+        clock.now += 2.0
+        progress.update(step, {"loss": 0.5})
+    assert lines[-1] == "stage 2 | step 20/25 | loss 0.5000 | 0 img/s | 0.5 it/s | ETA 10.0s | curriculum ETA ~10m10s"
+    assert asked[-1] == pytest.approx(2.0)
