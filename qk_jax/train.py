@@ -11,14 +11,13 @@ curriculum: ``qk_jax.training.curriculum``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qk_jax import cli
+from qk_jax import cli, storage
 from qk_jax.data import processors
 from qk_jax.models import saved_model
 from qk_jax.parallel import distributed
@@ -36,7 +35,7 @@ def run_flags(fv: flags.FlagValues) -> None:
     config, workdir = fv.config, fv.workdir
     if config is None or not workdir:
         raise app.UsageError("give --config configs/stageN.py[:variant] (or configs/shapes.py) and --workdir DIR")
-    workdir = os.path.abspath(workdir)
+    workdir = storage.resolve(workdir)  # gs://bucket/run stays a URI
     if "stages" not in config:
         try:  # before anything is built: a paper config without Qwen's tokenizer must not train on stand-in ids
             processors.tokenizer_folder(config)

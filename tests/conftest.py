@@ -45,7 +45,7 @@ def tiny_stage0(tmp_path_factory):
 
 # The files that take minutes, longest first: run first, each xdist worker starts on one of them and the short
 # files fill in around them, instead of one long file starting last and running alone at the end.
-LONG_FILES = ("test_multiprocess.py", "test_curriculum.py", "test_zero.py", "test_stage0.py")
+LONG_FILES = ("test_multiprocess.py", "test_curriculum.py", "test_storage.py", "test_zero.py", "test_stage0.py")
 
 
 def pytest_collection_modifyitems(config, items):

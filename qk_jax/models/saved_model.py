@@ -7,14 +7,15 @@ Layout::
     <directory>/params        all components (``vlm``, ``connector``, ``mmdit``, ``vae``; Orbax, sharded arrays welcome)
     <directory>/config.json   {"config": the stage's ml_collections config as JSON, "meta": {stage, step, ema, ...}}
 
-A directory is complete or absent: ``save_model`` writes ``<directory>.incomplete`` and renames it.
+A directory is complete or absent: ``save_model`` writes ``<directory>.incomplete`` and renames it. In a bucket
+(``gs://``: no rename of a folder in one step) it writes ``directory`` in place with ``config.json`` last, and a
+folder without ``config.json`` is not a model (``load_model``, the trainer's check for a finished stage).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,6 +24,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from qk_jax import storage
 from qk_jax.parallel import distributed
 
 
@@ -51,28 +53,29 @@ def save_model(directory: str | os.PathLike, config: Any, params: Any, meta: dic
     are copied in as ``directory/name`` (the Qwen tokenizer, ``processors.model_files``). Synchronous: the
     directory is complete when this returns.
     """
-    directory = epath.Path(os.path.abspath(directory))  # Orbax refuses relative paths
+    directory = storage.path(directory)  # Orbax refuses relative paths
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} exists and is not empty; choose a new directory for the model")
     # Written whole beside it, then renamed: a crash leaves no half model under ``directory`` (an earlier crash's
-    # leftover is cleared first).
+    # leftover is cleared first). A bucket: in place, the config (the marker of a whole model) last.
     # Multi-process: every process writes its shards of ``params`` (Orbax); process 0 alone clears, names and
     # renames, between barriers, so no process reads a half-written folder.
-    partial, lead = incomplete_path(directory), jax.process_index() == 0
+    remote, lead = storage.is_remote(directory), jax.process_index() == 0
+    partial = directory if remote else incomplete_path(directory)
     if lead and partial.exists():
-        shutil.rmtree(partial)
+        storage.rmtree(partial)
     distributed.barrier("qk_jax.save_model.cleared")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(partial / "params", params)
     checkpointer.wait_until_finished()
     if lead:
-        _write_config(partial / MODEL_CONFIG_FILE, config, meta)
         for name, source in (files or {}).items():
-            (partial / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, partial / name)
-        if directory.exists():
-            directory.rmdir()  # empty (checked above)
-        os.replace(partial, directory)
+            storage.copy_file(source, partial / name)
+        _write_config(partial / MODEL_CONFIG_FILE, config, meta)
+        if not remote:
+            if directory.exists():
+                directory.rmdir()  # empty (checked above)
+            os.replace(partial, directory)
     distributed.barrier("qk_jax.save_model.renamed")
     return directory
 
@@ -85,7 +88,7 @@ def _write_config(path: epath.Path, config: Any, meta: dict | None) -> None:
 
 def incomplete_path(directory: str | os.PathLike) -> epath.Path:
     """Where ``save_model`` writes ``directory`` before renaming it into place."""
-    directory = epath.Path(os.path.abspath(directory))
+    directory = storage.path(directory)
     return directory.parent / f"{directory.name}.incomplete"
 
 
@@ -99,7 +102,7 @@ def load_model(directory: str | os.PathLike, like: Any | None = None,
     sharding (each process reads only its shards); without either every array comes back whole on this
     process's first device (``on_one_device``), whatever saved it.
     """
-    directory = epath.Path(os.path.abspath(directory))  # Orbax refuses relative paths
+    directory = storage.path(directory)  # Orbax refuses relative paths
     config_file = directory / MODEL_CONFIG_FILE
     if not config_file.exists() or not (directory / "params").exists():
         raise NotAModelError(

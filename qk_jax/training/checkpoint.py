@@ -15,7 +15,6 @@ a save leaves the previous checkpoint intact), every ``save_every`` steps and at
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -23,6 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from qk_jax import storage
 from qk_jax.models.saved_model import CheckpointMismatchError
 from qk_jax.models.saved_model import abstract_like as _abstract
 from qk_jax.parallel import distributed
@@ -51,7 +51,7 @@ class Checkpointer:
     """Periodic, asynchronous, keep-last-K checkpoints of one stage's run."""
 
     def __init__(self, workdir: str | os.PathLike, *, save_every: int, keep: int = 3, async_save: bool = True):
-        self.workdir = epath.Path(os.path.abspath(workdir))  # Orbax refuses relative paths
+        self.workdir = storage.path(workdir)  # Orbax refuses relative paths
         self._manager = ocp.CheckpointManager(
             self.workdir / "checkpoints",
             options=ocp.CheckpointManagerOptions(
@@ -153,10 +153,9 @@ class Checkpointer:
             logging.warning("checkpoint %d in %s cannot be restored (%s); resuming from an older one and keeping "
                             "it as %s", step, folder.parent, _first_line(error), aside.name)
             if jax.process_index() == 0:
-                if aside.exists():
-                    shutil.rmtree(aside)
+                storage.rmtree(aside)
                 if folder.exists():
-                    os.replace(folder, aside)
+                    storage.move(folder, aside)
         distributed.barrier("qk_jax.checkpoint.set_aside")
         self._manager.reload()
 

@@ -34,6 +34,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from qk_jax import storage
 from qk_jax.data import buckets, processors, shapesworld
 from qk_jax.data import pipeline as pipeline_lib
 from qk_jax.data.tasks import TASKS
@@ -108,8 +109,9 @@ def use_compilation_cache(workdir: str) -> str:
     stage-3 step took 32-52 s to compile (2026-11-28), and a stage meets four to six of them. Call it before
     the first compilation: JAX decides once per process whether the cache is used."""
     directory = jax.config.jax_compilation_cache_dir
-    if not directory:
-        directory = os.path.join(workdir, COMPILATION_CACHE)
+    if not directory:  # a bucket workdir keeps it on the host: a bucket round trip per program is slow
+        directory = (storage.local_cache_dir(COMPILATION_CACHE) if storage.is_remote(workdir)
+                     else os.path.join(workdir, COMPILATION_CACHE))
         jax.config.update("jax_compilation_cache_dir", directory)
     return directory
 
@@ -201,15 +203,14 @@ def _flat_json(tree: Any, prefix: str = "") -> dict[str, Any]:
 def check_same_config(final_dir: str, config) -> None:
     """A finished stage is skipped only for the config that made it (saved in its ``config.json``); another one
     raises ``CheckpointMismatchError`` naming the first differences and the way out."""
-    with open(os.path.join(final_dir, saved_model.MODEL_CONFIG_FILE), encoding="utf-8") as f:
-        saved = _flat_json(json.load(f)["config"])
+    saved = _flat_json(json.loads(storage.read_text(storage.join(final_dir, saved_model.MODEL_CONFIG_FILE)))["config"])
     now = _flat_json(json.loads(config.to_json_best_effort()))
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
         details = "; ".join(f"{k}: {saved.get(k)!r} when it ran, {now.get(k)!r} now" for k in diff[:3])
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         raise saved_model.CheckpointMismatchError(
-            f"stage {config.stage} finished in {os.path.dirname(final_dir)} with another config: {details}{more}. "
+            f"stage {config.stage} finished in {storage.path(final_dir).parent} with another config: {details}{more}. "
             "Give another --workdir to train this config, or rerun with the config it was trained with")
 
 
@@ -531,18 +532,19 @@ def train_stage(config, workdir: str, later_flops: float = 0.0) -> str:
     """Train one stage in ``workdir``; returns the final model directory. ``later_flops``: the planner's FLOPs of
     the stages after this one (a curriculum's), for the progress line's curriculum ETA: they are assumed to run
     at this stage's FLOPs per second, a rough guide (stages differ in shapes and compilations)."""
-    final_dir = os.path.join(workdir, stages.FINAL)
-    if os.path.exists(os.path.join(final_dir, saved_model.MODEL_CONFIG_FILE)):
+    workdir = storage.resolve(workdir)  # a local folder or a bucket (gs://): every write goes through storage/Orbax
+    final_dir = storage.join(workdir, stages.FINAL)
+    if storage.exists(storage.join(final_dir, saved_model.MODEL_CONFIG_FILE)):
         check_same_config(final_dir, config)
         logging.info("stage %s is complete (%s); skipping", config.stage, final_dir)
         return final_dir
-    if os.path.exists(final_dir):  # no config.json: a model folder an older version left half-written
+    if storage.exists(final_dir):  # no config.json: a model folder a crash (or an older version) left half-written
         logging.warning("removing the incomplete model folder %s (no %s): it is written again at the end", final_dir,
                         saved_model.MODEL_CONFIG_FILE)
         if jax.process_index() == 0:
-            shutil.rmtree(final_dir)
+            storage.rmtree(final_dir)
         distributed.barrier("qk_jax.train_stage.cleared")
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
 
     # --- set-up ---------------------------------------------------------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
@@ -601,25 +603,28 @@ def train_stage(config, workdir: str, later_flops: float = 0.0) -> str:
     log_every = int(config.get("log_every", 10))
     writer = (metrics_lib.MetricsWriter(workdir, start_step=start, wandb=config.get("wandb"),
                                         run_config=config.to_dict()) if jax.process_index() == 0 else None)
-    with stop_on_sigterm() as stop_requested:
-        state = run_loop(
-            state, step_fn, step_args, total=total, log_every=log_every, checkpointer=checkpointer,
-            data_state=lambda step: iterator.get_state(), meta=meta, batch_size=int(config.batch_size),
-            max_nonfinite=int(config.optim.get("max_nonfinite", 10)),
-            nonfinite_hint=f"lower optim.lr or check the data (optim.max_nonfinite). The last good checkpoint is in "
-                           f"{workdir}",
-            writer=writer, progress=metrics_lib.Progress(
-                total, start_step=start, every=log_every, name=f"stage {config.stage}",
-                later=(lambda seconds_per_step: seconds_per_step * later_flops / plan.flops_per_step)
-                if later_flops and plan.flops_per_step else None),
-            host_scalars=lambda: {f"skipped/{kind}": n for kind, n in data.metrics(iterator).items()},
-            stop_requested=stop_requested, compiled=new_shape_at.__contains__,
-            after_step=previews_after_step(config, workdir, writer, total),
-            profile_steps=profile_window(config, start), profile_dir=os.path.join(workdir, "profile"))
+    profile_dir = os.path.join(storage.local_mirror(workdir), "profile")  # a bucket workdir: profiles stay here
+    try:
+        with stop_on_sigterm() as stop_requested:
+            state = run_loop(
+                state, step_fn, step_args, total=total, log_every=log_every, checkpointer=checkpointer,
+                data_state=lambda step: iterator.get_state(), meta=meta, batch_size=int(config.batch_size),
+                max_nonfinite=int(config.optim.get("max_nonfinite", 10)),
+                nonfinite_hint=f"lower optim.lr or check the data (optim.max_nonfinite). The last good checkpoint "
+                               f"is in {workdir}",
+                writer=writer, progress=metrics_lib.Progress(
+                    total, start_step=start, every=log_every, name=f"stage {config.stage}",
+                    later=(lambda seconds_per_step: seconds_per_step * later_flops / plan.flops_per_step)
+                    if later_flops and plan.flops_per_step else None),
+                host_scalars=lambda: {f"skipped/{kind}": n for kind, n in data.metrics(iterator).items()},
+                stop_requested=stop_requested, compiled=new_shape_at.__contains__,
+                after_step=previews_after_step(config, workdir, writer, total),
+                profile_steps=profile_window(config, start), profile_dir=profile_dir)
+    finally:  # also on SIGTERM's Stopped or an error: a bucket workdir gets the log's last lines
+        if writer is not None:
+            writer.close()
 
     # --- the end ----------------------------------------------------------------------------------------------
-    if writer is not None:
-        writer.close()
     logging.info("stage %s data: %s", config.stage, skipped_summary(data.metrics(iterator), len(data.manifest)))
     trained = state.ema if state.ema is not None else state.trainable
     # The arrays as they are sharded: each process writes its own shards, no host gathers the model.
@@ -627,7 +632,7 @@ def train_stage(config, workdir: str, later_flops: float = 0.0) -> str:
                            meta=dict(meta, step=int(state.step), ema=state.ema is not None),
                            files=processors.model_files(config))  # the Qwen tokenizer travels with the model
     if writer is not None:
-        metrics_lib.plot(os.path.join(workdir, metrics_lib.JSONL), os.path.join(workdir, "loss.png"),
+        metrics_lib.plot(storage.join(workdir, metrics_lib.JSONL), storage.join(workdir, "loss.png"),
                          keys=("loss", "loss/.*"))
     logging.info("stage %s done: %s", config.stage, final_dir)
     return final_dir

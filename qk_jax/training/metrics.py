@@ -9,7 +9,10 @@ Layout of a stage's ``workdir`` (beside ``checkpoints/``, see ``qk_jax.training.
     workdir/config.json          the run's whole config (``save_run_config``; ``read_run_config`` reads it back)
     workdir/wandb_run_id         with ``config.wandb.enabled``: the W&B run the stage logs to (``WandbLogger``)
 
-Every write is flushed and fsynced, so a crash loses no logged point. A resumed run appends to the same JSONL
+Every write is flushed and fsynced, so a crash loses no logged point. In a bucket workdir (``gs://``, which has
+no append) both logs grow in a local mirror (``storage.local_mirror``) and are copied up whole at most every
+``sync_every`` seconds and on close: a crash there loses up to that much of the log, which the resumed run logs
+again from its checkpoint anyway. A resumed run appends to the same JSONL
 and starts a new event file, both marked with the step it restarts from (its checkpoint's step): ``read_jsonl``
 and TensorBoard (a ``SessionLog.START`` event) then drop the points the crashed run logged after that
 checkpoint, and ``read_jsonl`` keeps the last value per (step, name), so neither shows the overlap twice.
@@ -35,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from qk_jax import storage
 from qk_jax.data.tasks import TASKS
 
 JSONL = "metrics.jsonl"
@@ -63,7 +67,8 @@ class MetricsWriter:
     """
 
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True, start_step: int | None = None,
-                 wandb: Mapping[str, Any] | None = None, run_config: Mapping[str, Any] | None = None):
+                 wandb: Mapping[str, Any] | None = None, run_config: Mapping[str, Any] | None = None,
+                 sync_every: float = 60.0):
         if tensorboard:
             # tensorboardX's synchronous record writer (its SummaryWriter queues events to a thread and a
             # multiprocessing queue, so a write would not be on disk when it returns).
@@ -74,8 +79,18 @@ class MetricsWriter:
                     "MetricsWriter(tensorboard=True) needs tensorboardX: `pip install tensorboardX`, or pass "
                     "tensorboard=False to log the JSONL only"
                 ) from e
-        os.makedirs(workdir, exist_ok=True)
-        self.jsonl_path = os.path.join(workdir, JSONL)
+        # A bucket workdir (gs://) has no append: the logs grow in a local mirror and are copied up whole at most
+        # every ``sync_every`` seconds and on close (``sync``); a resume starts from the bucket's copy.
+        self.workdir, self._remote = storage.resolve(workdir), storage.is_remote(workdir)
+        self.sync_every, self._synced_at = float(sync_every), time.monotonic()
+        local = storage.local_mirror(self.workdir)
+        os.makedirs(local, exist_ok=True)
+        self.jsonl_path = os.path.join(local, JSONL)
+        if self._remote:
+            if storage.exists(storage.join(self.workdir, JSONL)):
+                storage.copy_file(storage.join(self.workdir, JSONL), self.jsonl_path)
+            elif os.path.exists(self.jsonl_path):
+                os.remove(self.jsonl_path)  # a mirror left by another run of that name
         # A run killed in the middle of a line leaves it without its newline: end it, so the first line of the
         # resumed run stays a line of its own (the reader skips the broken one).
         if os.path.exists(self.jsonl_path) and os.path.getsize(self.jsonl_path) > 0:
@@ -90,9 +105,11 @@ class MetricsWriter:
         self.tb_dir = None
         if tensorboard:
             # The ns suffix keeps file names unique and in time order, the order TensorBoard reads them in.
-            self.tb_dir = os.path.join(workdir, TB_DIR)
+            self.tb_dir = os.path.join(local, TB_DIR)
             os.makedirs(self.tb_dir, exist_ok=True)
+            before = set(os.listdir(self.tb_dir))
             self._events = EventsWriter(os.path.join(self.tb_dir, "events"), f".{time.time_ns()}.{os.getpid()}")
+            self._events_files = sorted(set(os.listdir(self.tb_dir)) - before)  # this writer's file, to copy up
         # W&B last: a failure to start it leaves no open file behind.
         self.wandb = WandbLogger(workdir, wandb, run_config) if wandb and wandb.get("enabled") else None
         if start_step is not None:
@@ -137,6 +154,19 @@ class MetricsWriter:
             self._events.flush()  # fsyncs
         if self.wandb is not None and values:
             self.wandb.log(step, values)
+        if self._remote and time.monotonic() - self._synced_at >= self.sync_every:
+            self.sync()
+
+    def sync(self) -> None:
+        """Copy the logs up to a bucket workdir (whole files; nothing to do for a local one)."""
+        if not self._remote:
+            return
+        storage.copy_file(self.jsonl_path, storage.join(self.workdir, JSONL))
+        if self._events is not None:
+            self._events.flush()
+            for name in self._events_files:
+                storage.copy_file(os.path.join(self.tb_dir, name), storage.join(self.workdir, TB_DIR, name))
+        self._synced_at = time.monotonic()
 
     def write_image(self, step: int, tag: str, png: bytes, height: int, width: int) -> None:
         """A PNG-encoded RGB image at ``step`` in TensorBoard's images tab and W&B (the JSONL keeps scalars only)."""
@@ -151,9 +181,12 @@ class MetricsWriter:
         summary = Summary(value=[Summary.Value(tag=tag, image=image)])
         self._events.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
         self._events.flush()
+        if self._remote:
+            self.sync()  # an image is rare and worth seeing at once
 
     def close(self) -> None:
         if not self._jsonl.closed:
+            self.sync()
             self._jsonl.close()
         if self._events is not None:
             self._events.close()
@@ -185,17 +218,18 @@ class WandbLogger:
             raise ImportError("config.wandb.enabled needs Weights & Biases: `pip install wandb` (or "
                               "--config.wandb.enabled=False)") from e
         self._wandb = wandb
-        workdir = os.path.abspath(workdir)
-        id_path = os.path.join(workdir, WANDB_RUN_ID)
-        if os.path.exists(id_path):
-            with open(id_path, encoding="utf-8") as f:
-                run_id = f.read().strip()
+        workdir = storage.resolve(workdir)
+        id_path = storage.join(workdir, WANDB_RUN_ID)
+        if storage.exists(id_path):
+            run_id = storage.read_text(id_path).strip()
         else:
             run_id = wandb.util.generate_id()
-            write_whole(id_path, run_id + "\n")
-        name = "/".join(os.path.normpath(workdir).split(os.sep)[-2:])
+            storage.write_whole(id_path, run_id + "\n")
+        name = "/".join(workdir.rstrip("/").split("/")[-2:])
+        # W&B's own files stay on the host (a mirror for a bucket workdir); the run's data goes to W&B.
         self.run = wandb.init(project=block.get("project"), entity=block.get("entity"), group=block.get("group"),
-                              mode=block.get("mode"), name=name, id=run_id, resume="allow", dir=workdir,
+                              mode=block.get("mode"), name=name, id=run_id, resume="allow",
+                              dir=storage.local_mirror(workdir),
                               config=dict(run_config) if run_config is not None else None)
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
@@ -210,13 +244,6 @@ class WandbLogger:
         self.run.finish()
 
 
-def write_whole(path: str, data: str | bytes) -> None:
-    """``data`` to ``path`` written whole, then renamed over it: a reader or a crash never sees half a file."""
-    with open(path + ".tmp", "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(path + ".tmp", path)
-
-
 WANDB_RUN_ID = "wandb_run_id"
 RUN_CONFIG = "config.json"
 SUMMARY_KEYS = ("stage", "batch_size", "total_steps", "resolution", "mesh", "init_from")
@@ -225,9 +252,8 @@ SUMMARY_KEYS = ("stage", "batch_size", "total_steps", "resolution", "mesh", "ini
 def save_run_config(config: Any, workdir: str | os.PathLike) -> str:
     """Write the run's whole config as ``workdir/config.json`` (written whole, then renamed); returns the path.
     The log gets ``config_summary`` instead of the config itself (hundreds of lines)."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, RUN_CONFIG)
-    write_whole(path, config.to_json_best_effort(indent=2, sort_keys=True))
+    path = storage.join(workdir, RUN_CONFIG)
+    storage.write_whole(path, config.to_json_best_effort(indent=2, sort_keys=True))
     return path
 
 
@@ -235,10 +261,9 @@ def read_run_config(workdir: str | os.PathLike):
     """The ``ml_collections.ConfigDict`` that ``save_run_config`` wrote (tuples come back as lists)."""
     import ml_collections
 
-    path = os.path.join(workdir, RUN_CONFIG)
+    path = storage.join(workdir, RUN_CONFIG)
     try:
-        with open(path, encoding="utf-8") as f:
-            return ml_collections.ConfigDict(json.load(f))
+        return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
     except (ValueError, RecursionError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
@@ -266,7 +291,7 @@ def read_jsonl(path: str | os.PathLike) -> dict[int, dict[str, float]]:
     integer ``step`` (a write cut short by a kill) is skipped with a warning.
     """
     records: dict[int, dict[str, float]] = {}
-    with open(path, encoding="utf-8") as f:
+    with storage.path(path).open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -337,11 +362,13 @@ def plot(
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss" if all(n.startswith("loss") for n in names) else "value")
-    run = os.path.basename(os.path.dirname(os.path.abspath(jsonl_path)))
+    run = storage.path(jsonl_path).parent.name
     ax.set_title(title if title is not None else f"{run}: {', '.join(names)}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right", fontsize="small")
-    fig.savefig(png_path, dpi=dpi, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, dpi=dpi, format="png")
+    storage.write_whole(png_path, png.getvalue())
     return names
 
 

@@ -13,20 +13,18 @@ guidance cost, on the training devices; the preview's wall time is left out of t
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
 
-from qk_jax import sampling
+from qk_jax import sampling, storage
 from qk_jax.data import images as images_lib
 from qk_jax.data import manifest as manifest_lib
 from qk_jax.data import shapesworld
 from qk_jax.data import tasks as tasks_lib
 from qk_jax.evaluation import scoring
-from qk_jax.training import metrics as metrics_lib
 
 SAMPLES_DIR = "samples"
 
@@ -92,7 +90,7 @@ class Previewer:
         self.steps = int(block.get("steps") or 0) or None  # None: config.sample.steps
         self.seed = int(block.get("seed", 0))
         self.items = preview_items(config, self.seed)
-        self.directory = os.path.join(workdir, SAMPLES_DIR)
+        self.directory = storage.join(workdir, SAMPLES_DIR)
         side = int(config["data"]["resolution"])
         self.size = (side, side)
         if not self.items:
@@ -116,10 +114,9 @@ class Previewer:
             for i, image in zip(group, sampler.sample([requests[i] for i in group], size=self.size, steps=self.steps)):
                 outputs[i] = image
         grid = preview_grid(self.items, outputs)
-        os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, f"step_{int(step):07d}.png")
+        path = storage.join(self.directory, f"step_{int(step):07d}.png")
         png = encode_png(grid)
-        metrics_lib.write_whole(path, png)  # a reader never sees half a PNG
+        storage.write_whole(path, png)  # a reader never sees half a PNG
         if self.writer is not None:
             self.writer.write_image(step, "samples", png, grid.height, grid.width)
         return path
