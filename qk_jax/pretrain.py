@@ -7,13 +7,12 @@ What it trains and measures: ``qk_jax.training.stage0``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from qk_jax import cli
+from qk_jax import cli, storage
 from qk_jax.training import stage0
 
 
@@ -27,7 +26,7 @@ def run_flags(fv: flags.FlagValues) -> stage0.Result:
     if fv.config is None or not fv.workdir:
         raise app.UsageError("give --config configs/shapes.py[:tiny] and --workdir DIR")
     try:
-        return stage0.run(fv.config, os.path.join(os.path.abspath(fv.workdir), stage0.DIRNAME))
+        return stage0.run(fv.config, storage.join(fv.workdir, stage0.DIRNAME))
     except stage0.NoStage0Error as e:
         raise app.UsageError(str(e)) from None
 

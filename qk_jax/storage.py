@@ -8,7 +8,8 @@ that callers must know about:
   model's ``config.json``; ``saved_model.save_model``);
 * no append: a log that grows line by line (``metrics.jsonl``, TensorBoard's events) is written to a local mirror
   (``local_mirror``) and copied up whole now and then (``MetricsWriter``);
-* objects appear whole: a single write is atomic, so ``write_whole`` needs no temporary name there.
+* objects appear whole: a single write is atomic, so ``write_whole`` needs no temporary name there;
+* readers that need local files (safetensors' mmap, a tokenizer, stage 0's exports) get a copy (``fetch_tree``).
 
 Which library speaks to the bucket: epath's fsspec backend (``gcsfs``, the ``[gcs]`` extra) or TensorFlow's gfile
 when TensorFlow is installed; Orbax uses tensorstore's own GCS driver. Both honour the usual credentials (ADC);
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
 
 from etils import epath
 
@@ -109,13 +111,47 @@ def move(source: str | os.PathLike, target: str | os.PathLike) -> None:
         os.replace(resolve(source), resolve(target))
 
 
+def files_under(folder: str | os.PathLike) -> list[str]:
+    """Every file below ``folder``, as paths relative to it, sorted (one listing per folder in a bucket)."""
+    root = path(folder)
+    found: list[str] = []
+
+    def visit(directory: epath.Path, prefix: str) -> None:
+        for child in directory.iterdir():
+            if child.is_dir():
+                visit(child, f"{prefix}{child.name}/")
+            else:
+                found.append(prefix + child.name)
+
+    visit(root, "")
+    return sorted(found)
+
+
+def copy_tree(source: str | os.PathLike, target: str | os.PathLike, *, last: str | None = None) -> None:
+    """Every file under ``source`` to the same place under ``target`` (host to bucket or back); ``last``, a file
+    at the top of ``source``, goes after all the others: the marker a reader takes as "complete"."""
+    names = files_under(source)
+    for name in sorted(names, key=lambda n: n == last):
+        copy_file(join(source, name), join(target, name))
+
+
+def fetch_tree(p: str | os.PathLike) -> str:
+    """A local folder with the files of ``p``: ``p`` itself when local, else a fresh copy in ``local_mirror(p)``
+    (for readers that need local files: safetensors' mmap, the tokenizer)."""
+    if not is_remote(p):
+        return resolve(p)
+    local = local_mirror(p)
+    copy_tree(p, local)
+    return local
+
+
 def local_mirror(p: str | os.PathLike) -> str:
     """A local folder that stands in for a bucket folder ``p`` (for logs appended line by line); ``p`` itself
     when it is local. Under ``$QK_JAX_MIRROR`` or the system's temporary folder, named after ``p``."""
     if not is_remote(p):
         return resolve(p)
     uri = resolve(p)
-    root = os.environ.get("QK_JAX_MIRROR") or os.path.join(_tempdir(), "qk_jax_mirror")
+    root = os.environ.get("QK_JAX_MIRROR") or os.path.join(tempfile.gettempdir(), "qk_jax_mirror")
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", uri)[-80:]
     folder = os.path.join(root, f"{readable}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}")
     os.makedirs(folder, exist_ok=True)
@@ -126,9 +162,3 @@ def local_cache_dir(name: str) -> str:
     """``$XDG_CACHE_HOME/qk_jax/<name>`` (``~/.cache/qk_jax/<name>``): what a bucket workdir keeps on the host."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "qk_jax", name)
-
-
-def _tempdir() -> str:
-    import tempfile
-
-    return tempfile.gettempdir()

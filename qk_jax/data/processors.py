@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from qk_jax import storage
 from qk_jax.data import (
     qwen_processor,  # it loads transformers only when a processor is made
 )
@@ -216,8 +217,8 @@ UNSET_TOKENIZER = ("config.vlm.tokenizer is not set, and neither config.init_fro
 
 
 def is_tokenizer_folder(folder: str | os.PathLike | None) -> bool:
-    """Whether ``folder`` is a directory holding a transformers tokenizer."""
-    return bool(folder) and any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES[:2])
+    """Whether ``folder`` (a local one or in a bucket) is a directory holding a transformers tokenizer."""
+    return bool(folder) and any(storage.exists(storage.join(folder, f)) for f in TOKENIZER_FILES[:2])
 
 
 def tokenizer_kind(vlm: Mapping[str, Any]) -> str:
@@ -247,7 +248,7 @@ def tokenizer_folder(config: Mapping[str, Any]) -> str | None:
     candidates.append(dict(config.get("pretrained") or {}).get("vlm"))
     for folder in candidates:
         if is_tokenizer_folder(folder):
-            return os.fspath(folder)
+            return storage.fetch_tree(folder)  # a bucket's (a previous stage's final/): transformers reads local files
     raise ValueError(UNSET_TOKENIZER)
 
 

@@ -36,6 +36,7 @@ and scores), ``report.md`` (a table per task) and ``TASK.png`` per task: one row
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -47,7 +48,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
-from qk_jax import sampling
+from qk_jax import sampling, storage
 from qk_jax.data import tasks as tasks_lib
 from qk_jax.data import shapesworld
 from qk_jax.models.query_kontext import QueryKontext
@@ -463,15 +464,14 @@ def grid_image(rows: Sequence[Mapping[str, Any]], min_tile: int = 128) -> Image.
 
 def write_report(out: str | os.PathLike, report: Mapping[str, Any], rows: Mapping[str, Sequence[Mapping]]) -> list[str]:
     """``report.json``, ``report.md`` and ``TASK.png`` per task under ``out``; returns the paths."""
-    os.makedirs(out, exist_ok=True)
-    paths = [os.path.join(out, "report.json"), os.path.join(out, "report.md")]
-    with open(paths[0], "w") as f:
-        json.dump(report, f, indent=1)
-    with open(paths[1], "w") as f:
-        f.write(markdown(report))
+    paths = [storage.join(out, "report.json"), storage.join(out, "report.md")]  # a local folder or a bucket
+    storage.write_whole(paths[0], json.dumps(report, indent=1))
+    storage.write_whole(paths[1], markdown(report))
     for task, task_rows in rows.items():
-        paths.append(os.path.join(out, f"{task}.png"))
-        grid_image(task_rows).save(paths[-1])
+        paths.append(storage.join(out, f"{task}.png"))
+        png = io.BytesIO()
+        grid_image(task_rows).save(png, format="PNG")
+        storage.write_whole(paths[-1], png.getvalue())
     return paths
 
 
@@ -492,7 +492,7 @@ def evaluate_seeds(sampler: sampling.Sampler, out: str | os.PathLike, world: sha
     for seed in seeds:
         report, rows = evaluate(sampler, num, seed, world, tasks, split=split, steps=steps, batch=batch,
                                 ceiling=ceiling)
-        write_report(os.path.join(out, f"seed_{seed}"), report, rows)
+        write_report(storage.join(out, f"seed_{seed}"), report, rows)
         per_seed[seed] = {task: block["metrics"] for task, block in report["tasks"].items()}
         meta = report["config"]["meta"]
     summary: dict[str, Any] = dict(num=num, seeds=list(seeds), split=split, steps=steps, meta=meta, tasks={})
@@ -502,11 +502,8 @@ def evaluate_seeds(sampler: sampling.Sampler, out: str | os.PathLike, world: sha
             values = [per_seed[s][task][name] for s in seeds if per_seed[s][task][name] is not None]
             summary["tasks"][task][name] = (dict(mean=float(np.mean(values)), min=float(np.min(values)),
                                                  max=float(np.max(values))) if values else None)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(summary_markdown({"model": summary}))
+    storage.write_whole(storage.join(out, "summary.json"), json.dumps(summary, indent=1))
+    storage.write_whole(storage.join(out, "summary.md"), summary_markdown({"model": summary}))
     return summary
 
 

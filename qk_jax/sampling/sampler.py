@@ -68,6 +68,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from qk_jax import storage
 from qk_jax.data import buckets as buckets_lib
 from qk_jax.data import images as images_lib
 from qk_jax.data import manifest as manifest_lib
@@ -338,9 +339,9 @@ class Sampler:
         given; ``FileNotFoundError`` when it is not one, ``CheckpointMismatchError`` when its params do not fit its
         config."""
         config, params, meta = saved_model.load_model(directory)
-        own = os.path.join(directory, processors.TOKENIZER_DIR)  # the tokenizer it was trained with, if a Qwen one
+        own = storage.join(directory, processors.TOKENIZER_DIR)  # the tokenizer it was trained with, if a Qwen one
         if not kwargs.get("tokenizer") and processors.is_tokenizer_folder(own):
-            kwargs["tokenizer"] = own
+            kwargs["tokenizer"] = storage.fetch_tree(own)  # a bucket's: transformers reads local files
         try:
             return cls(config, params, meta=meta, **kwargs)
         except saved_model.CheckpointMismatchError as e:

@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
 
-from qk_jax import sampling
+from qk_jax import sampling, storage
 from qk_jax.data import shapesworld
 from qk_jax.evaluation import scoring
 from qk_jax.training import loop
@@ -72,12 +71,12 @@ def variant_config(config, ablation: str, value: str, workdir: str, steps: int |
         stage.total_steps = int(steps)
         stage.checkpoint_every = min(int(stage.checkpoint_every), int(steps))
     if config.get("stage0") is not None:
-        stage = stage0_lib.with_stage0(stage, stage0_lib.run(config, os.path.join(workdir, stage0_lib.DIRNAME)),
+        stage = stage0_lib.with_stage0(stage, stage0_lib.run(config, storage.join(workdir, stage0_lib.DIRNAME)),
                                        first=index == 0)
     if stage.get("init_from"):
-        stage.init_from = os.path.join(workdir, stage.init_from)
-        final = os.path.join(stage.init_from, stages.FINAL)
-        if not os.path.isdir(final):
+        stage.init_from = storage.join(workdir, stage.init_from)
+        final = storage.join(stage.init_from, stages.FINAL)
+        if not storage.path(final).is_dir():
             raise FileNotFoundError(f"{ablation} starts from {final}, which does not exist: run the curriculum first"
                                     f" (python -m qk_jax.train --config ... --workdir {workdir})")
     return stage
@@ -85,7 +84,7 @@ def variant_config(config, ablation: str, value: str, workdir: str, steps: int |
 
 def tail_loss(run_dir: str, fraction: float = 0.25) -> float | None:
     """Mean logged training loss over the last ``fraction`` of the run's logged steps."""
-    records = metrics_lib.read_jsonl(os.path.join(run_dir, metrics_lib.JSONL))  # {step: {name: value}}
+    records = metrics_lib.read_jsonl(storage.join(run_dir, metrics_lib.JSONL))  # {step: {name: value}}
     rows = [r for r in records.values() if "loss" in r]
     if not rows:
         return None
@@ -97,12 +96,12 @@ def run_variant(config, ablation: str, value: str, workdir: str, *, steps: int |
                 ) -> dict[str, Any]:
     """Trains (or resumes) and scores one variant; returns its row of the table."""
     stage = variant_config(config, ablation, value, workdir, steps)
-    run_dir = os.path.join(workdir, "ablations", ablation, value)
+    run_dir = storage.join(workdir, "ablations", ablation, value)
     final = loop.train_stage(stage, run_dir)
     sampler = sampling.Sampler.from_checkpoint(final)
     world = shapesworld.World.from_config(stage.data.world, size=int(stage.data.resolution))
     report, rows = scoring.evaluate(sampler, num, seed, world, ABLATIONS[ablation][4])
-    scoring.write_report(os.path.join(run_dir, "eval"), report, rows)
+    scoring.write_report(storage.join(run_dir, "eval"), report, rows)
     metrics = {task: block["metrics"] for task, block in report["tasks"].items()}
     return dict(ablation=ablation, value=value, steps=int(stage.total_steps), loss=tail_loss(run_dir),
                 metrics=metrics)
@@ -153,11 +152,10 @@ def markdown(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
 def earlier_results(out: str, keep: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     """The rows of the ablations in ``keep`` from an earlier ``ablations.json`` in ``out`` (none if absent), so that
     a run with a narrower ``--which`` adds to the table instead of replacing it."""
-    path = os.path.join(out, "ablations.json")
-    if not os.path.exists(path):
+    path = storage.join(out, "ablations.json")
+    if not storage.exists(path):
         return {}
-    with open(path) as f:
-        earlier = json.load(f)
+    earlier = json.loads(storage.read_text(path))
     return {name: earlier[name] for name in ABLATIONS if name in keep and name in earlier}
 
 
@@ -165,17 +163,14 @@ def run_ablations(config, workdir: str, which: Sequence[str], *, steps: int | No
     """Every variant of the ablations ``which`` on the curriculum that ran in ``workdir``; writes and returns the
     table (``<workdir>/ablations/ablations.md``, rows of ablations not rerun kept from ``ablations.json``)."""
     loop.use_compilation_cache(workdir)  # the curriculum's cache: shapes that it or another variant compiled load
-    out = os.path.join(workdir, "ablations")
+    out = storage.join(workdir, "ablations")
     results = earlier_results(out, keep=[a for a in ABLATIONS if a not in which])
     for ablation in which:
         results[ablation] = []
         for value in ABLATIONS[ablation][2]:
             logging.info("ablation %s = %s", ablation, value)
             results[ablation].append(run_variant(config, ablation, value, workdir, steps=steps, num=num, seed=seed))
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "ablations.json"), "w") as f:
-                json.dump(results, f, indent=1)
+            storage.write_whole(storage.join(out, "ablations.json"), json.dumps(results, indent=1))
     table = markdown({name: results[name] for name in ABLATIONS if name in results})  # kept rows in place
-    with open(os.path.join(out, "ablations.md"), "w") as f:
-        f.write(table)
+    storage.write_whole(storage.join(out, "ablations.md"), table)
     return table

@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from qk_jax import storage
 from qk_jax.convert import diffusers_vae, hf_qwen_vl
 from qk_jax.data import manifest as manifest_lib
 from qk_jax.data import pipeline, processors, shapesworld
@@ -462,7 +463,23 @@ def pretrain_vlm(config, directory: str) -> tuple[str, dict]:
 
 def run(config, directory: str) -> Result:
     """Stage 0 of the curriculum ``config`` (with ``stage0``, ``world`` and ``stages``) in ``directory``; a
-    finished one (``stage0.json`` there) is not rerun."""
+    finished one (``stage0.json`` there) is not rerun.
+
+    A bucket ``directory`` (``gs://``): stage 0 runs in a local mirror (its exports are read back through
+    safetensors' mmap, which needs local files) and is copied up when finished, ``stage0.json`` last; a host
+    without the mirror fetches a finished one instead of training it again."""
+    if storage.is_remote(directory):
+        local = storage.local_mirror(directory)
+        if Result.read(local) is None and storage.exists(storage.join(directory, RESULT_FILE)):
+            storage.copy_tree(directory, local)
+        result = _run_here(config, local)
+        if not storage.exists(storage.join(directory, RESULT_FILE)):
+            storage.copy_tree(local, directory, last=RESULT_FILE)
+        return result
+    return _run_here(config, directory)
+
+
+def _run_here(config, directory: str) -> Result:
     done = Result.read(directory)
     if done is not None:
         logging.info("stage 0 is complete (%s); skipping", os.path.join(directory, RESULT_FILE))
