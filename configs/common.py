@@ -287,6 +287,10 @@ def data(variant, config):
     # True for a manifest (its aspect ratios and bad records would bucket each process's records its own way, and
     # the processes must feed one batch shape), False for drawn ShapesWorld (one size, no bad records).
     block.global_stream = ml_collections.config_dict.placeholder(bool)
+    # With the global stream: every process buckets it from the images' headers and decodes only its own rows
+    # (unset or True; a row that fails to decode is fed masked), or decodes all of it and keeps its rows (False).
+    # True also plans on one process: the batches of any multi-process run (qk_jax.data.pipeline.reading_mode).
+    block.decode_own_rows = ml_collections.config_dict.placeholder(bool)
     # A JSONL manifest (``qk_jax.data.manifest``). Unset on the ShapesWorld configs: the trainer draws
     # ``data.num_samples`` ShapesWorld records as it reads them (``shapesworld.ShapesManifest``), or writes them
     # once into ``data.dir`` when that is set. Fresh scenes matter: the MMDiT memorised the layouts of a written

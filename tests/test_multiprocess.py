@@ -187,3 +187,27 @@ def test_processes_reading_differently_shaped_batches_stop_with_the_fix_named(tm
         assert "each process reads its own records" in log
         assert "step 1: the processes read batches of different shapes" in log, log[-3000:]
         assert "--config.data.global_stream=True" in log and "Traceback" not in log
+
+
+def test_a_manifest_of_mixed_sizes_trains_on_two_processes_as_on_one(tmp_path):
+    # The default for a manifest (rows mode): both processes plan the same global batches from the image headers
+    # and each decodes its own rows, so the run that the check above stops trains, with the per-step losses of one
+    # process planning the same way (data.decode_own_rows=True) on 4 devices.
+    manifest = _manifest(tmp_path, [(32, 32) if i % 2 == 0 else (64, 32) for i in range(8)])
+    args = ["--config", "configs/stage1.py:tiny", "--config.batch_size=4", "--config.total_steps=4",
+            f"--config.data.manifest={manifest}"]
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    two = str(tmp_path / "two")
+    out = subprocess.run(["bash", "launch/local_processes.sh", "2", "2", *args, "--workdir", two], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    logs = _logs(two, 2)
+    assert out.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+    assert "decodes its own rows" in logs[0]
+    one = str(tmp_path / "one")
+    single = subprocess.run([sys.executable, "-m", "qk_jax.train", *args, "--config.data.decode_own_rows=True",
+                             "--workdir", one], cwd=ROOT, env=fake_devices_env(4), capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = metrics.read_jsonl(os.path.join(two, metrics.JSONL)), metrics.read_jsonl(os.path.join(one, metrics.JSONL))
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([a[s]["loss"] for s in a], [b[s]["loss"] for s in a], rtol=1e-5)

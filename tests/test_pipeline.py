@@ -513,3 +513,64 @@ def test_every_process_reads_the_global_stream_for_a_manifest_unless_told():
     assert not rule(dict(listed, global_stream=False), 2) and rule(dict(shapes, global_stream=True), 4)
     assert rule(dict(stage3.get_config("tiny").data, manifest="x.jsonl"), 2)
     assert not rule(stage1.get_config("shapes").data, 2) and stage1.get_config().data.global_stream is None
+
+
+def test_every_process_count_plans_the_same_global_batches_and_decodes_only_its_rows(tmp_path, monkeypatch):
+    # Rows mode (data.decode_own_rows): the global stream is bucketed from the images' headers alone, so 1, 2 or 4
+    # processes cut the same global batches; each decodes only its rows. A record whose header is bad is skipped
+    # by all alike; one whose pixels fail (a truncated JPEG, a corrupt input) is a masked row, counted once.
+    path, sizes, expected = _mixed_dataset(tmp_path, num=160, bad_per_kind=2)
+    config = _config(decode_own_rows=True, aspect_ratios=[[1, 1], [1, 2], [2, 1]])  # few buckets: few partial batches
+    config.tasks = {t: 1.0 for t in ROLES_BY_TASK}
+    config.batch_size = 4
+    decodes: list[str] = []
+    sample = pipeline.MakeSample._sample
+    monkeypatch.setattr(pipeline.MakeSample, "_sample",
+                        lambda self, record, *a: (decodes.append(record.id), sample(self, record, *a))[1])
+
+    def run(process, processes):
+        decodes.clear()
+        pipe = pipeline.make_pipeline(config, manifest=path, num_epochs=1, process_index=process,
+                                      process_count=processes)
+        it = iter(pipe)
+        batches = list(it)
+        metrics = pipe.metrics(it)
+        at_decode = dict(pipe.decoder.skipped)
+        before = {k: v - at_decode.get(k, 0) for k, v in metrics.items()}  # the manifest's and the headers'
+        return batches, metrics, list(decodes), at_decode, before
+
+    one, one_metrics, one_decodes, one_at_decode, one_before = run(0, 1)
+    assert {k: v for k, v in one_metrics.items() if v} == expected  # every bad record counted once
+    assert _records(one) == sorted(sizes)  # every good record arrives once, as a valid row
+    # The truncated JPEG targets (readable headers) and the bad inputs became masked rows.
+    assert sum(one_at_decode.values()) >= 2 and sum(int((~b["valid"]).sum()) for b in one) >= 2
+    for processes in (2, 4):
+        parts = [run(p, processes) for p in range(processes)]
+        for step, batch in enumerate(one):
+            rows = [part[0][step] for part in parts]
+            assert {k: np.concatenate([r[k] for r in rows]).shape for k in batch} == \
+                   {k: v.shape for k, v in batch.items()}
+            for key in batch:
+                np.testing.assert_array_equal(np.concatenate([r[key] for r in rows]), batch[key], err_msg=key)
+        assert all(len(part[0]) == len(one) for part in parts)
+        # The decoding is split: each process decodes its rows, plus at most the record a partial batch is padded
+        # with (once a batch) and stand-ins for rows that failed; reading it all would be `processes` times one's.
+        decoded = [part[2] for part in parts]
+        assert set().union(*decoded) == set(one_decodes)  # measured: 88 + 88 and 4 x 45-48 of one's 166
+        assert all(len(d) <= len(one_decodes) / processes + len(one) for d in decoded), [len(d) for d in decoded]
+        assert sum(map(len, decoded)) <= len(one_decodes) + (processes - 1) * (len(one) + 2 * len(expected))
+        for part in parts:
+            assert part[4] == one_before  # every process skips the same records before decoding
+        # A row that fails to decode is counted by the process that owns it: once in all.
+        kinds = set(one_at_decode) | {k for part in parts for k in part[3]}
+        assert {k: sum(part[3].get(k, 0) for part in parts) for k in kinds} == \
+               {k: one_at_decode.get(k, 0) for k in kinds}
+
+
+def test_reading_mode_follows_the_two_switches():
+    mode = pipeline.reading_mode
+    listed, shapes = dict(manifest="train.jsonl", global_stream=None), dict(manifest=None, global_stream=None)
+    assert mode(listed, 2) == "rows" and mode(shapes, 2) == "own" and mode(listed, 1) == "own"
+    assert mode(dict(listed, decode_own_rows=False), 2) == "whole"
+    assert mode(dict(shapes, global_stream=True), 4) == "rows" and mode(dict(shapes, decode_own_rows=True), 1) == "rows"
+    assert mode(dict(listed, global_stream=False), 2) == "own"

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -75,6 +76,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from PIL import Image
 
 from qk_jax.data import buckets as buckets_lib
 from qk_jax.data import manifest as manifest_lib
@@ -184,6 +186,115 @@ class MakeSample:
                 stacked[k] = inputs[k]
             sample["inputs"] = stacked
         return sample
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """A record placed in a global batch before its images are decoded (``data.decode_own_rows``): its bucket size
+    ``(w, h)`` from the target's header and the dropout draws ``MakeSample`` would make for it."""
+
+    record: Record
+    size: tuple[int, int]
+    drop_text: bool
+    drop_images: bool
+
+
+def planned_key(element: Planned) -> tuple:
+    """The bucket key of a planned record: its size and input count fix every array's shape in its sample (the
+    decoded samples' ``shape_key`` splits a stream the same way)."""
+    return element.size, len(element.record.inputs)
+
+
+class PlanSample:
+    """The per-record transformation of a planned stream (a Grain ``random_map``): ``(record, rng) -> Planned |
+    BadRecord`` from the target image's header alone, with ``MakeSample``'s draws (the same rng, the same order):
+    every process plans the whole global stream at the cost of reading headers, and decodes only its rows."""
+
+    def __init__(self, settings: SampleSettings):
+        self.settings = settings
+
+    def __call__(self, record: Record | BadRecord, rng: np.random.Generator) -> Planned | BadRecord:
+        drop_text = bool(rng.random() < self.settings.drop_text)
+        drop_images = bool(rng.random() < self.settings.drop_images)
+        if isinstance(record, BadRecord):
+            return record
+        s = self.settings
+        try:
+            image = open_image(record.read(record.target, "target"), record.id, "target", s.max_pixels)
+            size = s.buckets.sizes[s.buckets.assign(*oriented_size(image, record.id, "target"))]
+        except RecordError as e:
+            return BadRecord(e.kind, e.record_id, str(e))
+        return Planned(record, size, drop_text, drop_images)
+
+
+def planned_batch(elements: Sequence[Planned], batch_size: int) -> tuple[list[Planned], np.ndarray]:
+    """The bucketer's ``collate_fn`` for planned records: the global batch padded with copies of its first
+    record (as ``stack_and_pad`` pads samples) and ``valid`` ``[batch_size]``."""
+    return list(elements) + [elements[0]] * (batch_size - len(elements)), np.arange(batch_size) < len(elements)
+
+
+def _blank_like(planned: Planned) -> Record:
+    """A record of ``planned``'s shapes (its bucket size, its inputs and roles) with black images and no prompt:
+    what a batch whose every row failed to decode feeds, masked."""
+    buffer = io.BytesIO()
+    Image.new("RGB", planned.size).save(buffer, format="PNG")
+    blank = buffer.getvalue()
+    record = planned.record
+    return dataclasses.replace(record, id=f"{record.id}#blank", prompt="", target=blank,
+                               inputs=tuple(dataclasses.replace(inp, image=blank) for inp in record.inputs))
+
+
+class DecodeRows:
+    """Decodes this process's ``rows`` of each planned global batch into the batch it feeds.
+
+    A row whose images fail to decode (past a readable header: truncated or corrupt pixels, a prompt too long)
+    cannot be dropped, since every process must feed its rows of the same global batch: it becomes a copy of a
+    decoded row with ``valid`` False (the loss ignores it), counted by kind in ``skipped`` (this process's, not
+    kept across a restart). The copy is of the global batch's first row that decodes, whichever process owns it
+    (so the batch does not depend on the process count), else (no row decodes) a blank sample of the batch's
+    shapes (``_blank_like``).
+    """
+
+    def __init__(self, make: MakeSample, rows: tuple[int, int], text_multiple: int = 0):
+        self.make, self.rows, self.text_multiple = make, rows, text_multiple
+        self.skipped: dict[str, int] = {}
+
+    def _decode(self, planned: Planned) -> dict[str, np.ndarray] | RecordError:
+        try:
+            return self.make._sample(planned.record, planned.drop_text, planned.drop_images)
+        except RecordError as e:
+            return e
+
+    def __call__(self, batch: tuple[list[Planned], np.ndarray]) -> dict[str, np.ndarray]:
+        entries, valid = batch
+        start, stop = self.rows
+        if not 0 <= start < stop <= len(entries):
+            raise ValueError(f"rows [{start}, {stop}) are not rows of a global batch of {len(entries)}")
+        decoded: dict[int, Any] = {}  # a padded batch repeats its first record: decode it once
+
+        def decode(planned: Planned) -> dict[str, np.ndarray] | RecordError:
+            if id(planned) not in decoded:
+                decoded[id(planned)] = self._decode(planned)
+            return decoded[id(planned)]
+
+        samples = [decode(p) for p in entries[start:stop]]
+        ok = np.array([v and not isinstance(x, RecordError) for v, x in zip(valid[start:stop], samples)])
+        for planned, x, real in zip(entries[start:stop], samples, valid[start:stop]):
+            if isinstance(x, RecordError) and real:  # a padding row repeats a row counted already
+                if x.kind not in self.skipped:
+                    log.warning("row of %s not decoded (%s): fed as a masked copy of another row; counted",
+                                planned.record.id, x)
+                self.skipped[x.kind] = self.skipped.get(x.kind, 0) + 1
+        if any(isinstance(x, RecordError) for x in samples):
+            # The stand-in is the global batch's first row that decodes, whichever process owns it: the same
+            # batch for any process count (decoding another process's row only when one of ours failed).
+            stand_in = next((x for x in map(decode, entries) if not isinstance(x, RecordError)), None)
+            if stand_in is None:  # no row of the global batch decodes: a blank sample of the batch's shapes
+                stand_in = self.make._sample(_blank_like(entries[0]), False, False)
+            samples = [stand_in if isinstance(x, RecordError) else x for x in samples]
+        out = collate(samples, len(samples), self.text_multiple)
+        out["valid"] = ok
+        return out
 
 
 class PromptTooLong(ValueError):
@@ -306,6 +417,9 @@ class PipelineConfig:
     text_multiple: int = 0  # trim_text; single-process only (every host's batch must have one shape)
     process_index: int | None = None  # None: jax.process_index() (multi-host: each host reads its shard)
     process_count: int | None = None  # None: jax.process_count()
+    # (start, stop): plan the whole global stream from image headers and decode only these rows of each global
+    # batch (``reading_mode`` "rows"); None: decode every record read.
+    decode_rows: tuple[int, int] | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], manifest: str | None = None, **overrides) -> PipelineConfig:
@@ -337,10 +451,18 @@ class PipelineConfig:
             max_pixels=configured_max_pixels(data),
         )
         # config.batch_size is the global batch (table 3); each process reads and feeds its own part of it, or
-        # (reads_global_stream) every process reads the whole global stream and the trainer keeps its rows.
-        _, processes = buckets_lib.host_position(overrides.get("process_index"), overrides.get("process_count"))
-        if reads_global_stream(data, processes):
-            overrides = dict(dict(process_index=0, process_count=1), **overrides)
+        # every process reads the whole global stream and decodes only its rows (or all, the trainer keeping its
+        # rows): reading_mode.
+        process, processes = buckets_lib.host_position(overrides.get("process_index"),
+                                                       overrides.get("process_count"))
+        mode = reading_mode(data, processes)
+        if mode != "rows":
+            overrides = dict(overrides, decode_rows=None)
+        elif overrides.get("decode_rows") is None:  # the trainer passes its mesh's rows; else an even split
+            share = int(config["batch_size"]) // processes
+            overrides = dict(overrides, decode_rows=(process * share, (process + 1) * share))
+        if mode != "own":  # every process reads the whole global stream
+            overrides = dict(overrides, process_index=0, process_count=1)
         _, processes = buckets_lib.host_position(overrides.get("process_index"), overrides.get("process_count"))
         global_batch = int(config["batch_size"])
         if global_batch % processes:
@@ -371,7 +493,9 @@ class DataPipeline:
     def __init__(self, config: PipelineConfig, processor: VLMProcessor,
                  manifest: manifest_lib.Manifest | None = None):
         self.config, self.processor = config, processor
-        if config.text_multiple and buckets_lib.host_position(config.process_index, config.process_count)[1] > 1:
+        partial_rows = config.decode_rows is not None and tuple(config.decode_rows) != (0, config.batch_size)
+        if config.text_multiple and (partial_rows or buckets_lib.host_position(config.process_index,
+                                                                                config.process_count)[1] > 1):
             raise ValueError(f"data.text_multiple={config.text_multiple} trims each host's batch to its own text"
                              " length, but every process of a multi-host run must feed one shape; set it to 0")
         self.manifest = manifest or manifest_lib.open_manifest(config.manifest, max_references=config.max_references)
@@ -388,15 +512,24 @@ class DataPipeline:
             log.warning("manifest %s has no records of tasks %s; mixing the others", config.manifest, missing)
         self.task_counts = {t: len(v) for t, v in by_task.items()}
         records = self._records(by_task, weights)
-        samples = records.random_map(MakeSample(config.settings, processor), seed=config.seed)
-        stream = samples.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
-                                                           prefetch_buffer_size=max(config.read_threads, 1) * 2))
+        make = MakeSample(config.settings, processor)
+        # Rows mode: the records are bucketed by their headers (every process the same global batches), then each
+        # process decodes its rows; else every record read is decoded, then bucketed.
+        self.decoder = None if config.decode_rows is None else DecodeRows(make, tuple(config.decode_rows),
+                                                                          config.text_multiple)
+        elements = records.random_map(make if self.decoder is None else PlanSample(config.settings),
+                                      seed=config.seed)
+        stream = elements.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                                            prefetch_buffer_size=max(config.read_threads, 1) * 2))
         num_keys = len(set(config.settings.buckets.sizes)) * (config.max_references + 2)
         buffer = config.buffer_size or buckets_lib.lossless_buffer_size(num_keys, config.batch_size)
+        batching = (dict(collate_fn=functools.partial(collate, text_multiple=config.text_multiple))
+                    if self.decoder is None else dict(key_fn=planned_key, collate_fn=planned_batch))
         batches = buckets_lib.bucket_batch(stream, batch_size=config.batch_size, buffer_size=int(buffer),
-                                           collate_fn=functools.partial(collate, text_multiple=config.text_multiple),
-                                           max_wait=config.max_wait,
-                                           drop_remainder=config.drop_remainder, drop_fn=bad_kind)
+                                           max_wait=config.max_wait, drop_remainder=config.drop_remainder,
+                                           drop_fn=bad_kind, **batching)
+        if self.decoder is not None:
+            batches = batches.map(self.decoder)
         if config.workers > 0:
             _absl_flags_parsed()
             batches = batches.mp_prefetch(grain.MultiprocessingOptions(
@@ -429,6 +562,9 @@ class DataPipeline:
         if iterator is not None:
             for kind, n in skipped_counts(iterator.get_state()).items():
                 counts[kind] = counts.get(kind, 0) + n
+        if self.decoder is not None:  # rows fed masked (this process's, in this process: workers=0)
+            for kind, n in self.decoder.skipped.items():
+                counts[kind] = counts.get(kind, 0) + n
         return counts
 
 
@@ -449,6 +585,25 @@ def reads_global_stream(data: Mapping[str, Any], processes: int) -> bool:
     if value is None:
         return bool(data["manifest"] if "manifest" in data else None)
     return bool(value)
+
+
+def reading_mode(data: Mapping[str, Any], processes: int) -> str:
+    """How the processes read (``data.global_stream``, ``data.decode_own_rows``), one of:
+
+    ``"own"``: each process reads, decodes and buckets its own records (one process; or ``global_stream`` off);
+    ``"whole"``: every process reads and decodes the whole global stream and keeps its rows (``global_stream``
+    with ``decode_own_rows=False``): the same batches for any process count, at that many times the decoding;
+    ``"rows"``: every process buckets the whole global stream from the images' headers (``PlanSample``) and
+    decodes only its rows (``DecodeRows``): the same batches for any process count, the decoding split. The
+    default for a multi-process ``global_stream``; ``decode_own_rows=True`` also asks for it on one process (the
+    same batches as a multi-process run, bad records included).
+    """
+    rows = data["decode_own_rows"] if "decode_own_rows" in data else None
+    if rows:
+        return "rows"
+    if not reads_global_stream(data, processes):
+        return "own"
+    return "whole" if rows is not None else "rows"
 
 
 def _absl_flags_parsed() -> None:

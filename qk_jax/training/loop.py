@@ -96,9 +96,9 @@ def check_same_shape(step: int, host_batch: Mapping[str, Any], grid: tuple) -> N
             f"step {step}: the processes read batches of different shapes (processes {differing} differ from process "
             f"0; this one, {jax.process_index()}: {shapes}). Each process reads its own records "
             "(--config.data.global_stream=False), and theirs bucket differently: aspect ratios, input counts or "
-            "bad records differ between them. Use --config.data.global_stream=True: every process reads the whole "
-            "global stream and keeps its rows (the same batches for any process count, at that many times the "
-            "reading)")
+            "bad records differ between them. Use --config.data.global_stream=True: every process buckets the whole "
+            "global stream from the images' headers and decodes only its own rows (the same batches for any "
+            "process count)")
 
 
 def use_compilation_cache(workdir: str) -> str:
@@ -562,7 +562,9 @@ def train_stage(config, workdir: str, later_flops: float = 0.0) -> str:
                  dict(mesh.shape), f"{sum(counts.values()):,}", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
     logging.info("trainable leaves: %d (e.g. %s)", len(leaf_paths(state.trainable)), leaf_paths(state.trainable)[:3])
 
-    data = pipeline_lib.make_pipeline(config, manifest=training_manifest(config))
+    own_rows = mesh_lib.local_rows(int(config.batch_size), mesh)
+    data = pipeline_lib.make_pipeline(config, manifest=training_manifest(config),
+                                      decode_rows=(own_rows.start, own_rows.stop))
     iterator = iter(data)
     checkpointer = ckpt.Checkpointer(workdir, save_every=int(config.get("checkpoint_every", 500)),
                                      keep=int(config.get("keep_checkpoints", 3)))
@@ -579,14 +581,17 @@ def train_stage(config, workdir: str, later_flops: float = 0.0) -> str:
                               zero_axes=zero_axes(config))
     shapes_seen: set = set()
     new_shape_at: set = set()  # steps whose batch shape compiled the step again
-    # Every process read the whole global batch and feeds its own rows, or read only its own records (then the
+    # How the processes read (pipeline.reading_mode): every process decodes its own rows of one planned global
+    # batch, or decodes the whole global batch and keeps its rows, or reads only its own records (then the
     # processes' shapes are checked at every step).
-    global_stream = pipeline_lib.reads_global_stream(config.data, jax.process_count())
-    rows = mesh_lib.local_rows(int(config.batch_size), mesh) if global_stream else slice(None)
-    check_shapes = jax.process_count() > 1 and not global_stream
+    mode = pipeline_lib.reading_mode(config.data, jax.process_count())
+    rows = mesh_lib.local_rows(int(config.batch_size), mesh) if mode == "whole" else slice(None)
+    check_shapes = jax.process_count() > 1 and mode == "own"
     if jax.process_count() > 1:
-        logging.info("data: %s", "every process reads the whole global stream and keeps its rows" if global_stream
-                     else "each process reads its own records (the batch shapes are compared at every step)")
+        logging.info("data: %s", dict(
+            rows="every process buckets the global stream by image headers and decodes its own rows",
+            whole="every process reads the whole global stream and keeps its rows",
+            own="each process reads its own records (the batch shapes are compared at every step)")[mode])
 
     def step_args(step: int) -> tuple:
         host_batch = {k: v[rows] for k, v in next(iterator).items()}
