@@ -521,6 +521,9 @@ def sharding():
         # 2: ZeRO-2 for every trainable leaf outside the VLM (masters and gradients split); 1: their masters whole
         # on every device and gradients all-reduced (the optimizer state split either way).
         mmdit_zero_stage=2,
+        # The MMDiT's rows also split over 'tensor' (models.query_kontext.QueryKontext.loss): the VLM is tensor-
+        # parallel there, the MMDiT data-parallel, so a tensor group does not repeat the MMDiT's work.
+        mmdit_rows_over=("tensor",),
         opt_state_axes=("data", "fsdp"),  # the data-parallel (ZeRO) axes (``qk_jax.training.loop.zero_axes``)
     ))
 

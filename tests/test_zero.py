@@ -1,6 +1,7 @@
 """ZeRO-2 (qk_jax.parallel.zero) on 8 fake CPU devices (data 2 x fsdp 2 x tensor 2): two steps equal the
 one-device steps, the state is created in its shards, the compiled step reduce-scatters every ZeRO leaf's
-gradient (no whole-size all-reduce of one), and the per-device bytes agree with the planner."""
+gradient (no whole-size all-reduce of one), and the per-device bytes agree with the planner; on 4 (data 2 x
+tensor 2) the MMDiT's rows split over 'tensor' too, at the planner's FLOPs per device."""
 
 import json
 import os
@@ -27,11 +28,12 @@ SCRIPT = textwrap.dedent(
     from qk_jax.pytree import flatten
     from qk_jax.training import loop
 
-    def tiny(axes, zero_stage=2):
+    def tiny(axes, zero_stage=2, batch_size=4, rows_over=("tensor",)):
         config = stage1.get_config("tiny")
-        config.batch_size = 4
+        config.batch_size = batch_size
         config.mesh = axes
         config.sharding.mmdit_zero_stage = zero_stage
+        config.sharding.mmdit_rows_over = rows_over
         return config
 
     def two_steps(config, devices):
@@ -41,10 +43,12 @@ SCRIPT = textwrap.dedent(
         model_batch = mesh_lib.shard_batch({k: batch[k] for k in loop.MODEL_KEYS if k in batch}, mesh)
         step = loop.make_train_step(setup.model, setup.optimizer, setup.schedule, setup.state_shardings, mesh=mesh)
         grid = vlm_image_grid(batch)
-        hlo = step.lower(setup.state, model_batch, grid).compile().as_text()
+        compiled = step.lower(setup.state, model_batch, grid).compile()
+        hlo = compiled.as_text()
         state = setup.state
         for _ in range(2):
             state, _ = step(state, model_batch, grid)
+        two_steps.flops = compiled.cost_analysis()["flops"]  # per device
         return setup, state, hlo
 
     def local_bytes(tree):
@@ -67,7 +71,23 @@ SCRIPT = textwrap.dedent(
     zero_leaves = {p: x for p, x in trainable.items() if not p.startswith("vlm/")}
     plan = planner.Planner(config, "stage1:tiny").plan((2, 2, 2), 1e12, attention="xla")
     single_params = flatten(jax.device_get(single.trainable))
+
+    def difference(a, b):
+        b = flatten(jax.device_get(b.trainable))
+        return max(float(np.max(np.abs(b[p] - v))) for p, v in flatten(jax.device_get(a.trainable)).items())
+
+    # data 2 x tensor 2, 4 rows per device: the MMDiT's rows split over 'tensor' too, or repeated on both devices.
+    tp_axes, tp = (("data", 2), ("fsdp", 1), ("tensor", 2)), {}
+    for rows_over in (("tensor",), ()):
+        _, tp[rows_over], _ = two_steps(tiny(tp_axes, batch_size=8, rows_over=rows_over), jax.devices()[:4])
+        tp[rows_over, "flops"] = two_steps.flops
+    _, tp_single, _ = two_steps(tiny((("data", 1), ("fsdp", 1), ("tensor", 1)), batch_size=8), jax.devices()[:1])
+    tp_plan = [planner.Planner(tiny(tp_axes, batch_size=8, rows_over=r), "stage1:tiny").plan(
+        (2, 1, 2), 1e12, attention="xla").compute_time_s for r in (("tensor",), ())]
     print(json.dumps(dict(
+        tp_split_flops=tp[("tensor",), "flops"], tp_repeat_flops=tp[(), "flops"],
+        tp_planned_ratio=tp_plan[0] / tp_plan[1],
+        tp_difference=[difference(tp[("tensor",)], tp_single), difference(tp[()], tp_single)],
         max_difference=max(float(np.max(np.abs(single_params[p] - v)))
                            for p, v in flatten(jax.device_get(sharded.trainable)).items()),
         init_temp=setup.init_memory.temp_size_in_bytes, init_out=setup.init_memory.output_size_in_bytes,
@@ -91,6 +111,16 @@ def facts(tmp_path_factory):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_mmdit_rows_split_over_the_tensor_axis_too(facts):
+    # With the VLM tensor-parallel over 'tensor', the MMDiT's rows split over it as well (split_rows): each
+    # device computes fewer FLOPs than when both devices of a tensor group repeat the MMDiT, and the steps still
+    # equal one device's. The compiled FLOPs' ratio is the planner's (measured: 2.29e8 / 3.50e8 = 0.655, planned
+    # 0.647).
+    ratio = facts["tp_split_flops"] / facts["tp_repeat_flops"]
+    assert ratio < 0.8 and abs(ratio / facts["tp_planned_ratio"] - 1) < 0.1, (ratio, facts["tp_planned_ratio"])
+    assert max(facts["tp_difference"]) < 1e-5, facts["tp_difference"]
 
 
 def test_two_sharded_steps_equal_one_device(facts):

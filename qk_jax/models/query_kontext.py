@@ -43,6 +43,7 @@ from qk_jax.models.mmdit import init_inputs as mmdit_init_inputs
 from qk_jax.models.qwen_vl import QwenVL, QwenVLConfig
 from qk_jax.models.qwen_vl import init_inputs as vlm_init_inputs
 from qk_jax.ops import flow, rope
+from qk_jax.parallel import mesh as mesh_lib
 
 PLACEMENTS = ("task", "reference", "source")
 
@@ -95,6 +96,9 @@ class QueryKontextConfig:
     # The guidance-embedding input of an MMDiT that has one (FLUX.1-dev's, distilled from CFG), the same constant in
     # training and sampling: real classifier-free guidance does the guiding, so 1.0 asks the embedding for none.
     distilled_guidance: float = 1.0
+    # Mesh axes (automatic ones: 'tensor') that the MMDiT's rows are split over besides the data axes
+    # (``parallel.mesh.split_rows``); () repeats the MMDiT's work on every device of a tensor group.
+    mmdit_rows_over: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.conditioning not in CONDITIONING_MODES:
@@ -143,6 +147,7 @@ class QueryKontextConfig:
             scan_layers=bool(config.get("scan_layers", False)),
             adaln_zero=bool(config.get("adaln_zero", False)),
             distilled_guidance=float(config.get("distilled_guidance", 1.0)),
+            mmdit_rows_over=tuple((config.get("sharding") or {}).get("mmdit_rows_over", ())),
         )
 
 
@@ -365,6 +370,10 @@ class QueryKontext:
         noise = draw_rows(lambda shape: jax.random.normal(key_noise, shape, jnp.float32), x0.shape,
                           rows).astype(x0.dtype)
         x_t = flow.interpolate(x0, noise, t)
+        if self.config.mmdit_rows_over:  # the MMDiT's rows over 'tensor' too: no work repeated across the VLM's TP
+            cond, x_t, t, in_context, roles, x0, noise = jax.tree.map(
+                lambda x: mesh_lib.split_rows(x, self.config.mmdit_rows_over), (cond, x_t, t, in_context, roles, x0,
+                                                                                noise))
         v = self.velocity(params, cond, x_t, t, latent_hw, in_context, roles)
 
         valid = jnp.asarray(batch.get("valid", jnp.ones((batch_size,), bool)), bool)

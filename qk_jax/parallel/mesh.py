@@ -166,3 +166,19 @@ def place(tree: Any, shardings: Any) -> Any:
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(one, tree, shardings)
+
+
+def split_rows(x: jax.Array, axes: Sequence[str] = ("tensor",)) -> jax.Array:
+    """``x`` with its batch dim (0) split over those of ``axes`` that the current mesh has (size > 1, automatic):
+    inside the ZeRO step, manual over the data axes, the MMDiT then takes only its tensor-axis share of the
+    device's rows instead of repeating all of them on every device of the VLM's tensor-parallel group. A no-op
+    outside a mesh, on a mesh without those axes, or when the rows do not divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    auto = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Auto}
+    names = tuple(a for a in axes if a in auto and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in names)
+    if not names or x.shape[0] % size:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(names))

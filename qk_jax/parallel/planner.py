@@ -60,8 +60,10 @@ matmuls of ``qk_jax.models.mmdit.MMDiT`` (every dense: q/k/v/out of both streams
 ``proj_out`` on the target tokens only). The VAE encoder is left out (forward only, < 1% at paper scale).
 Remat adds one more forward of the rematerialised blocks to the *hardware* FLOPs; MFU uses model FLOPs.
 Compute time per step = FLOPs per device / (``--mfu`` x ``--peak-tflops``), where a device does its
-``global / Z`` samples' MMDiT and connector work (replicated over 'tensor': a mesh with ``tensor > 1`` repeats
-it on every device of a tensor group) and a ``1 / tensor`` share of their VLM work.
+``global / Z`` samples' MMDiT and connector work and a ``1 / tensor`` share of their VLM work; with
+``sharding.mmdit_rows_over`` = ('tensor',) (the default) and a micro-batch that ``tensor`` divides, a ``1 / tensor``
+share of the MMDiT's too (``parallel.mesh.split_rows``), whose gradients are then all-reduced over 'tensor'
+(``tensor_grad_all_reduce``). Activations are counted as if the MMDiT's were not split (an upper bound).
 
 Communication per device per step (ring collectives: an all-gather or reduce-scatter of ``X`` bytes over ``n``
 devices sends ``X (n-1)/n``, an all-reduce twice that), each micro-step (``parallel.zero``):
@@ -489,8 +491,16 @@ class Planner:
         c, w = self.compute_bytes, self.work
         llm = text.num_hidden_layers * 4 * b * w.text_tokens * text.hidden_size * c
         vit = vision.depth * 2 * b * w.vlm_images * w.vlm_patches * vision.hidden_size * c
-        return dict(zero_all_gather=ring * parts["gathered"], zero_reduce_scatter=ring * parts["zero_whole"],
+        comm = dict(zero_all_gather=ring * parts["gathered"], zero_reduce_scatter=ring * parts["zero_whole"],
                     data_all_reduce=2 * ring * parts["other_grads"], tensor_all_reduce=2 * tp_ring * (llm + vit))
+        if self._rows_over_tensor(b, t):  # the MMDiT's gradients, from 1/t of the rows each, summed over 'tensor'
+            comm["tensor_grad_all_reduce"] = 2 * tp_ring * parts["zero_whole"]
+        return comm
+
+    def _rows_over_tensor(self, b: int, tensor: int) -> bool:
+        """Whether a micro-batch of ``b`` rows per device splits its MMDiT rows over 'tensor' (``split_rows``)."""
+        axes = tuple((self.config.get("sharding") or {}).get("mmdit_rows_over", ()))
+        return tensor > 1 and "tensor" in axes and b % tensor == 0
 
     @staticmethod
     def _comm_time(comm: Mapping[str, float], mesh: Mapping[str, int], interconnect: str) -> float:
@@ -501,8 +511,8 @@ class Planner:
         link = INTERCONNECTS[interconnect]
         devices = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
         data_bw = link.inter if devices > link.devices_per_node else link.intra
-        return (sum(v for k, v in comm.items() if k != "tensor_all_reduce") / data_bw
-                + comm.get("tensor_all_reduce", 0.0) / link.intra)
+        return (sum(v for k, v in comm.items() if not k.startswith("tensor_")) / data_bw
+                + sum(v for k, v in comm.items() if k.startswith("tensor_")) / link.intra)
 
     # -- one plan ---------------------------------------------------------------------------------------------
 
@@ -532,8 +542,11 @@ class Planner:
         params, grads, opt, copy, act, batch_bytes = total_for(micro)
         total = params + grads + opt + copy + act + batch_bytes
         flops = self.flops_per_sample * global_batch
-        # Per device: its samples through the replicated MMDiT/connector, and a 1/tensor share of their VLM work.
-        device_flops = per_device * (self.flops_per_sample - self.vlm_flops_per_sample * (1 - 1 / tensor))
+        # Per device: a 1/tensor share of its samples' VLM work, and of their MMDiT/connector work when those rows
+        # split over 'tensor' too (``sharding.mmdit_rows_over``; else every device of a tensor group repeats it).
+        split = self._rows_over_tensor(micro, tensor)
+        rest = self.flops_per_sample - self.vlm_flops_per_sample
+        device_flops = per_device * (self.vlm_flops_per_sample / tensor + (rest / tensor if split else rest))
         compute = device_flops / (mfu * peak_tflops * 1e12)
         steps = math.ceil(per_device / micro)
         comm = {k: steps * v for k, v in self._comm_bytes(axes, micro, zero).items()}
