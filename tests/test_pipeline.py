@@ -574,3 +574,26 @@ def test_reading_mode_follows_the_two_switches():
     assert mode(dict(listed, decode_own_rows=False), 2) == "whole"
     assert mode(dict(shapes, global_stream=True), 4) == "rows" and mode(dict(shapes, decode_own_rows=True), 1) == "rows"
     assert mode(dict(listed, global_stream=False), 2) == "own"
+
+
+def test_a_planned_batch_whose_every_row_fails_is_fed_blank_and_masked(tmp_path):
+    # Headers that read, pixels that do not (truncated JPEGs): no row decodes, so every process feeds a blank
+    # sample of the batch's shapes, all rows masked, rather than stopping the run or feeding another shape.
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i in range(4):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(_jpeg(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))[:700])
+        lines.append(json.dumps(dict(id=f"r{i}", task="t2i", prompt=f"p {i}", target=f"img/{i}.jpg")))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    config = _config(decode_own_rows=True)
+    config.tasks = {"t2i": 1.0}
+    config.batch_size = 4
+    pipe = pipeline.make_pipeline(config, manifest=str(tmp_path / "m.jsonl"), num_epochs=1, process_index=1,
+                                  process_count=2)
+    it = iter(pipe)
+    (batch,) = list(it)
+    side = config.data.resolution
+    assert batch["target"].shape == (2, side, side, 3) and not batch["valid"].any()
+    assert np.all(batch["target"] == -1.0)  # black
+    assert pipe.metrics(it)["corrupt_image"] == 2  # this process's two rows
