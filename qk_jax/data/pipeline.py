@@ -66,6 +66,7 @@ the ``if __name__ == "__main__":`` guard, and the processor must be picklable.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import io
@@ -124,6 +125,18 @@ class SampleSettings:
     max_pixels: int | None = None  # larger images are too_large before decoding (images.max_pixels_for)
 
 
+def _draws(settings: SampleSettings, rng: np.random.Generator) -> tuple[bool, bool]:
+    """A record's ``(drop_text, drop_images)``: both drawn for every record (its draws do not depend on its task),
+    in this order by ``MakeSample`` and ``PlanSample`` alike, so a planned stream decodes to the same samples."""
+    return bool(rng.random() < settings.drop_text), bool(rng.random() < settings.drop_images)
+
+
+def _target(settings: SampleSettings, record: Record) -> tuple[Any, tuple[int, int]]:
+    """The target image opened from its header (not decoded) and the bucket size ``(w, h)`` it goes to."""
+    image = open_image(record.read(record.target, "target"), record.id, "target", settings.max_pixels)
+    return image, settings.buckets.sizes[settings.buckets.assign(*oriented_size(image, record.id, "target"))]
+
+
 class MakeSample:
     """The per-record transformation (a Grain ``random_map``): ``(record, rng) -> sample dict | BadRecord``."""
 
@@ -131,9 +144,7 @@ class MakeSample:
         self.settings, self.processor = settings, processor
 
     def __call__(self, record: Record | BadRecord, rng: np.random.Generator) -> dict[str, np.ndarray] | BadRecord:
-        # Both draws are made for every record, so a record's draws do not depend on its task.
-        drop_text = bool(rng.random() < self.settings.drop_text)
-        drop_images = bool(rng.random() < self.settings.drop_images)
+        drop_text, drop_images = _draws(self.settings, rng)
         if isinstance(record, BadRecord):  # unreadable in the source (a malformed ArrayRecord record)
             return record
         try:
@@ -143,8 +154,7 @@ class MakeSample:
 
     def _sample(self, record: Record, drop_text: bool, drop_images: bool) -> dict[str, np.ndarray]:
         s = self.settings
-        target_image = open_image(record.read(record.target, "target"), record.id, "target", s.max_pixels)
-        size = s.buckets.sizes[s.buckets.assign(*oriented_size(target_image, record.id, "target"))]
+        target_image, size = _target(s, record)
         width, height = size
         target = fit(target_image, size, record.id, "target")
         inputs = []
@@ -214,14 +224,11 @@ class PlanSample:
         self.settings = settings
 
     def __call__(self, record: Record | BadRecord, rng: np.random.Generator) -> Planned | BadRecord:
-        drop_text = bool(rng.random() < self.settings.drop_text)
-        drop_images = bool(rng.random() < self.settings.drop_images)
+        drop_text, drop_images = _draws(self.settings, rng)
         if isinstance(record, BadRecord):
             return record
-        s = self.settings
         try:
-            image = open_image(record.read(record.target, "target"), record.id, "target", s.max_pixels)
-            size = s.buckets.sizes[s.buckets.assign(*oriented_size(image, record.id, "target"))]
+            _, size = _target(self.settings, record)
         except RecordError as e:
             return BadRecord(e.kind, e.record_id, str(e))
         return Planned(record, size, drop_text, drop_images)
@@ -255,9 +262,13 @@ class DecodeRows:
     shapes (``_blank_like``).
     """
 
-    def __init__(self, make: MakeSample, rows: tuple[int, int], text_multiple: int = 0):
-        self.make, self.rows, self.text_multiple = make, rows, text_multiple
+    def __init__(self, make: MakeSample, rows: tuple[int, int], text_multiple: int = 0, threads: int = 1):
+        self.make, self.rows, self.text_multiple, self.threads = make, rows, text_multiple, max(int(threads), 1)
         self.skipped: dict[str, int] = {}
+        self._pool = None  # made on first use, in the process that decodes (a Grain worker's own)
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into Grain's workers: the thread pool stays behind
+        return dict(self.__dict__, _pool=None)
 
     def _decode(self, planned: Planned) -> dict[str, np.ndarray] | RecordError:
         try:
@@ -277,6 +288,12 @@ class DecodeRows:
                 decoded[id(planned)] = self._decode(planned)
             return decoded[id(planned)]
 
+        # The decoding Grain's read threads do for the other modes (``read_threads``): Pillow releases the GIL.
+        distinct = {id(p): p for p in entries[start:stop]}
+        if self.threads > 1 and len(distinct) > 1:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.threads)
+            decoded.update(zip(distinct, self._pool.map(self._decode, distinct.values())))
         samples = [decode(p) for p in entries[start:stop]]
         ok = np.array([v and not isinstance(x, RecordError) for v, x in zip(valid[start:stop], samples)])
         for planned, x, real in zip(entries[start:stop], samples, valid[start:stop]):
@@ -516,7 +533,7 @@ class DataPipeline:
         # Rows mode: the records are bucketed by their headers (every process the same global batches), then each
         # process decodes its rows; else every record read is decoded, then bucketed.
         self.decoder = None if config.decode_rows is None else DecodeRows(make, tuple(config.decode_rows),
-                                                                          config.text_multiple)
+                                                                          config.text_multiple, config.read_threads)
         elements = records.random_map(make if self.decoder is None else PlanSample(config.settings),
                                       seed=config.seed)
         stream = elements.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,

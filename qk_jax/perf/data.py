@@ -10,6 +10,9 @@ Cases, each timed over ``batches`` batches after 3 warm-up batches, for every ``
 - ``jpeg-t2i`` / ``jpeg-edit``: 512 x 512 JPEG records at paper scale (``configs/stage3.py``, batch 8): t2i (one
   image per sample) and edit (target + source, both also as Qwen2-VL pixel patches), from JSONL files and from
   ArrayRecord shards.
+- ``jpeg-rows``: process 0 of 2 on the jpeg-edit records (``pipeline.reading_mode``): decoding the whole global
+  batch and keeping its rows (``whole``) against planning from headers and decoding its rows only (``rows``), in
+  global samples per second (the rate the run could train at, were this process the limit).
 
 The VLM inputs come from ``ByteProcessor`` (the same image processing as Qwen2-VL's); its byte-level text makes
 longer token sequences than a real tokenizer, so ``vlm.max_text_tokens`` is raised to fit.
@@ -29,7 +32,7 @@ from PIL import Image
 
 from qk_jax.data import manifest, pipeline, shapesworld
 
-CASES = ("shapes", "jpeg-t2i", "jpeg-edit")
+CASES = ("shapes", "jpeg-t2i", "jpeg-edit", "jpeg-rows")
 
 
 def _photo(rng: np.random.Generator, size: int) -> bytes:
@@ -43,6 +46,8 @@ def _photo(rng: np.random.Generator, size: int) -> bytes:
 
 
 def _jpeg_dataset(root: str, num: int, task: str) -> str:
+    if os.path.exists(os.path.join(root, f"{task}.jsonl")):  # written by another case of this run
+        return os.path.join(root, f"{task}.jsonl")
     rng = np.random.default_rng(0)
     os.makedirs(os.path.join(root, "img"), exist_ok=True)
     with open(os.path.join(root, f"{task}.jsonl"), "w") as f:
@@ -65,6 +70,31 @@ def _rate(config, source: str, workers: int, batches: int) -> float:
     for _ in range(batches):
         rows += int(next(it)["valid"].sum())
     rate = rows / (time.perf_counter() - start)
+    it.close()
+    return rate
+
+
+def _paper_config(task: str):
+    """``configs/stage3.py`` at batch 8 on ``task`` alone, read with the byte-level stand-in (module docstring)."""
+    from configs import stage3
+
+    config = stage3.get_config()
+    config.batch_size = 8
+    config.tasks = {task: 1.0}
+    config.vlm.tokenizer = "byte"
+    return config
+
+
+def _global_rate(config, source: str, workers: int, batches: int, **overrides) -> float:
+    """Global-batch rows per second that this process keeps up with (it may feed only its share of them)."""
+    pipe = pipeline.make_pipeline(config, manifest=source, workers=workers, **overrides)
+    it = iter(pipe)
+    for _ in range(3):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * int(config.batch_size) / (time.perf_counter() - start)
     it.close()
     return rate
 
@@ -98,11 +128,19 @@ def run(cases: Sequence[str] = CASES, workers: Sequence[int] = (0, 2), batches: 
             jsonl = _jpeg_dataset(os.path.join(tmp, "jpeg"), records, task)
             shards = os.path.join(tmp, "jpeg", f"{task}_ar")
             manifest.to_arrayrecord(jsonl, shards)
-            config = stage3.get_config()
-            config.batch_size = 8
-            config.tasks = {task: 1.0}
+            config = _paper_config(task)
             for n in workers:
                 for kind, source in (("JSONL", jsonl), ("ArrayRecord", shards)):
                     rate = _rate(config, source, n, batches)
                     yield (f"{case:10s} 512x512 JPEG, batch {config.batch_size:3d}, {kind:11s}, workers={n}: "
                            f"{rate:8.1f} samples/s")
+        if "jpeg-rows" in cases:
+            jsonl = _jpeg_dataset(os.path.join(tmp, "jpeg"), records, "edit")
+            config = _paper_config("edit")
+            config.data.manifest = jsonl
+            for n in workers:
+                for mode, decode_own_rows in (("whole", False), ("rows", True)):
+                    config.data.decode_own_rows = decode_own_rows
+                    rate = _global_rate(config, jsonl, n, batches, process_index=0, process_count=2)
+                    yield (f"jpeg-rows  512x512 JPEG edit, global batch {config.batch_size}, process 0 of 2, "
+                           f"{mode:5s}, workers={n}: {rate:8.1f} global samples/s")

@@ -585,7 +585,7 @@ def train_stage(config, workdir: str, later_flops: float = 0.0) -> str:
     # batch, or decodes the whole global batch and keeps its rows, or reads only its own records (then the
     # processes' shapes are checked at every step).
     mode = pipeline_lib.reading_mode(config.data, jax.process_count())
-    rows = mesh_lib.local_rows(int(config.batch_size), mesh) if mode == "whole" else slice(None)
+    rows = own_rows if mode == "whole" else slice(None)
     check_shapes = jax.process_count() > 1 and mode == "own"
     if jax.process_count() > 1:
         logging.info("data: %s", dict(

@@ -114,10 +114,7 @@ class Result:
         """Atomically: a crash leaves the previous file or none."""
         raw = dict(vae=os.path.relpath(self.vae, directory), vlm=os.path.relpath(self.vlm, directory),
                    scaling_factor=self.scaling_factor, shift_factor=self.shift_factor, figures=self.figures)
-        tmp = os.path.join(directory, RESULT_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(raw, f, indent=2, sort_keys=True)
-        os.replace(tmp, os.path.join(directory, RESULT_FILE))
+        storage.write_whole(os.path.join(directory, RESULT_FILE), json.dumps(raw, indent=2, sort_keys=True))
 
 
 def with_stage0(stage_config, result: Result, *, first: bool):
