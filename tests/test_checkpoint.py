@@ -65,6 +65,22 @@ def test_keeps_the_last_k_and_saves_on_the_interval(tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [8, 9]
 
 
+def test_a_step_off_the_interval_reads_nothing_from_the_device(tmp_path):
+    """With the host's step count the checkpointer decides without reading ``state.step`` (which would wait for the
+    step to finish) and reads the data's resume point only for a save."""
+    state, _ = _state(ema=None)
+    c = ckpt.Checkpointer(tmp_path, save_every=2, async_save=False)
+    asked = []
+    assert c.save(state, lambda: asked.append(2) or {"pos": 2}, {"stage": 1}, step=2)
+    with jax.transfer_guard("disallow_explicit"):
+        assert not c.save(state, lambda: asked.append(3) or {}, {"stage": 1}, step=3)
+    assert asked == [2]
+    assert c.save(state, lambda: asked.append(4) or {"pos": 4}, {"stage": 1}, step=4)
+    assert asked == [2, 4]
+    c.close()
+    assert ckpt.Checkpointer(tmp_path, save_every=2).restore(state)[1] == {"pos": 4}
+
+
 def test_restore_without_checkpoint_is_a_clear_error(tmp_path):
     state, _ = _state()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

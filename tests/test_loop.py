@@ -169,6 +169,48 @@ def test_the_guard_stops_on_updates_skipped_in_a_row_not_on_scattered_ones(tmp_p
         run({3, 4, 5}, tmp_path / "b")  # the line at step 8 sees the run of 3, though step 8 itself is finite
 
 
+def test_the_loop_draws_the_next_batch_while_the_step_runs(tmp_path):
+    """Between log lines nothing waits for the device: when the loop asks for step ``n + 1``'s batch, step ``n`` is
+    still running. (The checkpointer read ``state.step`` from the device after every step; the data was then drawn
+    only after each step had finished, ~10% of a ShapesWorld stage-2 step on 2 cores.)"""
+    from configs import common
+    from qk_jax.training import checkpoint as ckpt
+    from qk_jax.training import metrics as metrics_lib
+    from qk_jax.training import state as state_lib
+
+    optimizer = state_lib.make_optimizer(common.optim(lr=1e-3, warmup_steps=0), total_steps=8)
+    state = state_lib.init_state({"w": jax.numpy.full((768, 768), 1e-3)}, (".*",), optimizer, jax.random.key(0))
+
+    @jax.jit
+    def update(state):  # ~0.1 s of matmuls: long enough to be running still when the next batch is asked for
+        w = state.trainable["w"]
+        g = w
+        for _ in range(12):
+            g = jax.numpy.tanh(g @ w)
+        return state_lib.apply_gradients(state, {"w": g}, optimizer)
+
+    latest, running = [state], {}
+
+    def step_fn(state, step):
+        latest[0] = update(state)
+        return latest[0], dict(loss=jax.numpy.float32(0), lr=0.0, grad_norm=0.0, nonfinite=0)
+
+    def step_args(step):
+        if step > 1:
+            running[step - 1] = not latest[0].step.is_ready()
+        return (step,)
+
+    update(state).step.block_until_ready()  # compiled before the loop
+    data_asked = []
+    loop.run_loop(state, step_fn, step_args, total=8, log_every=100,
+                  checkpointer=ckpt.Checkpointer(tmp_path, save_every=100),
+                  data_state=lambda step: data_asked.append(step) or {}, meta={}, batch_size=1, max_nonfinite=0,
+                  nonfinite_hint="", writer=None, progress=metrics_lib.Progress(8, every=100))
+    # Orbax saves a run's first step (its policy keeps the first one), which waits for it; every other step runs on.
+    assert running == {1: False, **{step: True for step in range(2, 8)}}, running
+    assert data_asked == [1, 8]  # the data's resume point is read for the saves only
+
+
 def test_sigterm_saves_the_step_and_stops(tmp_path):
     """SIGTERM in the middle of a run: the loop finishes its step, saves it (off the interval too) and raises
     ``Stopped``; the handler is the previous one again afterwards."""

@@ -15,6 +15,7 @@ a save leaves the previous checkpoint intact), every ``save_every`` steps and at
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -66,9 +67,19 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, state: TrainState, data_state: dict, meta: dict, *, force: bool = False) -> bool:
-        """Save at ``state.step`` if it is a save step (or ``force``); returns whether a save started."""
-        step = int(jax.device_get(state.step))
+    def save(self, state: TrainState, data_state: dict | Callable[[], dict], meta: dict, *, step: int | None = None,
+             force: bool = False) -> bool:
+        """Save at ``step`` if it is a save step (or ``force``); returns whether a save started.
+
+        ``step`` is the step the loop counts on the host (default: ``state.step``, read from the device). Reading it
+        waits for the step to finish, so a loop that calls this after every step must pass it, or the next batch is
+        not drawn while the step runs. ``data_state`` may be a function: the data's resume point is then read only
+        when a save starts."""
+        step = int(jax.device_get(state.step)) if step is None else int(step)
+        if not (force or self._manager.should_save(step)):
+            return False
+        if callable(data_state):
+            data_state = data_state()
         return self._manager.save(
             step,
             args=ocp.args.Composite(

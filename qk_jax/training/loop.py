@@ -16,6 +16,7 @@ The ShapesWorld configs generate their data under ``config.data.dir`` when it is
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -427,7 +428,7 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
     flight completes)."""
     def save_now(step: int) -> None:  # off the interval too, unless this step was just saved
         if checkpointer.latest_step() != step:
-            checkpointer.save(state, data_state(step), meta, force=True)
+            checkpointer.save(state, data_state(step), meta, step=step, force=True)
 
     start = int(state.step)
     acc, streak, last_logged = None, None, start
@@ -468,7 +469,8 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
                     raise FloatingPointError(f"{longest} updates in a row skipped for NaN/inf gradients (more than "
                                              f"{max_nonfinite}; {scalars['nonfinite']} in all); {nonfinite_hint}")
                 acc, streak, last_logged = None, None, step
-            checkpointer.save(state, data_state(step), meta)
+            # The host's step count: reading state.step here would wait for the step, every step.
+            checkpointer.save(state, functools.partial(data_state, step), meta, step=step)
             if after_step is not None and after_step(step, state):
                 progress.restart(step)
             if stop_requested(step):
