@@ -81,3 +81,29 @@ def test_implementation_choice_and_shape_errors():
     assert select_implementation(*(a.astype(jnp.float32) for a in (q, k, v))) == "xla"
     with pytest.raises(ValueError, match="heads, head_dim"):
         attention(q[0], k, v)
+
+
+def test_gradients_match_torch_autograd_with_gqa_padding_and_causality():
+    """The gradients of ``attention`` (jax.nn.dot_product_attention's autodiff, masks combined here) against
+    torch's autograd of the same masked softmax attention in float64: what every trained model leans on."""
+    torch = pytest.importorskip("torch")
+    q, k, v = _qkv(b=2, t=6, s=6, n=4, kv=2, h=8, seed=3)
+    kv_mask = np.array([[1, 1, 1, 1, 0, 0], [1, 0, 1, 1, 1, 1]], bool)
+    q_mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
+    w = np.random.default_rng(4).standard_normal(q.shape).astype(np.float32)
+
+    def loss(q, k, v):
+        return (attention(q, k, v, kv_mask=kv_mask, q_mask=q_mask, is_causal=True) * w).sum()
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+
+    tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v))
+    allowed = torch.tensor(kv_mask[:, None, None, :] & np.tril(np.ones((6, 6), bool)))  # [B, 1, T, S]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        tq.transpose(1, 2), tk.repeat_interleave(2, dim=2).transpose(1, 2),
+        tv.repeat_interleave(2, dim=2).transpose(1, 2), attn_mask=allowed).transpose(1, 2)
+    out = out * torch.tensor(q_mask[:, :, None, None])
+    (out * torch.tensor(w, dtype=torch.float64)).sum().backward()
+    for got, want in zip(grads, (tq.grad, tk.grad, tv.grad)):
+        chex.assert_trees_all_close(got, want.numpy().astype(np.float32), atol=2e-5)
+    assert np.abs(np.asarray(grads[1])[0, 4:]).max() == 0  # padding keys get no gradient
