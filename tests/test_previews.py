@@ -60,7 +60,7 @@ def run(tmp_path_factory):
     config = stage1.get_config("tiny")
     config.total_steps, config.checkpoint_every = 3, 100
     config.preview.every = 2
-    config.profile_steps = (2, 1)
+    config.profile_steps = (2, 5)  # steps 2-6 of a 3-step run: the window ends with the run
     config.wandb.update(enabled=True, project="qk-test", mode="offline")
     fake = FakeWandb()
     with pytest.MonkeyPatch.context() as patch:
@@ -107,7 +107,8 @@ def test_weights_and_biases_missing_is_a_clear_error(tmp_path, monkeypatch):
         metrics.MetricsWriter(tmp_path, tensorboard=False, wandb=dict(enabled=True))
 
 
-def test_the_profiler_traces_the_steps_asked(run):
+def test_the_profiler_traces_the_steps_asked_even_past_the_last(run):
+    """A window that runs past the last step is traced up to it (the trace was never stopped, so never written)."""
     _, workdir, _ = run
     assert glob.glob(str(workdir / "profile" / "**" / "*.xplane.pb"), recursive=True)
 

@@ -55,22 +55,34 @@ def test_a_crash_while_saving_leaves_no_model_and_the_rerun_saves(tmp_path, monk
 
 
 def test_a_model_saved_from_eight_devices_loads_on_one(tmp_path):
-    """Saved from arrays sharded over 8 (fake) devices, loaded in a process with 1: whole arrays, same values."""
+    """Saved from arrays sharded over 8 (fake) devices, loaded in a process with 1: whole arrays, same values. The
+    save compiles nothing: Orbax's replica-parallel saving, off on CPU (``saved_model.orbax_array_handler``),
+    compiled a slicing program per replicated array shape and device (here 6 x 8)."""
     import os
     import subprocess
     import sys
 
-    code = ("import sys, jax, numpy as np\n"
+    code = ("import logging, sys, jax, numpy as np\n"
             "from jax.sharding import NamedSharding, PartitionSpec as P\n"
             "from configs import common\n"
             "from qk_jax.models import saved_model\n"
             "mesh = jax.make_mesh((8,), ('data',))\n"
             "w = jax.device_put(np.arange(32.0).reshape(8, 4), NamedSharding(mesh, P('data')))\n"
-            "saved_model.save_model(sys.argv[1], common.base('tiny'), {'vae': {'w': w}}, meta={'stage': 1})\n")
+            "rep = {f'b{i}': jax.device_put(np.full(8 * i, float(i), np.float32), NamedSharding(mesh, P()))\n"
+            "       for i in range(1, 7)}\n"
+            "compiled = []\n"
+            "handler = logging.Handler()\n"
+            "handler.emit = lambda r: compiled.append(r.getMessage()) if 'Compiling' in r.getMessage() else None\n"
+            "logging.getLogger('jax._src.interpreters.pxla').addHandler(handler)\n"
+            "jax.config.update('jax_log_compiles', True)\n"
+            "saved_model.save_model(sys.argv[1], common.base('tiny'), {'vae': {'w': w, **rep}}, meta={'stage': 1})\n"
+            "print('compiled', len(compiled))\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = fake_devices_env(8)
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], env=env, cwd=root, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["compiled", "0"], out.stdout[-2000:]
     _, params, _ = saved_model.load_model(tmp_path / "m")
-    chex.assert_trees_all_equal(params, {"vae": {"w": jnp.arange(32.0).reshape(8, 4)}})
+    replicated = {f"b{i}": jnp.full(8 * i, float(i)) for i in range(1, 7)}
+    chex.assert_trees_all_equal(params, {"vae": {"w": jnp.arange(32.0).reshape(8, 4), **replicated}})

@@ -24,6 +24,7 @@ from absl import logging
 from etils import epath
 
 from qk_jax import storage
+from qk_jax.models import saved_model
 from qk_jax.models.saved_model import CheckpointMismatchError
 from qk_jax.models.saved_model import abstract_like as _abstract
 from qk_jax.parallel import distributed
@@ -53,6 +54,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str | os.PathLike, *, save_every: int, keep: int = 3, async_save: bool = True):
         self.workdir = storage.path(workdir)  # Orbax refuses relative paths
+        saved_model.orbax_array_handler()
         self._manager = ocp.CheckpointManager(
             self.workdir / "checkpoints",
             options=ocp.CheckpointManagerOptions(
@@ -62,7 +64,7 @@ class Checkpointer:
             item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
                                meta=ocp.JsonCheckpointHandler()),
         )
-        self._frozen = ocp.StandardCheckpointer()
+        self._frozen = saved_model.orbax_checkpointer()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -439,7 +439,7 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
                 jax.profiler.start_trace(profile_dir)
                 tracing = True
             state, metrics = step_fn(state, *step_args(step))
-            if tracing and step >= profile_steps[1]:
+            if tracing and step >= min(profile_steps[1], total):  # a window past the end stops at the last step
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
                 tracing = False
