@@ -14,6 +14,7 @@ folder without ``config.json`` is not a model (``load_model``, the trainer's che
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -50,6 +51,7 @@ def orbax_checkpointer() -> ocp.StandardCheckpointer:
     return ocp.StandardCheckpointer()
 
 
+@functools.cache  # the backend is fixed for the process: register once
 def orbax_array_handler() -> None:
     """On CPU devices, registers Orbax's jax.Array handler with replica-parallel saving off (Orbax's own default on
     GPU). Replica-parallel saving has each replica of a replicated array write a slice of it, each slice cut by a

@@ -64,7 +64,7 @@ class Checkpointer:
             item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
                                meta=ocp.JsonCheckpointHandler()),
         )
-        self._frozen = saved_model.orbax_checkpointer()
+        self._frozen = ocp.StandardCheckpointer()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
