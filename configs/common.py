@@ -211,6 +211,8 @@ def settings(variant):
 
     # Appendix D: bf16 mixed precision (float32 params, bf16 compute). The CPU scales stay in float32.
     config.compute_dtype = pick(variant, paper="bfloat16", shapes="float32", tiny="float32")
+    # Opt-in deviation from it: the MMDiT blocks' projections in float8 (``qk_jax.ops.fp8``; docs/performance.md).
+    config.fp8 = False
     # What each MMDiT block keeps for the backward pass (``qk_jax.models.mmdit.REMAT_POLICIES``): "none" keeps
     # everything; "full" recomputes each block. ``python -m qk_jax.plan`` shows what each choice costs.
     config.remat = pick(variant, paper="full", shapes="none", tiny="none")

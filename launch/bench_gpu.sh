@@ -2,14 +2,15 @@
 # The GPU figures of docs/performance.md's table: python -m qk_jax.bench on one GPU, JAX beside diffusers +
 # torch.compile (with a kernel profile of the JAX step), a doubled batch, the layer-scan / remat / XLA-flag
 # variants, guided sampling and the 7B VLM forward.
-#   bash launch/bench_gpu.sh [OUT_DIR] [PARTS]   PARTS: any of "jax batch eager torch variants sample vlm"
-#   (default: "torch batch variants sample vlm"; torch = JAX beside diffusers + torch.compile, eager = without
-#   torch.compile)
+#   bash launch/bench_gpu.sh [OUT_DIR] [PARTS]   PARTS: any of "jax batch eager torch fp8 variants sample vlm"
+#   (default: "torch batch fp8 variants sample vlm"; torch = JAX beside diffusers + torch.compile, eager = without
+#   torch.compile, fp8 = the JAX step with config.fp8 at both batch sizes: its fp8_gemms field counts the
+#   cuBLASLt fp8 GEMMs XLA made, 0 if the pattern was not matched)
 # BATCH=8 by default. JSON lines go to OUT_DIR/bench.jsonl, everything to OUT_DIR/bench.log, each profile's Chrome
 # trace to OUT_DIR/trace_<what>_<n>.json.gz (open in ui.perfetto.dev).
 set -u
 out=${1:-${OUT:-/tmp/qk_bench}}
-parts=${2:-torch batch variants sample vlm}
+parts=${2:-torch batch fp8 variants sample vlm}
 mkdir -p "$out"
 batch=${BATCH:-8}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -38,6 +39,10 @@ has jax && bench "${shape[@]}" --batch "$batch" --what mmdit_train
 has batch && bench "${shape[@]}" --batch $((2 * batch)) --what mmdit_train
 has eager && bench "${shape[@]}" --batch "$batch" --what mmdit_train --torch --notorch-compile
 has torch && LIMIT=${TORCH_LIMIT:-600} bench "${shape[@]}" --batch "$batch" --what mmdit_train --torch
+if has fp8; then
+  bench "${shape[@]}" --batch "$batch" --what mmdit_train --config.fp8=True
+  bench "${shape[@]}" --batch $((2 * batch)) --what mmdit_train --config.fp8=True
+fi
 if has variants; then
   XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false" \
     bench "${shape[@]}" --batch "$batch" --what mmdit_train

@@ -79,6 +79,11 @@ def test_cli_prints_jax_and_torch_lines(tmp_path):
     assert train_torch["jax_over_torch"] == pytest.approx(train_torch["step_s"] / train_jax["step_s"], rel=1e-2)
     assert train_jax["memory_source"] == "compiled" and train_jax["peak_memory_gb"] > 0
     assert train_jax["attention"] == "xla"  # cuDNN only on a GPU
+    # Forward + backward alone (no optimizer): its MFU counts the step's FLOPs over its own time.
+    assert 0 < train_jax["fwd_bwd_s"] and train_jax["fwd_bwd_mfu"] == pytest.approx(
+        train_jax["flops_per_step"] / train_jax["fwd_bwd_s"] / 1e12, rel=1e-2, abs=1e-4)
+    assert train_jax["bytes_accessed"] > 0 and train_jax["fusions"] > 0
+    assert train_jax["fp8"] is False and train_jax["fp8_gemms"] == 0  # cuBLASLt's fp8 GEMMs only on a GPU
     for what in ("mmdit_train", "sample", "vlm_forward"):
         assert glob.glob(str(tmp_path / what / "plugins" / "profile" / "*" / "*.trace.json.gz"))
     assert [r.get("profile") for r in lines] == [{}, None, {}, None, {}]

@@ -85,6 +85,27 @@ def test_adapter_output_matches_the_formula():
     chex.assert_trees_all_close(out, ref.astype(np.float32), atol=1e-5)
 
 
+def test_fp8_rounds_the_base_matmul_only():
+    """``fp8=True``: ``x W`` from e4m3-rounded operands (ml_dtypes, per-tensor current scaling); the adapter and
+    the bias exact."""
+    import ml_dtypes
+
+    x, params = _init()
+    params = _randomize_b(params)
+    p = jax.tree.map(np.asarray, params["attn"]["to_q"])
+    out = nn.apply(lambda m, x: m(x), LoRADense(16, lora=LoRAConfig(4, 8.0, (".*",)), fp8=True, name="to_q"))(
+        {"params": params["attn"]["to_q"]}, x)
+
+    def rounded(a):
+        scale = np.abs(a).max() / 448.0
+        return (a / scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * scale
+
+    x = np.asarray(x)
+    ref = rounded(x) @ rounded(p["kernel"]) + p["bias"] + (8.0 / 4) * (x @ p["lora_a"]) @ p["lora_b"]
+    chex.assert_trees_all_close(out, ref.astype(np.float32), atol=1e-5)
+    assert np.abs(ref - (x @ p["kernel"] + p["bias"] + 2.0 * (x @ p["lora_a"]) @ p["lora_b"])).max() > 1e-3
+
+
 def test_merged_params_give_the_unmerged_output():
     x, params = _init()
     params = _randomize_b(params)

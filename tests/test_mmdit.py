@@ -234,6 +234,36 @@ def test_bf16_compute_keeps_fp32_params(params):
     assert np.abs(np.asarray(out, np.float32) - ref).max() < 0.05 * np.abs(ref).max()
 
 
+def test_fp8_reaches_the_block_projections_only(params, monkeypatch):
+    """``fp8=True``: each double block's 12 projections (q/k/v and out per stream, two FFN linears per stream)
+    and each single block's 5 (q/k/v, proj_mlp, proj_out) go through ``fp8_matmul``; the embedders, the
+    modulation and ``proj_out`` do not. Same params, same output up to fp8 rounding (scanned or not); gradients
+    reach every kernel."""
+    from qk_jax.models import lora as lora_module
+
+    calls = []
+    real = lora_module.fp8_matmul
+    monkeypatch.setattr(lora_module, "fp8_matmul", lambda x, w: calls.append(w.shape) or real(x, w))
+    inputs, _ = _inputs([[rope.SOURCE], [rope.REFERENCE]])
+    out = MMDiT(CFG, fp8=True).apply({"params": params}, **inputs)
+    assert len(calls) == 12 * CFG.num_layers + 5 * CFG.num_single_layers, calls
+    d, mlp = CFG.inner_dim, CFG.mlp_dim
+    assert calls[:8].count((d, d)) == 8 and calls.count((d, mlp)) == 2 * CFG.num_layers + CFG.num_single_layers
+
+    ref = _apply(MMDiT(CFG))({"params": params}, **inputs)
+    error = np.abs(np.asarray(out) - ref).max() / np.abs(ref).max()
+    assert 1e-4 < error < 0.1, error
+    scanned = MMDiT(CFG, fp8=True, scan_layers=True).apply({"params": stack_layers(params, CFG)}, **inputs)
+    chex.assert_trees_all_close(scanned, out, rtol=1e-5, atol=1e-5)
+
+    def loss(p):
+        return jnp.mean(jnp.square(MMDiT(CFG, fp8=True).apply({"params": p}, **inputs)))
+
+    grads = jax.jit(jax.grad(loss))(params)
+    kernels = {k: v for k, v in zip(leaf_paths(grads), jax.tree.leaves(grads)) if k.endswith("kernel")}
+    assert all(np.isfinite(v).all() and np.abs(v).max() > 0 for v in kernels.values())
+
+
 def test_input_errors(params):
     inputs, _ = _inputs([[rope.SOURCE], [rope.REFERENCE]])
     model = MMDiT(CFG)

@@ -87,6 +87,19 @@ def test_loss_is_finite_and_only_trainable_leaves_get_gradients(module, manifest
                                                                           for p in flatten(params))
 
 
+def test_fp8_switch_reaches_the_mmdit_and_keeps_the_loss(stage3_setup):
+    """``config.fp8``: one switch, the MMDiT's block projections in fp8 (``test_mmdit``, ``test_fp8``); the same
+    params and batch give the same loss up to fp8 rounding, and the params are unchanged in structure."""
+    config, model, params, batches = stage3_setup
+    fp8_model = QueryKontext(QueryKontextConfig.from_config(_config(stage3, fp8=True)))
+    assert fp8_model.mmdit.fp8 and not model.mmdit.fp8
+    assert jax.tree.structure(jax.eval_shape(fp8_model.init, jax.random.key(0))) == jax.tree.structure(params)
+    batch, grid = batches[0]
+    values = [float(jax.jit(m.loss, static_argnums=3)(params, batch, jax.random.key(2), grid)[0])
+              for m in (model, fp8_model)]
+    assert values[0] != values[1] and values[1] == pytest.approx(values[0], rel=0.05), values
+
+
 def _paper_stream(roles_row, noisy_row, slots_row, h, w):
     """One sample's image stream and ids built straight from docs/design.md: sources, noise, references by n."""
     blocks, ids, n = [], [], 0

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qk_jax.ops.fp8 import fp8_matmul
 from qk_jax.pytree import match_any
 
 LORA_A, LORA_B = "lora_a", "lora_b"
@@ -63,6 +64,8 @@ class LoRADense(nn.Module):
         ``(in, 'lora_rank')`` and ``('lora_rank', out)``.
       dtype: compute dtype (default: from the inputs and params).
       param_dtype: parameter dtype.
+      fp8: ``x @ kernel`` in float8 with per-tensor current scaling (``qk_jax.ops.fp8``); the adapter's two
+        thin matmuls and the bias stay in ``dtype``.
     """
 
     features: int
@@ -72,6 +75,7 @@ class LoRADense(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
+    fp8: bool = False
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
 
@@ -108,7 +112,7 @@ class LoRADense(nn.Module):
             )
 
         x, kernel, bias, lora_a, lora_b = nn.dtypes.promote_dtype(x, kernel, bias, lora_a, lora_b, dtype=self.dtype)
-        y = jnp.matmul(x, kernel, precision=self.precision)
+        y = fp8_matmul(x, kernel) if self.fp8 else jnp.matmul(x, kernel, precision=self.precision)
         if lora_a is not None:
             down = jnp.matmul(x, lora_a, precision=self.precision)
             y = y + jnp.matmul(down, lora_b, precision=self.precision) * jnp.asarray(self.lora.scale, y.dtype)

@@ -93,6 +93,7 @@ class QueryKontextConfig:
     remat: str = "none"  # the MMDiT blocks' policy, ``mmdit.REMAT_POLICIES``
     scan_layers: bool = False  # the MMDiT's blocks as one nn.scan each (layer-stacked params)
     adaln_zero: bool = False  # the MMDiT's init for training from scratch (``MMDiT.adaln_zero``)
+    fp8: bool = False  # the MMDiT blocks' projections in float8 (``MMDiT.fp8``; a deviation from bf16, opt-in)
     # The guidance-embedding input of an MMDiT that has one (FLUX.1-dev's, distilled from CFG), the same constant in
     # training and sampling: real classifier-free guidance does the guiding, so 1.0 asks the embedding for none.
     distilled_guidance: float = 1.0
@@ -146,6 +147,7 @@ class QueryKontextConfig:
             remat=str(config.get("remat", "none")),
             scan_layers=bool(config.get("scan_layers", False)),
             adaln_zero=bool(config.get("adaln_zero", False)),
+            fp8=bool(config.get("fp8", False)),
             distilled_guidance=float(config.get("distilled_guidance", 1.0)),
             mmdit_rows_over=tuple((config.get("sharding") or {}).get("mmdit_rows_over", ())),
         )
@@ -197,7 +199,7 @@ class QueryKontext:
         self.vlm = QwenVL(config.vlm)
         self.connector = Connector(config.connector, dtype=dtype)
         self.mmdit = MMDiT(config.mmdit, lora=config.mmdit_lora, dtype=dtype, remat=config.remat,
-                           scan_layers=config.scan_layers, adaln_zero=config.adaln_zero)
+                           scan_layers=config.scan_layers, adaln_zero=config.adaln_zero, fp8=config.fp8)
         self.vae = vae_lib.AutoencoderKL(config.vae)
 
     # ------------------------------------------------------------------------------------------------------

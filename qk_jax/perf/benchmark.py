@@ -18,6 +18,10 @@ A measurement's fields:
   recomputation is not counted (MFU, not HFU), nor are elementwise ops, norms and the optimizer;
 - ``mfu``: ``tflops`` over the device's dense bf16 peak (``PEAK_TFLOPS``; ``--peak-tflops`` overrides, and on a
   CPU there is none unless given);
+- ``fwd_bwd_s``, ``fwd_bwd_mfu`` (``mmdit_train``): the same for the forward and backward alone, without the
+  optimizer (at paper scale ZeRO shards the optimizer over 64-192 devices, a small share of each one's step);
+- ``bytes_accessed``, ``fusions``, ``fp8_gemms`` (``mmdit_train``): the compiled step's memory traffic, fusion
+  count and cuBLASLt fp8 GEMMs (``compiled_cost``), figures a CPU shows too;
 - ``peak_memory_gb``: the device allocator's peak (GPU/TPU), or on CPU the compiled program's arguments +
   outputs + temporaries (``memory_analysis``), ``memory_source`` says which.
 - ``profile`` (with ``--profile DIR``): three more JAX steps traced with ``jax.profiler`` into ``DIR/<what>``, and
@@ -279,7 +283,7 @@ def _mmdit(config: Mapping[str, Any]) -> tuple[MMDiTConfig, MMDiT]:
     cfg = MMDiTConfig.from_config(mmdit)
     dtype = jnp.dtype(config.get("compute_dtype", "float32"))
     return cfg, MMDiT(cfg, dtype=dtype, remat=str(config.get("remat", "none")),
-                      scan_layers=bool(config.get("scan_layers", False)))
+                      scan_layers=bool(config.get("scan_layers", False)), fp8=bool(config.get("fp8", False)))
 
 
 def jax_mmdit_train(config: Mapping[str, Any], shape: Shape, warmup: int, steps: int, peak: float | None,
@@ -292,12 +296,12 @@ def jax_mmdit_train(config: Mapping[str, Any], shape: Shape, warmup: int, steps:
     tx = optax.adamw(1e-4, weight_decay=0.01)
     opt_state = jax.jit(tx.init)(params)
 
-    def step(params, opt_state, data, target):
-        def loss_fn(p):
-            v = model.apply({"params": p}, **data)
-            return jnp.mean(jnp.square(v.astype(jnp.float32) - target))
+    def loss_fn(p, data, target):
+        v = model.apply({"params": p}, **data)
+        return jnp.mean(jnp.square(v.astype(jnp.float32) - target))
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+    def step(params, opt_state, data, target):
+        loss, grads = jax.value_and_grad(loss_fn)(params, data, target)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -313,11 +317,19 @@ def jax_mmdit_train(config: Mapping[str, Any], shape: Shape, warmup: int, steps:
     times, first = time_steps(run, warmup, steps, jax.block_until_ready)
     memory, source = _jax_memory_gb(compiled)
     flops = 3 * mmdit_forward_flops(cfg, shape.batch, shape.image_tokens, shape.text_tokens)
+    profile = _profiled(run, profile_dir)
+    # The forward and backward alone: at paper scale ZeRO shards the optimizer 64-192 ways, so the update's share
+    # of a one-device step (12 ms of 130 at batch 16 on an H200) over-weights it.
+    grads = jax.jit(jax.value_and_grad(loss_fn)).lower(state[0], data, target).compile()
+    grad_times, _ = time_steps(lambda: grads(state[0], data, target), warmup, steps, jax.block_until_ready)
+    grad_s = statistics.median(grad_times)
     return report(what="mmdit_train", framework="jax", times=times, first_s=first, batch=shape.batch,
                   tokens=shape.image_tokens + shape.text_tokens, flops=flops, peak=peak, memory_gb=memory,
                   memory_source=source, device=_jax_device(), params=_count(params), remat=model.remat,
-                  scan_layers=model.scan_layers, dtype=str(jnp.dtype(model.dtype)), compile_s=round(compile_s, 2),
-                  attention=attention_kernel(compiled), **_profiled(run, profile_dir))
+                  scan_layers=model.scan_layers, dtype=str(jnp.dtype(model.dtype)), fp8=model.fp8,
+                  compile_s=round(compile_s, 2), attention=attention_kernel(compiled),
+                  fwd_bwd_s=round(grad_s, 6), fwd_bwd_mfu=None if not peak else round(flops / grad_s / 1e12 / peak, 4),
+                  **compiled_cost(compiled), **profile)
 
 
 def guidance_scales(config: Mapping[str, Any]) -> tuple[float, float]:
@@ -392,6 +404,19 @@ def jax_vlm_forward(config: Mapping[str, Any], shape: Shape, warmup: int, steps:
     return report(what="vlm_forward", framework="jax", times=times, first_s=first, batch=shape.batch, tokens=tokens,
                   flops=flops, peak=peak, memory_gb=memory, memory_source=source, device=_jax_device(),
                   params=_count(params), dtype=str(dtype), **_profiled(run, profile_dir))
+
+
+def compiled_cost(compiled: Any) -> dict[str, Any]:
+    """What the compiled step does, visible on any backend: XLA's ``cost_analysis`` bytes accessed (operands read
+    and results written, summed over its ops: the memory traffic that fusion removes), the number of fusions (one
+    kernel each on a GPU), and ``fp8_gemms``, the cuBLASLt fp8 GEMMs XLA:GPU made of ``qk_jax.ops.fp8``'s
+    dequantise-then-dot (0 elsewhere: there the dots run in the compute dtype)."""
+    text = compiled.as_text()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return dict(bytes_accessed=int(cost.get("bytes accessed", 0)) if cost else None,
+                fusions=len(re.findall(r"\sfusion\(", text)),
+                fp8_gemms=len(re.findall(r"__cublas\$lt\$matmul\$f8", text)))
 
 
 def attention_kernel(compiled: Any) -> str:
