@@ -60,7 +60,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qk_jax.models.lora import LoRAConfig, LoRADense
 from qk_jax.ops.attention import attention
-from qk_jax.ops.cotangent import materialize_cotangent
 from qk_jax.ops.rope import apply_rope, rope_cos_sin
 
 TIMESTEP_CHANNELS = 256  # diffusers Timesteps(num_channels=256) in CombinedTimestep*TextProjEmbeddings
@@ -199,18 +198,51 @@ def sincos_pos_embed(ids: jax.Array, dim: int, max_period: float = 10000.0) -> j
     return jnp.concatenate([embed_1d(ids[..., 2]), embed_1d(ids[..., 1])], axis=-1)
 
 
-def layer_norm(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
-    """LayerNorm without affine parameters, statistics in float32; returns float32."""
-    x = materialize_cotangent(x).astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps)
-
-
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    """``LN(x) * (1 + scale) + shift`` (float32), ``x`` ``[B, S, D]``, ``shift``/``scale`` ``[B, D]``; x's dtype."""
-    y = layer_norm(x) * (1.0 + scale.astype(jnp.float32)[:, None]) + shift.astype(jnp.float32)[:, None]
-    return y.astype(x.dtype)
+    """``LN(x) * (1 + scale) + shift`` (float32), ``x`` ``[B, S, D]``, ``shift``/``scale`` ``[B, D]``; x's dtype.
+
+    The LayerNorm has no affine parameters (FLUX's ``elementwise_affine=False``); its statistics are float32.
+    Its VJP is written by hand (``_modulated_norm_bwd``) so that the backward pass keeps only ``x`` (in its dtype:
+    the residual stream, kept anyway) and the float32 row statistics ``[B, S, 1]``, as the fused LayerNorms of
+    Apex and Transformer Engine do. Differentiated by JAX, the compiled gradient kept more ``[B, S, D]`` float32
+    intermediates, and on XLA:CPU it recomputed the norm's backward inside each consumer of the residual
+    stream's gradient (an ``optimization_barrier`` on that gradient held it off until 2026-12-04; with this VJP the
+    program is the same with or without one). ``tests/test_mmdit.py`` holds both effects on the compiled program.
+    """
+    return _modulated_norm(x, shift, scale)
+
+
+def _norm_stats(xf: jax.Array, eps: float = NORM_EPS) -> tuple[jax.Array, jax.Array]:
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    return mean, jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + eps)
+
+
+@jax.custom_vjp
+def _modulated_norm(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return _modulated_norm_fwd(x, shift, scale)[0]
+
+
+def _modulated_norm_fwd(x, shift, scale):
+    xf = x.astype(jnp.float32)
+    mean, rstd = _norm_stats(xf)
+    y = (xf - mean) * rstd * (1.0 + scale.astype(jnp.float32)[:, None]) + shift.astype(jnp.float32)[:, None]
+    return y.astype(x.dtype), (x, mean, rstd, shift, scale)
+
+
+def _modulated_norm_bwd(residuals, g):
+    """LayerNorm's backward, ``dx = rstd (g' - mean(g') - x^ mean(g' x^))`` with ``g' = g (1 + scale)`` and
+    ``x^`` recomputed from ``x``; ``dshift = sum_S g``, ``dscale = sum_S g x^``."""
+    x, mean, rstd, shift, scale = residuals
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g = g.astype(jnp.float32)
+    g_norm = g * (1.0 + scale.astype(jnp.float32)[:, None])
+    dx = rstd * (g_norm - jnp.mean(g_norm, axis=-1, keepdims=True)
+                 - xhat * jnp.mean(g_norm * xhat, axis=-1, keepdims=True))
+    return (dx.astype(x.dtype), jnp.sum(g, axis=1).astype(shift.dtype),
+            jnp.sum(g * xhat, axis=1).astype(scale.dtype))
+
+
+_modulated_norm.defvjp(_modulated_norm_fwd, _modulated_norm_bwd)
 
 
 class RMSNorm(nn.Module):

@@ -1,2 +1,2 @@
 """Stateless, jittable kernels: ``rope`` (N-axis RoPE and sRoPE ids), ``flow`` (flow matching), ``attention``,
-``cotangent`` (a backward-pass fusion barrier for XLA:CPU)."""
+``fp8`` (the float8 matmul of ``config.fp8``)."""
