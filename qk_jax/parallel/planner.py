@@ -32,8 +32,8 @@ per device per micro-step (``micro``):
   * MMDiT, ``T = L + S`` tokens per sample (``L`` = ``vlm.max_text_tokens + num_queries`` text/kontext
     tokens, ``S = (1 + M) (res / 16)^2`` image tokens: the target and ``M`` in-context images, stage 3
     ``M = max_references``), width ``D``, ``H`` heads, compute dtype bytes ``c``:
-    per double-stream block ``b T D a_c`` with ``a_c = 116`` (bf16) / ``180`` (f32) bytes, per single block
-    ``a_c = 114`` / ``163``; attention adds ``b H T^2 s`` with ``s = 5.5``/``6.5`` bytes (XLA attention keeps
+    per double-stream block ``b T D a_c`` with ``a_c = 98`` (bf16) / ``166`` (f32) bytes, per single block
+    ``a_c = 94`` / ``158``; attention adds ``b H T^2 s`` with ``s = 5.5``/``6.5`` bytes (XLA attention keeps
     the probabilities and the mask: CPU, and the ``--attention xla`` plans; JAX saves 13 B, XLA:CPU's compiled step
     keeps about 6.5, calibrated on the tiny config's compiled step) or ``b H T 4`` bytes (cuDNN
     flash attention keeps the log-sum-exp only: the default on GPU); with bf16 compute of float32 trained
@@ -115,8 +115,8 @@ from qk_jax.pytree import flatten, match_any
 GB = 1e9
 
 # Saved-residual constants (module docstring), keyed by compute-dtype bytes.
-MMDIT_DOUBLE_BYTES = {2: 116.0, 4: 180.0}  # per token per width unit, one double-stream block
-MMDIT_SINGLE_BYTES = {2: 114.0, 4: 163.0}
+MMDIT_DOUBLE_BYTES = {2: 98.0, 4: 166.0}  # per token per width unit, one double-stream block
+MMDIT_SINGLE_BYTES = {2: 94.0, 4: 158.0}
 LLM_BYTES = {2: (32.0, 5.6), 4: (34.0, 15.6)}  # (per width unit, per MLP unit), per token, one decoder layer
 # Per head per query-key pair that XLA keeps after fusion (JAX saves 13 / 11 B: scores, softmax, mask; XLA:CPU's
 # compiled float32 step keeps about half, measured on the tiny config; bf16 assumed to keep the same tensors).
