@@ -1,17 +1,17 @@
-"""The curriculum (stage 0, stages 1 -> 2 -> 3, the evaluation) end to end at tiny scale, stage transitions, and
-(slow) the shortened ShapesWorld curriculum learning t2i."""
+"""The curriculum (stage 0, stages 1 -> 2 -> 3, the evaluation) end to end at tiny scale in a bucket workdir, stage
+transitions, and (slow) the shortened ShapesWorld curriculum learning t2i."""
 
 import json
 import os
-import shutil
 
 import chex
 import jax
 import numpy as np
 import pytest
 
+import gcs_emulator
 from configs import shapes as shapes_config
-from qk_jax import sampling
+from qk_jax import sampling, storage
 from qk_jax.models import saved_model
 from qk_jax.parallel import mesh as mesh_lib
 from qk_jax.pytree import flatten
@@ -21,23 +21,36 @@ from qk_jax.training import loop, metrics, stage0
 
 @pytest.fixture(scope="module")
 def curriculum(tmp_path_factory, tiny_stage0):
-    """The tiny curriculum; its stage 0 is conftest's (tests/test_preloop.py tests stage 0 itself), which
-    run_curriculum finds done and imports, as a rerun of the README command does."""
-    workdir = str(tmp_path_factory.mktemp("curriculum"))
-    shutil.copytree(tiny_stage0[0], os.path.join(workdir, stage0.DIRNAME))
-    curriculum_lib.run_curriculum(shapes_config.get_config("tiny"), workdir)
-    return workdir
+    """The tiny curriculum with ``--workdir gs://...``, as a pod runs it (``gcs_emulator``'s in-memory bucket on
+    localhost; this process talks to it while the fixture lasts). Its stage 0 is conftest's (tests/test_stage0.py
+    tests stage 0 itself), put in the bucket finished: run_curriculum fetches and imports it, as a rerun of the
+    README command on another host does, and trains none of it. Stages 1 -> 2 -> 3 each start from the one
+    before in the bucket; the evaluation writes its report there."""
+    host = tmp_path_factory.mktemp("curriculum_host")
+    with gcs_emulator.serve("bucket") as port, pytest.MonkeyPatch.context() as patch:
+        for key, value in dict(gcs_emulator.environment(port), QK_JAX_MIRROR=str(host / "mirror"),
+                               XDG_CACHE_HOME=str(host / "cache")).items():
+            patch.setenv(key, value)
+        workdir = "gs://bucket/curriculum"
+        storage.copy_tree(tiny_stage0[0], storage.join(workdir, stage0.DIRNAME), last=stage0.RESULT_FILE)
+        with pytest.MonkeyPatch.context() as no_stage0:
+            for name in ("pretrain_vae", "pretrain_vlm"):
+                no_stage0.setattr(stage0, name, lambda *a, **k: pytest.fail("stage 0 trained again"))
+            curriculum_lib.run_curriculum(shapes_config.get_config("tiny"), workdir)
+        yield workdir
+
 
 def _final(workdir, stage):
-    return saved_model.load_model(os.path.join(workdir, f"stage{stage}", "final"))
+    return saved_model.load_model(storage.join(workdir, f"stage{stage}", "final"))
+
 
 def test_curriculum_runs_every_stage(curriculum, monkeypatch):
     for stage in (1, 2, 3):
-        run = os.path.join(curriculum, f"stage{stage}")
-        records = metrics.read_jsonl(os.path.join(run, metrics.JSONL))
+        run = storage.join(curriculum, f"stage{stage}")
+        records = metrics.read_jsonl(storage.join(run, metrics.JSONL))
         losses = [r["loss"] for r in records.values()]
         assert len(losses) == 2 and all(np.isfinite(losses)), records
-        assert os.path.getsize(os.path.join(run, "loss.png")) > 1000
+        assert len(storage.read_bytes(storage.join(run, "loss.png"))) > 1000
         config, _, meta = _final(curriculum, stage)
         assert meta["stage"] == stage == config.stage and meta["step"] == 2
     # Complete: rerunning skips stage 0, every stage and the evaluation (none of them may start again).
@@ -47,17 +60,30 @@ def test_curriculum_runs_every_stage(curriculum, monkeypatch):
         monkeypatch.setattr(module, name, rerun)
     curriculum_lib.run_curriculum(shapes_config.get_config("tiny"), curriculum)
 
+
+def test_every_file_of_the_curriculum_is_in_the_bucket(curriculum):
+    files = set(storage.files_under(curriculum))
+    for name in ("stage1/final/config.json", "stage2/final/config.json", "stage3/final/config.json",
+                 "stage3/metrics.jsonl", "eval/report.md", "eval/trained/seed_0/report.json",
+                 "eval/trained/summary.md"):
+        assert name in files, sorted(files)
+    assert any(f.startswith("eval/trained/seed_0/") and f.endswith(".png") for f in files)
+    assert not os.path.exists("gs:") and not os.path.exists(os.path.join(os.path.dirname(__file__), "..", "gs:"))
+    report = storage.read_text(storage.join(curriculum, "eval", "report.md"))
+    assert report.startswith(f"# {curriculum}/stage3/final: trained vs untrained")
+
+
 def test_curriculum_ends_with_the_evaluation_beside_the_untrained_baseline(curriculum):
-    summaries = {name: json.load(open(os.path.join(curriculum, "eval", name, "summary.json")))
+    summaries = {name: json.loads(storage.read_text(storage.join(curriculum, "eval", name, "summary.json")))
                  for name in ("trained", "untrained", "ceiling")}
     assert summaries["untrained"]["meta"]["untrained"] and not summaries["trained"]["meta"].get("untrained")
     assert summaries["ceiling"]["meta"]["ceiling"] and not summaries["trained"]["meta"].get("ceiling")
     for summary in summaries.values():
         assert set(summary["tasks"]) == {"t2i", "edit", "custom", "multi", "subject_edit"}
         assert 0.0 <= summary["tasks"]["edit"]["preservation"]["mean"] <= 1.0
-    report = open(os.path.join(curriculum, "eval", "report.md")).read()
+    report = storage.read_text(storage.join(curriculum, "eval", "report.md"))
     assert "| t2i | colors |" in report and "trained | untrained | ceiling" in report
-    assert os.path.getsize(os.path.join(curriculum, "eval", "trained", "seed_0", "t2i.png")) > 1000
+    assert len(storage.read_bytes(storage.join(curriculum, "eval", "trained", "seed_0", "t2i.png"))) > 1000
 
 def test_stage_transitions(curriculum):
     c1, p1, _ = _final(curriculum, 1)
@@ -91,14 +117,14 @@ def test_a_stage_refuses_the_wrong_previous_stage(curriculum, tmp_path):
     from qk_jax.training import stages
 
     config = stage3.get_config("tiny")
-    config.init_from = os.path.join(curriculum, "stage1")  # stage 3 must start from stage 2
+    config.init_from = storage.join(curriculum, "stage1")  # stage 3 must start from stage 2
     with pytest.raises(saved_model.CheckpointMismatchError, match="stage 1 model, but stage 3 starts from stage 2"):
         loop.build(config, mesh_lib.make_mesh(config.mesh))
-    config.init_from = os.path.join(curriculum, "stage2")
+    config.init_from = storage.join(curriculum, "stage2")
     config.connector.hidden_features = 24  # another connector than the one stage 2 trained
     with pytest.raises(saved_model.CheckpointMismatchError, match=r"connector differs .*hidden_features"):
         stages.initial_params(None, config, jax.random.key(0))
-    assert os.path.isdir(os.path.join(curriculum, "stage3", "frozen"))  # frozen weights saved once per stage
+    assert storage.exists(storage.join(curriculum, "stage3", "frozen"))  # frozen weights saved once per stage
 
 @pytest.mark.slow
 def test_shortened_shapes_curriculum_learns_t2i_colors(tmp_path):
@@ -150,10 +176,10 @@ def test_a_finished_stage_is_skipped_only_for_its_own_config(curriculum):
     from qk_jax.training import stage0 as stage0_lib
 
     config = shapes_config.get_config("tiny")
-    result = stage0_lib.Result.read(os.path.join(curriculum, stage0_lib.DIRNAME))
+    result = stage0_lib.run(config, storage.join(curriculum, stage0_lib.DIRNAME))  # finished: read, not rerun
     stage1 = stage0_lib.with_stage0(copy.deepcopy(config.stages[0]), result, first=True)
-    workdir = os.path.join(curriculum, stage1.name)
-    assert loop.train_stage(stage1, workdir) == os.path.join(workdir, "final")  # the same config: skipped
+    workdir = storage.join(curriculum, stage1.name)
+    assert loop.train_stage(stage1, workdir) == storage.join(workdir, "final")  # the same config: skipped
     stage1.optim.lr = 0.5
     with pytest.raises(saved_model.CheckpointMismatchError, match=r"stage 1 finished in .* with another config: "
                                                                    r"optim.lr: 0.001 when it ran, 0.5 now"):

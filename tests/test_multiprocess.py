@@ -1,9 +1,10 @@
 """The pod path without a pod: two CPU processes joined by ``jax.distributed`` (``launch/local_processes.sh``, 4
-fake devices each) train the tiny curriculum, stage 1 -> 2 -> 3, as one process with 8 devices does: the same
-global batches (``data.global_stream``), the same per-step losses and final params within 1e-5. On the way the
-two-process run is stopped twice, as a pod is: SIGTERM to one process in stage 1 (both save the same step and exit
-0) and ``kill -9`` of both in stage 2 after a checkpoint; each rerun resumes, and the curve still equals the
-uninterrupted one-process run's."""
+fake devices each) train the tiny curriculum, stage 1 -> 2 -> 3, into a bucket (``gcs_emulator``'s in-memory
+``gs://bucket``, each stage read from the one before it there), as one process with 8 devices does in a local
+folder: the same global batches (``data.global_stream``), the same per-step losses and final params within 1e-5.
+On the way the two-process run is stopped twice, as a pod is: SIGTERM to one process in stage 1 (both save the
+same step and exit 0) and ``kill -9`` of both in stage 2 after a committed checkpoint; each rerun resumes, and the
+curve still equals the uninterrupted one-process run's."""
 
 import json
 import os
@@ -15,6 +16,8 @@ import time
 import numpy as np
 import pytest
 
+import gcs_emulator
+from qk_jax import storage
 from qk_jax.models import saved_model
 from qk_jax.parallel import distributed
 from qk_jax.pytree import flatten
@@ -27,19 +30,27 @@ STAGES = dict(stage1=6, stage2=6, stage3=3)  # steps: enough after a stop (tiny 
 TIMEOUT = 900
 
 
-def _command(processes: int, devices: int, workdir: str, stage: str, root) -> tuple[list[str], dict]:
+def _command(processes: int, devices: int, workdir: str, stage: str, root: str) -> tuple[list[str], dict]:
     args = ["--config", f"configs/{stage}.py:tiny", "--workdir", workdir, *FLAGS,
             f"--config.total_steps={STAGES[stage]}"]
     if stage != "stage1":
-        args.append(f"--config.init_from={root / f'stage{int(stage[-1]) - 1}'}")
+        args.append(f"--config.init_from={storage.join(root, f'stage{int(stage[-1]) - 1}')}")
     if processes == 1:
         env = fake_devices_env(devices)
         return [sys.executable, "-m", "qk_jax.train", *args], env
     return ["bash", "launch/local_processes.sh", str(processes), str(devices), *args], dict(os.environ)
 
 
+def _log_path(workdir: str, process: int) -> str:
+    """Where ``launch/local_processes.sh`` puts a process's log: beside a local workdir, in ``$LOG_DIR`` for a
+    bucket's."""
+    if storage.is_remote(workdir):
+        return os.path.join(os.environ["LOG_DIR"], f"{os.path.basename(workdir)}.process{process}.log")
+    return f"{workdir}.process{process}.log"
+
+
 def _logs(workdir: str, processes: int) -> list[str]:
-    paths = [f"{workdir}.process{i}.log" for i in range(processes)]
+    paths = [_log_path(workdir, i) for i in range(processes)]
     return [open(p).read() if os.path.exists(p) else "" for p in paths]
 
 
@@ -72,7 +83,8 @@ def _interrupted(stage: str, workdir: str, root, devices: int = 4) -> dict[str, 
         os.kill(_children(launched.pid)[1], signal.SIGTERM)  # a scheduler's notice to one host only
         _finish(launched, workdir, 2)
     else:
-        _wait_until(lambda: os.path.isdir(os.path.join(workdir, "checkpoints", "2")), launched, "checkpoint 2")
+        committed = storage.join(workdir, "checkpoints", "2", "commit_success.txt")  # Orbax's marker in a bucket
+        _wait_until(lambda: storage.exists(committed), launched, "checkpoint 2")
         for pid in _children(launched.pid):
             os.kill(pid, signal.SIGKILL)
         launched.kill()
@@ -84,68 +96,92 @@ def _interrupted(stage: str, workdir: str, root, devices: int = 4) -> dict[str, 
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multiprocess")
+def bucket(tmp_path_factory):
+    """``gs://bucket`` in memory on localhost for this module; this process and its subprocesses talk to it, and
+    the launcher writes a bucket run's logs to ``$LOG_DIR``."""
+    host = tmp_path_factory.mktemp("bucket_host")
+    with gcs_emulator.serve("bucket") as port, pytest.MonkeyPatch.context() as patch:
+        env = dict(gcs_emulator.environment(port), QK_JAX_MIRROR=str(host / "mirror"),
+                   XDG_CACHE_HOME=str(host / "cache"), LOG_DIR=str(host / "logs"))
+        for key, value in env.items():
+            patch.setenv(key, value)
+        yield "gs://bucket"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, bucket):
+    """``(one, two, logs)``: the one-process runs' local root, the two-process runs' root in the bucket, and the
+    logs of the interrupted two-process stages (``stopped`` and ``resumed``)."""
+    one, two = str(tmp_path_factory.mktemp("multiprocess")), storage.join(bucket, "two")
     logs = {}
     for stage in STAGES:
-        command, env = _command(1, 8, str(root / "one" / stage), stage, root / "one")
+        command, env = _command(1, 8, os.path.join(one, stage), stage, one)
         out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
         assert out.returncode == 0, out.stderr[-4000:]
-        workdir = str(root / "two" / stage)
+        workdir = storage.join(two, stage)
         if stage in ("stage1", "stage2"):
-            logs[stage] = _interrupted(stage, workdir, root / "two")
+            logs[stage] = _interrupted(stage, workdir, two)
         else:
-            command, env = _command(2, 4, workdir, stage, root / "two")
+            command, env = _command(2, 4, workdir, stage, two)
             _finish(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True), workdir, 2)
-    return root, logs
+    return one, two, logs
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_two_processes_train_as_one(runs, stage):
-    root, _ = runs
-    one, two = (metrics.read_jsonl(str(root / name / stage / metrics.JSONL)) for name in ("one", "two"))
-    assert sorted(one) == sorted(two) == list(range(1, STAGES[stage] + 1))
-    for step in one:
+    one, two, _ = runs
+    local, remote = os.path.join(one, stage), storage.join(two, stage)
+    log_one, log_two = metrics.read_jsonl(os.path.join(local, metrics.JSONL)), metrics.read_jsonl(
+        storage.join(remote, metrics.JSONL))
+    assert sorted(log_one) == sorted(log_two) == list(range(1, STAGES[stage] + 1))
+    for step in log_one:
         for key in ("loss", "grad_norm"):
-            np.testing.assert_allclose(two[step][key], one[step][key], rtol=1e-5, err_msg=f"{stage} step {step} {key}")
-    _, params_one, meta = saved_model.load_model(root / "one" / stage / "final")
-    _, params_two, _ = saved_model.load_model(root / "two" / stage / "final")
+            np.testing.assert_allclose(log_two[step][key], log_one[step][key], rtol=1e-5,
+                                       err_msg=f"{stage} step {step} {key}")
+    _, params_one, meta = saved_model.load_model(os.path.join(local, "final"))
+    _, params_two, _ = saved_model.load_model(storage.join(remote, "final"))
     flat_one, flat_two = flatten(params_one), flatten(params_two)
     assert flat_one.keys() == flat_two.keys() and meta["step"] == STAGES[stage]
     for path, value in flat_one.items():
         np.testing.assert_allclose(flat_two[path], value, rtol=1e-5, atol=1e-6, err_msg=path)
 
 
-def test_sigterm_to_one_process_stops_both_at_one_saved_step(runs):
-    _, logs = runs
-    stopped = logs["stage1"]["stopped"]
-    # Both processes name the same step (JAX's preemption sync point), which the rerun resumes from.
-    lines = [line for line in stopped.splitlines() if "stopped by SIGTERM" in line]
+def _stopped_step(logs: dict[str, str]) -> int:
+    """The step both processes named when SIGTERM stopped stage 1 (JAX's preemption sync point)."""
+    lines = [line for line in logs["stopped"].splitlines() if "stopped by SIGTERM" in line]
     steps = {line.split("after step ")[1].split(",")[0] for line in lines}
-    assert len(steps) == 1 and len(lines) == 2, stopped[-3000:]
-    step = int(steps.pop())
+    assert len(steps) == 1 and len(lines) == 2, logs["stopped"][-3000:]
+    return int(steps.pop())
+
+
+def test_sigterm_to_one_process_stops_both_at_one_saved_step(runs):
+    _, two, logs = runs
+    step = _stopped_step(logs["stage1"])
     assert 1 <= step < STAGES["stage1"] and f"resumed from step {step}" in logs["stage1"]["resumed"]
+    assert f"saved in {storage.join(two, 'stage1')}" in logs["stage1"]["stopped"]
+    # One metrics log across the stop: each run marks where it started.
+    lines = [json.loads(line) for line in storage.read_text(storage.join(two, "stage1", metrics.JSONL)).splitlines()]
+    assert [r["step"] for r in lines if r.get("restart")] == [0, step]
 
 
 def test_kill_9_of_both_resumes_from_the_last_checkpoint(runs):
-    _, logs = runs
+    _, _, logs = runs
     resumed = logs["stage2"]["resumed"]
     assert "resumed from step 2" in resumed or "resumed from step 4" in resumed, resumed[-3000:]
 
 
 def test_each_process_joined_with_its_share_of_the_devices(runs):
-    root, _ = runs
-    log = open(f"{root / 'two' / 'stage3'}.process1.log").read()
-    assert "process 1 of 2, 4 of 8 devices here" in log
+    _, two, _ = runs
+    assert "process 1 of 2, 4 of 8 devices here" in _logs(storage.join(two, "stage3"), 2)[1]
 
 
 def test_the_config_is_one_log_line_and_a_file(runs):
-    root, _ = runs
-    log = open(f"{root / 'two' / 'stage3'}.process0.log").read()
+    _, two, _ = runs
+    log = _logs(storage.join(two, "stage3"), 2)[0]
     assert "config: stage 3, batch_size 8, total_steps 3" in log and "!!python" not in log
-    saved = metrics.read_run_config(root / "two" / "stage3")
-    assert saved.stage == 3 and saved.total_steps == 3 and saved.init_from == str(root / "two" / "stage2")
+    saved = metrics.read_run_config(storage.join(two, "stage3"))
+    assert saved.stage == 3 and saved.total_steps == 3 and saved.init_from == storage.join(two, "stage2")
 
 
 def test_cluster_detection_reads_the_environment():

@@ -1,6 +1,7 @@
 """``qk_jax.storage``: local paths and ``gs://`` URIs through one set of operations. Against a local GCS emulator
-(``gcs_emulator``): a bucket workdir trains, stops on SIGTERM and resumes exactly as a local one; two processes
-write one model there; the whole curriculum (stage 0, stages 1 -> 2 -> 3, the evaluation) runs in a bucket."""
+(``gcs_emulator``): a bucket workdir trains, stops on SIGTERM and resumes exactly as a local one. Two processes
+training into a bucket are tests/test_multiprocess.py's; the whole curriculum in a bucket is
+tests/test_curriculum.py's."""
 
 import json
 import os
@@ -131,56 +132,6 @@ def test_a_bucket_workdir_trains_stops_on_sigterm_and_resumes_as_a_local_one(buc
     _, remote_params, meta = saved_model.load_model(storage.join(remote, "final"))
     assert meta["step"] == steps
     chex.assert_trees_all_close(remote_params, local_params, rtol=1e-6, atol=1e-7)
-
-
-def test_two_processes_train_into_a_bucket_as_one_process_does_locally(bucket, tmp_path):
-    """The pod case: every process writes its shards to the bucket (Orbax), process 0 the rest; the final model
-    equals one process's on the same global batches."""
-    from conftest import fake_devices_env
-    from qk_jax.models import saved_model
-
-    args = ["--config", "configs/stage1.py:tiny", "--config.total_steps=4", "--config.batch_size=8",
-            "--config.checkpoint_every=2", "--config.data.global_stream=True"]  # the same batches for both
-    env = dict(os.environ, QK_JAX_MIRROR=str(tmp_path / "mirror"), XDG_CACHE_HOME=str(tmp_path / "cache"),
-               LOG_DIR=str(tmp_path / "logs"))
-    local = subprocess.run([sys.executable, "-m", "qk_jax.train", *args, f"--workdir={tmp_path / 'local'}"], cwd=ROOT,
-                           env=dict(env, **fake_devices_env(4)), capture_output=True, text=True, timeout=600)
-    assert local.returncode == 0, local.stderr[-3000:]
-    remote = storage.join(bucket, "pod", "stage1")
-    pod = subprocess.run(["bash", "launch/local_processes.sh", "2", "2", *args, "--workdir", remote], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=600)
-    logs = [(tmp_path / "logs" / f"stage1.process{i}.log").read_text() for i in range(2)]  # beside, not in gs:/
-    assert pod.returncode == 0, pod.stderr[-2000:] + "".join(log[-3000:] for log in logs)
-    assert all("stage 1 done: gs://bucket/pod/stage1/final" in log for log in logs[:1])
-    files = _bucket_files(remote)
-    assert {"final/config.json", "checkpoints/4/state/_METADATA", "metrics.jsonl"} <= files, sorted(files)
-    assert any(f.startswith("final/params/ocdbt.process_1/") for f in files)  # process 1 wrote its own shards
-    _, local_params, _ = saved_model.load_model(tmp_path / "local" / "final")
-    _, remote_params, _ = saved_model.load_model(storage.join(remote, "final"))
-    chex.assert_trees_all_close(remote_params, local_params, rtol=1e-5, atol=1e-6)
-
-
-def test_the_curriculum_runs_in_a_bucket(bucket, tiny_stage0, tmp_path):
-    """``--workdir gs://...`` for the whole ShapesWorld curriculum: stage 0 (a finished one, fetched from the
-    bucket to be read locally), stages 1 -> 2 -> 3 each from the one before, and the evaluation's report."""
-    from qk_jax.training import stage0
-
-    workdir = storage.join(bucket, "curriculum")
-    storage.copy_tree(tiny_stage0[0], storage.join(workdir, stage0.DIRNAME), last=stage0.RESULT_FILE)
-    env = dict(os.environ, QK_JAX_MIRROR=str(tmp_path / "mirror"), XDG_CACHE_HOME=str(tmp_path / "cache"))
-    out = subprocess.run([sys.executable, "-m", "qk_jax.train", "--config", "configs/shapes.py:tiny",
-                          f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:]
-    assert "stage 0 is complete" in out.stdout
-    files = _bucket_files(workdir)
-    for name in ("stage1/final/config.json", "stage2/final/config.json", "stage3/final/config.json",
-                 "stage3/metrics.jsonl", "eval/report.md", "eval/trained/seed_0/report.json",
-                 "eval/trained/summary.md"):
-        assert name in files, sorted(files)
-    assert any(f.startswith("eval/trained/seed_0/") and f.endswith(".png") for f in files)
-    report = storage.read_text(storage.join(workdir, "eval", "report.md"))
-    assert report.startswith(f"# {workdir}/stage3/final: trained vs untrained")
 
 
 def test_stage0_for_a_bucket_trains_in_a_local_mirror_and_copies_it_up_marker_last(bucket, tmp_path, monkeypatch):

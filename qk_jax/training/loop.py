@@ -470,7 +470,8 @@ def run_loop(state: state_lib.TrainState, step_fn: Callable[..., tuple[state_lib
                                              f"{max_nonfinite}; {scalars['nonfinite']} in all); {nonfinite_hint}")
                 acc, streak, last_logged = None, None, step
             # The host's step count: reading state.step here would wait for the step, every step.
-            checkpointer.save(state, functools.partial(data_state, step), meta, step=step)
+            if checkpointer.save(state, functools.partial(data_state, step), meta, step=step) and writer is not None:
+                writer.sync()  # a bucket's copy of the logs reaches every checkpoint a resume may start from
             if after_step is not None and after_step(step, state):
                 progress.restart(step)
             if stop_requested(step):

@@ -11,8 +11,8 @@ Layout of a stage's ``workdir`` (beside ``checkpoints/``, see ``qk_jax.training.
 
 Every write is flushed and fsynced, so a crash loses no logged point. In a bucket workdir (``gs://``, which has
 no append) both logs grow in a local mirror (``storage.local_mirror``) and are copied up whole at most every
-``sync_every`` seconds and on close: a crash there loses up to that much of the log, which the resumed run logs
-again from its checkpoint anyway. A resumed run appends to the same JSONL
+``sync_every`` seconds, whenever the trainer saves a checkpoint, and on close: a crash there loses at most the
+points after the last checkpoint, which the resumed run logs again from it. A resumed run appends to the same JSONL
 and starts a new event file, both marked with the step it restarts from (its checkpoint's step): ``read_jsonl``
 and TensorBoard (a ``SessionLog.START`` event) then drop the points the crashed run logged after that
 checkpoint, and ``read_jsonl`` keeps the last value per (step, name), so neither shows the overlap twice.
@@ -80,7 +80,8 @@ class MetricsWriter:
                     "tensorboard=False to log the JSONL only"
                 ) from e
         # A bucket workdir (gs://) has no append: the logs grow in a local mirror and are copied up whole at most
-        # every ``sync_every`` seconds and on close (``sync``); a resume starts from the bucket's copy.
+        # every ``sync_every`` seconds, at each checkpoint and on close (``sync``); a resume starts from the bucket's
+        # copy.
         self.workdir, self._remote = storage.resolve(workdir), storage.is_remote(workdir)
         self.sync_every, self._synced_at = float(sync_every), time.monotonic()
         local = storage.local_mirror(self.workdir)
