@@ -14,6 +14,7 @@ import contextlib
 import functools
 import http
 import http.server
+import os
 import socket
 import sys
 
@@ -89,6 +90,20 @@ def serve(bucket: str = "bucket", port: int | None = None):
         yield port
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def bucket_environment(host: str, bucket: str = "bucket", **extra: str):
+    """Serve an empty ``gs://<bucket>`` and point this process (and the subprocesses it starts) at it while the
+    context lasts, with a bucket workdir's host folders (mirror, cache) under ``host``; yields the bucket's URI."""
+    import pytest
+
+    with serve(bucket) as port, pytest.MonkeyPatch.context() as patch:
+        env = dict(environment(port), QK_JAX_MIRROR=os.path.join(host, "mirror"),
+                   XDG_CACHE_HOME=os.path.join(host, "cache"), **extra)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        yield f"gs://{bucket}"
 
 
 if __name__ == "__main__":  # a server for a test's subprocesses: python tests/gcs_emulator.py PORT BUCKET

@@ -26,12 +26,8 @@ def curriculum(tmp_path_factory, tiny_stage0):
     tests stage 0 itself), put in the bucket finished: run_curriculum fetches and imports it, as a rerun of the
     README command on another host does, and trains none of it. Stages 1 -> 2 -> 3 each start from the one
     before in the bucket; the evaluation writes its report there."""
-    host = tmp_path_factory.mktemp("curriculum_host")
-    with gcs_emulator.serve("bucket") as port, pytest.MonkeyPatch.context() as patch:
-        for key, value in dict(gcs_emulator.environment(port), QK_JAX_MIRROR=str(host / "mirror"),
-                               XDG_CACHE_HOME=str(host / "cache")).items():
-            patch.setenv(key, value)
-        workdir = "gs://bucket/curriculum"
+    with gcs_emulator.bucket_environment(str(tmp_path_factory.mktemp("curriculum_host"))) as bucket:
+        workdir = storage.join(bucket, "curriculum")
         storage.copy_tree(tiny_stage0[0], storage.join(workdir, stage0.DIRNAME), last=stage0.RESULT_FILE)
         with pytest.MonkeyPatch.context() as no_stage0:
             for name in ("pretrain_vae", "pretrain_vlm"):

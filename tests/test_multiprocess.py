@@ -99,13 +99,9 @@ def _interrupted(stage: str, workdir: str, root, devices: int = 4) -> dict[str, 
 def bucket(tmp_path_factory):
     """``gs://bucket`` in memory on localhost for this module; this process and its subprocesses talk to it, and
     the launcher writes a bucket run's logs to ``$LOG_DIR``."""
-    host = tmp_path_factory.mktemp("bucket_host")
-    with gcs_emulator.serve("bucket") as port, pytest.MonkeyPatch.context() as patch:
-        env = dict(gcs_emulator.environment(port), QK_JAX_MIRROR=str(host / "mirror"),
-                   XDG_CACHE_HOME=str(host / "cache"), LOG_DIR=str(host / "logs"))
-        for key, value in env.items():
-            patch.setenv(key, value)
-        yield "gs://bucket"
+    host = str(tmp_path_factory.mktemp("bucket_host"))
+    with gcs_emulator.bucket_environment(host, LOG_DIR=os.path.join(host, "logs")) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")

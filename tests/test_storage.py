@@ -44,12 +44,10 @@ def test_a_mirror_is_per_uri_and_a_local_path_is_its_own(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def bucket(monkeypatch):
+def bucket(tmp_path):
     """An in-memory ``gs://bucket`` on localhost; this process and its subprocesses talk to it."""
-    with gcs_emulator.serve("bucket") as port:
-        for key, value in gcs_emulator.environment(port).items():
-            monkeypatch.setenv(key, value)
-        yield "gs://bucket"
+    with gcs_emulator.bucket_environment(str(tmp_path / "host")) as uri:
+        yield uri
 
 
 def test_operations_on_a_bucket(bucket, tmp_path):
