@@ -251,7 +251,6 @@ def test_guidance_dropout_and_stage_routing(tmp_path):
         assert not np.isin(b["input_ids"], vision_ids).any()
     # Text dropped, images kept: the prompt is just the images' tokens.
     for b in batches(stage3, 1.0, 0.0):
-        m = b["roles"].shape[1]
         assert b["text_dropped"].all() and b["image_present"].all()
         merged = b["image_grid_thw"].prod(-1) // 4  # 2x2 patches merge into one token
         assert (b["attention_mask"].sum(1) == (merged + 2).sum(1)).all()  # + vision start/end per image

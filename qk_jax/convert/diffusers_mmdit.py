@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from qk_jax.convert.safetensors_io import CheckpointError, SafetensorsReader, read_config, write_safetensors
+from qk_jax.convert.safetensors_io import SafetensorsReader, read_config, write_safetensors
 from qk_jax.models.lora import LORA_A, LORA_B, merge_lora
 from qk_jax.models.mmdit import MMDiTConfig, abstract_params, unstack_layers
 from qk_jax.pytree import get_path, leaf_paths, set_path

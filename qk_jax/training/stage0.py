@@ -14,9 +14,9 @@ stage 0 makes them, briefly, on ShapesWorld's training split (never a held-out c
   (the stages encode their targets by sampling the posterior) plus ``kl_weight`` times the KL to N(0, I) summed
   over the latent and divided by the pixel count (LDM's VAE recipe without its perceptual and GAN terms), on
   random ``crop``-pixel crops of the images of every task (plain scenes and textured subjects; the model is
-  convolutional, and a 64 px image costs about 7x a 32 px crop on CPU). Then the FLUX normalisation ``z = (latent - shift_factor) * scaling_factor`` is measured on held-out
-  images: ``shift_factor`` = the mean of the posterior samples, ``scaling_factor`` = 1 / their std, one scalar
-  each over every channel, as FLUX.1's.
+  convolutional, and a 64 px image costs about 7x a 32 px crop on CPU). Then the FLUX normalisation
+  ``z = (latent - shift_factor) * scaling_factor`` is measured on held-out images: ``shift_factor`` = the mean
+  of the posterior samples, ``scaling_factor`` = 1 / their std, one scalar each over every channel, as FLUX.1's.
 - **VLM** (``config.stages[0].vlm`` without LoRA or kontext queries: Qwen2.5-VL): next-token cross-entropy
   through the LM head, full fine-tuning, on a mix of (a) ``<image> scene description`` rows (the ViT sees a
   scene; the loss is on the description's tokens, e.g. "a large red circle at the top left and ...") and (b) the
@@ -325,7 +325,8 @@ def evaluate_vlm(stats: Callable, params, batches: Mapping[str, list]) -> dict[s
     return out
 
 
-def vlm_eval_batches(rows: VLMRows, world: shapesworld.World, seed: int, count: int, batch_size: int) -> dict[str, list]:
+def vlm_eval_batches(rows: VLMRows, world: shapesworld.World, seed: int, count: int, batch_size: int
+                     ) -> dict[str, list]:
     """Held-out scenes: their descriptions with the image, the same descriptions without it (how much the image
     helps), and held-out prompts; ``count`` rounded up to whole batches."""
     with_image, without, prompts = [], [], []
