@@ -81,19 +81,24 @@ def read_bytes(p: str | os.PathLike) -> bytes:
     return path(p).read_bytes()
 
 
-def write_whole(p: str | os.PathLike, data: str | bytes) -> None:
-    """``data`` written whole at ``p``: a reader or a crash never sees half a file. Locally written beside it,
-    then renamed over it; in a bucket an object appears only once its upload is complete. The parent folder is
-    made when missing."""
+def write_whole(p: str | os.PathLike, data: str | bytes, *, sync: bool = False) -> None:
+    """``data`` written whole at ``p``: a reader or a crash never sees half a file. Locally written beside it
+    (under a name of this process's, so that two processes writing one file do not mix), then renamed over it;
+    ``sync``: on the disk before the rename, so that a power loss leaves the old file or the new one. In a bucket
+    an object appears only once its upload is complete. The parent folder is made when missing."""
     data = data.encode("utf-8") if isinstance(data, str) else data
     target = path(p)
     target.parent.mkdir(parents=True, exist_ok=True)
     if is_remote(target):
         target.write_bytes(data)
         return
-    partial = target.parent / (target.name + ".tmp")
-    partial.write_bytes(data)
-    os.replace(partial, target)
+    partial = os.path.join(str(target.parent), f"{target.name}.tmp{os.getpid()}")
+    with open(partial, "wb") as f:
+        f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(partial, str(target))
 
 
 def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:

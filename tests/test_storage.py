@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from unittest import mock
 
 import chex
 import numpy as np
@@ -34,6 +35,11 @@ def test_write_whole_locally_leaves_no_partial_file(tmp_path):
     storage.write_whole(target, "{}")
     storage.write_whole(target, b"[1]")
     assert target.read_bytes() == b"[1]" and os.listdir(target.parent) == ["config.json"]
+    synced = []
+    with mock.patch.object(os, "fsync", side_effect=lambda fd: synced.append(os.fstat(fd).st_size)):
+        storage.write_whole(target, b"[1, 2]", sync=True)
+    # Flushed and on the disk whole before the rename.
+    assert synced == [6] and target.read_bytes() == b"[1, 2]" and os.listdir(target.parent) == ["config.json"]
 
 
 def test_a_mirror_is_per_uri_and_a_local_path_is_its_own(tmp_path, monkeypatch):

@@ -47,6 +47,7 @@ from typing import Any
 from absl import logging
 from PIL import Image
 
+from qk_jax import storage
 from qk_jax.data import images as images_lib
 from qk_jax.data import manifest
 from qk_jax.data.manifest import RecordError
@@ -454,17 +455,6 @@ class Summary:
         return out
 
 
-def _write_atomic(path: str, data: bytes, sync: bool = False) -> None:
-    """Whole or absent under ``path`` if the process dies (a temporary file renamed); ``sync``: on the disk too."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_manifest(rows: Iterable[Row], out_dir: str, *, max_pixels: int | None = None,
                    max_references: int | None = None, workers: int = 0, progress_every: int = 10_000,
                    limit: int | None = None) -> Summary:
@@ -493,7 +483,7 @@ def write_manifest(rows: Iterable[Row], out_dir: str, *, max_pixels: int | None 
         raise
     os.replace(tmp, summary.manifest)
     summary.seconds = round(time.monotonic() - start, 3)
-    _write_atomic(os.path.join(out_dir, SUMMARY), json.dumps(summary.to_json(), indent=1).encode("utf-8"), sync=True)
+    storage.write_whole(os.path.join(out_dir, SUMMARY), json.dumps(summary.to_json(), indent=1), sync=True)
     return summary
 
 
@@ -509,8 +499,7 @@ def _write_rows(f, results: Iterable[tuple[Row, Any]], out_dir: str, summary: Su
                 if os.path.exists(os.path.join(out_dir, image.path)):  # written whole (renamed), so complete
                     summary.images_reused += 1
                 else:
-                    os.makedirs(os.path.join(out_dir, os.path.dirname(image.path)), exist_ok=True)
-                    _write_atomic(os.path.join(out_dir, image.path), image.data)
+                    storage.write_whole(os.path.join(out_dir, image.path), image.data)
                     summary.images_stored += 1
                     summary.images_reencoded += image.reencoded
                     summary.bytes_stored += len(image.data)
