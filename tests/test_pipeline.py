@@ -523,8 +523,8 @@ def test_every_process_count_plans_the_same_global_batches_and_decodes_only_its_
     config.tasks = {t: 1.0 for t in ROLES_BY_TASK}
     config.batch_size = 4
     decodes: list[str] = []
-    sample = pipeline.MakeSample._sample
-    monkeypatch.setattr(pipeline.MakeSample, "_sample",
+    sample = pipeline.MakeSample.sample
+    monkeypatch.setattr(pipeline.MakeSample, "sample",
                         lambda self, record, *a: (decodes.append(record.id), sample(self, record, *a))[1])
 
     def run(process, processes):

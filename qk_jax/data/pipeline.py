@@ -148,11 +148,13 @@ class MakeSample:
         if isinstance(record, BadRecord):  # unreadable in the source (a malformed ArrayRecord record)
             return record
         try:
-            return self._sample(record, drop_text, drop_images)
+            return self.sample(record, drop_text, drop_images)
         except RecordError as e:
             return BadRecord(e.kind, e.record_id, str(e))
 
-    def _sample(self, record: Record, drop_text: bool, drop_images: bool) -> dict[str, np.ndarray]:
+    def sample(self, record: Record, drop_text: bool, drop_images: bool) -> dict[str, np.ndarray]:
+        """The sample of ``record`` with the given dropouts; raises ``RecordError`` for a record that cannot
+        make one (``__call__`` turns it into a ``BadRecord``, ``DecodeRows`` into a stand-in row)."""
         s = self.settings
         target_image, size = _target(s, record)
         width, height = size
@@ -272,7 +274,7 @@ class DecodeRows:
 
     def _decode(self, planned: Planned) -> dict[str, np.ndarray] | RecordError:
         try:
-            return self.make._sample(planned.record, planned.drop_text, planned.drop_images)
+            return self.make.sample(planned.record, planned.drop_text, planned.drop_images)
         except RecordError as e:
             return e
 
@@ -307,7 +309,7 @@ class DecodeRows:
             # batch for any process count (decoding another process's row only when one of ours failed).
             stand_in = next((x for x in map(decode, entries) if not isinstance(x, RecordError)), None)
             if stand_in is None:  # no row of the global batch decodes: a blank sample of the batch's shapes
-                stand_in = self.make._sample(_blank_like(entries[0]), False, False)
+                stand_in = self.make.sample(_blank_like(entries[0]), False, False)
             samples = [stand_in if isinstance(x, RecordError) else x for x in samples]
         out = collate(samples, len(samples), self.text_multiple)
         out["valid"] = ok
