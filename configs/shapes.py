@@ -43,10 +43,9 @@ def get_config(arg=None):
         checkpoint_every=common.pick(arg.variant, shapes=100, tiny=2),
         vae=dict(
             # What matters downstream is whether parse_scene reads a reconstruction as the original scene; the
-            # evaluation cannot score above it (``qk_jax.evaluate --ceiling``). At 2,000 steps a third of the small
-            # triangles still lose their apex and read as circles (t2i overall ceiling 69-81%); 3,000 steps reach
-            # 99% on two seeds. The lr stays up: a decay cost ceiling (docs/shapesworld_log.md: "The VAE ceiling,
-            # 2026-12-04").
+            # evaluation cannot score above it (``qk_jax.evaluate --ceiling``). Fewer steps leave small triangles
+            # without their apex, read as circles. The lr stays up: a decay cost ceiling (docs/shapesworld_log.md:
+            # "The VAE ceiling: 3,000 stage-0 steps").
             steps=common.pick(arg.variant, shapes=3000, tiny=3),
             batch_size=common.pick(arg.variant, shapes=16, tiny=2),
             # Random crops: the VAE is convolutional, and a 32 px crop costs a fraction of a 64 px image on CPU

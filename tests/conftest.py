@@ -4,6 +4,7 @@ multi-device subprocesses, which inherit it, compile it once."""
 
 import atexit
 import os
+import re
 import shutil
 import tempfile
 
@@ -14,9 +15,20 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # XLA:CPU's backend (LLVM) optimisation off: the tests' programs are tiny and compiled once each, so compiling fast
 # beats running fast (a FLUX-layout test: 93 s -> 65 s). HLO-level passes, and so every value the tests compare,
-# are unchanged; a run with XLA_FLAGS already set keeps its own.
+# are unchanged; a run with XLA_FLAGS already set keeps its own. Set in pytest_configure, before any backend starts.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
+
+
+def selects_slow(markexpr: str) -> bool:
+    """Whether ``-m markexpr`` asks for the slow tests (``slow``, ``slow and not demo``; not ``not slow``)."""
+    return bool(re.search(r"(?<!not )\bslow\b", markexpr))
+
+
+def pytest_configure(config):
+    # The slow tests train for up to an hour, where running fast beats compiling fast (optimisation level 0 ran
+    # ShapesWorld training steps at about half speed): they keep XLA's default.
+    if not selects_slow(config.option.markexpr or ""):
+        os.environ.setdefault("XLA_FLAGS", TEST_XLA_FLAGS)
 
 
 def fake_devices_env(devices: int = 8, **extra: str) -> dict[str, str]:
